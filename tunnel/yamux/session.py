@@ -1,0 +1,561 @@
+"""A yamux session: one connection multiplexed into streams.
+
+``YamuxSession`` is a Twisted Protocol for the underlying connection (TCP,
+TLS, or the raw socket left after an HTTP CONNECT) and is that transport's
+push producer.  It never pauses reading the socket, since pings must be
+answered; backpressure is per stream, by window credit (see ``stream.py``).
+
+Sending is fair: while the socket accepts data a stream's writes go straight
+out (within its window, in frames of at most ``max_frame_size``); once the
+transport pauses us, streams queue and are drained round-robin, one frame
+each, when it resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import YamuxConfig
+from .errors import (
+    DuplicateStream,
+    InvalidStreamId,
+    KeepAliveTimeout,
+    PingTimeout,
+    ProtocolError,
+    RemoteGoAway,
+    SessionClosed,
+    SessionLost,
+    TooManyStreams,
+    WindowExceeded,
+)
+from .frame import (
+    FLAG_ACK,
+    FLAG_FIN,
+    FLAG_RST,
+    FLAG_SYN,
+    GOAWAY_NORMAL,
+    HEADER_SIZE,
+    INITIAL_WINDOW,
+    MAX_STREAM_ID,
+    TYPE_DATA,
+    TYPE_GO_AWAY,
+    TYPE_PING,
+    TYPE_WINDOW_UPDATE,
+    FrameParser,
+    Header,
+    encode,
+)
+from .stream import YamuxStream
+
+StreamHandler = Callable[[YamuxStream], None]
+
+
+@implementer(IPushProducer)
+class YamuxSession(Protocol):
+    """One end of a yamux connection.
+
+    :param is_client: True for the side created with ``yamux.Client`` (odd
+        stream ids), False for the server side (even ids).
+    :param clock: the reactor's IReactorTime (inject a Clock in tests).
+    :param on_stream: called with each stream the peer opens; until a handler
+        is set, up to ``accept_backlog`` streams wait (see ``set_stream_handler``).
+    :param quiet_until_peer_speaks: send nothing (no keepalive) until the
+        peer's first frame arrives; the koding server needs this because the
+        Go client drops bytes that arrive with the CONNECT reply.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        is_client: bool,
+        *,
+        clock: IReactorTime | None = None,
+        config: YamuxConfig | None = None,
+        on_stream: StreamHandler | None = None,
+        quiet_until_peer_speaks: bool = False,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # noqa: PLC0415
+        self.clock = clock
+        self.config = config or YamuxConfig()
+        self.is_client = is_client
+        self._next_id = 1 if is_client else 2
+        self._last_remote_id = 0
+        self._streams: dict[int, YamuxStream] = {}
+        self._handler = on_stream
+        self._backlog: list[YamuxStream] = []
+        self._pending_opens = 0
+        self._parser = FrameParser(self)
+        self._quiet = quiet_until_peer_speaks
+        self._heard_peer = False
+        # sending
+        self._write_paused = False
+        self._ready: dict[YamuxStream, None] = {}
+        self._draining = False
+        self._control_backlog = 0
+        self._max_frame = self.config.max_frame_size
+        self._window_delta = self.config.max_stream_window - INITIAL_WINDOW
+        # lifecycle
+        self.local_go_away = False
+        self.remote_go_away: int | None = None
+        self._closing = False
+        self._closed: Failure | None = None
+        self._close_reason: Failure | None = None
+        self._close_timer: Any = None
+        self._close_waiters: list[Deferred] = []
+        # pings
+        self._ping_id = 0
+        self._pings: dict[int, tuple[Deferred, float, Any]] = {}
+        self._keepalive_timer: Any = None
+        self.peer_address: Any = None
+        self.host_address: Any = None
+
+    def __repr__(self) -> str:
+        role = "client" if self.is_client else "server"
+        return f"<YamuxSession {role} streams={len(self._streams)}>"
+
+    # -- public API ----------------------------------------------------------
+
+    @property
+    def streams(self) -> dict[int, YamuxStream]:
+        """The open streams by id (a copy)."""
+        return dict(self._streams)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def open_stream(self) -> YamuxStream:
+        """Open a stream: the SYN goes out now and data may follow before the ACK.
+
+        Raises SessionClosed, RemoteGoAway or TooManyStreams.
+        """
+        if self._closing or self._closed is not None or self.transport is None:
+            raise SessionClosed("the session is closed")
+        if self.remote_go_away is not None:
+            raise RemoteGoAway(self.remote_go_away)
+        if self._pending_opens >= self.config.max_pending_opens:
+            raise TooManyStreams(f"{self._pending_opens} opens already await an ACK")
+        if len(self._streams) >= self.config.max_streams:
+            raise TooManyStreams(f"{len(self._streams)} streams are open")
+        sid = self._next_id
+        if sid >= MAX_STREAM_ID - 1:
+            raise TooManyStreams("stream ids exhausted")
+        self._next_id = sid + 2
+        stream = YamuxStream(self, sid, outbound=True)
+        self._streams[sid] = stream
+        self._pending_opens += 1
+        self._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_SYN, sid, self._window_delta))
+        stream._start_open_timer()
+        return stream
+
+    def set_stream_handler(self, handler: StreamHandler | None) -> None:
+        """Hand streams the peer opens to ``handler``; waiting ones go first.
+
+        With no handler, new streams wait (ACKed, data buffered within their
+        window) up to ``accept_backlog``; beyond that they are refused with RST.
+        """
+        self._handler = handler
+        while handler is not None and self._backlog and self._handler is handler:
+            stream = self._backlog.pop(0)
+            if stream._ended is None:
+                handler(stream)
+
+    def go_away(self, code: int = GOAWAY_NORMAL) -> None:
+        """Tell the peer we accept no new streams; existing ones carry on."""
+        if self.local_go_away or self._closed is not None or self.transport is None:
+            return
+        self.local_go_away = True
+        self._send_control(encode(TYPE_GO_AWAY, 0, 0, code))
+
+    def close(self, code: int = GOAWAY_NORMAL) -> None:
+        """Orderly close: GoAway(code), then close the connection once flushed.
+
+        Streams still open end with ``SessionLost``.  If the peer does not
+        let the socket flush within ``close_timeout`` the connection is aborted.
+        """
+        if self._closing or self._closed is not None:
+            return
+        self._closing = True
+        if self.transport is None:
+            return
+        if not (self._quiet and not self._heard_peer):
+            self.go_away(code)
+        self._stop_keepalive()
+        self._parser.stop()
+        self.transport.loseConnection()
+        self._close_timer = self.clock.callLater(self.config.close_timeout, self._abort)
+
+    def abort(self, reason: Exception | None = None) -> None:
+        """Drop the connection at once, without GoAway."""
+        if self._closed is not None:
+            return
+        if reason is not None and self._close_reason is None:
+            self._close_reason = Failure(reason)
+        self._closing = True
+        self._parser.stop()
+        self._abort()
+
+    def when_closed(self) -> Deferred:
+        """A Deferred that fires with the reason (a Failure) once the session ends."""
+        if self._closed is not None:
+            d: Deferred = Deferred()
+            d.callback(self._closed)
+            return d
+        d = Deferred()
+        self._close_waiters.append(d)
+        return d
+
+    def ping(self, timeout: float | None = None) -> Deferred:
+        """Send a ping; the Deferred fires with the round-trip time in seconds.
+
+        It fails with PingTimeout after ``timeout`` (default: keepalive_timeout).
+        """
+        if self._closing or self._closed is not None or self.transport is None:
+            return fail(SessionClosed("the session is closed"))
+        if len(self._pings) >= self.config.max_pings:
+            return fail(TooManyStreams("too many pings outstanding"))
+        opaque = self._ping_id
+        self._ping_id = (opaque + 1) & 0xFFFFFFFF
+        if timeout is None:
+            timeout = self.config.keepalive_timeout
+
+        def cancel(d: Deferred) -> None:
+            entry = self._pings.pop(opaque, None)
+            if entry is not None and entry[2].active():
+                entry[2].cancel()
+
+        d: Deferred = Deferred(cancel)
+        timer = self.clock.callLater(timeout, self._ping_timed_out, opaque)
+        self._pings[opaque] = (d, self.clock.seconds(), timer)
+        self._send_control(encode(TYPE_PING, FLAG_SYN, 0, opaque))
+        return d
+
+    # -- Protocol ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.peer_address = transport.getPeer()
+        self.host_address = transport.getHost()
+        transport.registerProducer(self, True)
+        if not self._quiet:
+            self._start_keepalive()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self._parser.feed(data)
+        except ProtocolError as e:
+            self._protocol_error(e)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._closed is not None:
+            return
+        if reason is None:
+            reason = Failure(ConnectionDone())
+        if self._close_reason is not None:
+            reason = self._close_reason
+        self._closed = reason
+        self._closing = True
+        self._parser.stop()
+        self._stop_keepalive()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        pings, self._pings = self._pings, {}
+        for d, _, timer in pings.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(Failure(SessionClosed("the session ended before the ping reply")))
+        lost = Failure(SessionLost(f"the session ended: {reason.getErrorMessage()}"))
+        for stream in list(self._streams.values()) + self._backlog:
+            stream._session_lost(lost)
+        self._streams.clear()
+        self._backlog.clear()
+        self._ready.clear()
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(reason)
+
+    # -- IPushProducer (the transport tells us when its buffer is full) ------
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        self._control_backlog = 0
+        if self._ready:
+            self._drain()
+
+    def stopProducing(self) -> None:
+        self._write_paused = True
+
+    # -- FrameReceiver -------------------------------------------------------
+
+    def dataHeaderReceived(self, header: Header) -> Callable[[bytes], None] | None:
+        self._heard()
+        sid = header.stream_id
+        if sid == 0:
+            raise InvalidStreamId("Data frame on stream 0")
+        flags = header.flags
+        if flags & FLAG_SYN:
+            stream = self._incoming(sid)
+        else:
+            stream = self._streams.get(sid)
+            if stream is None:
+                self.log.debug("Data for unknown stream {sid}, skipped", sid=sid)
+                return None
+        if stream is None:
+            return None
+        if flags & FLAG_ACK:
+            self._acked(stream)
+        if flags & FLAG_RST:
+            stream._reset_by_peer()
+            return None
+        if header.length > stream._recv_window:
+            raise WindowExceeded(
+                f"stream {sid}: Data of {header.length} bytes exceeds the window"
+                f" of {stream._recv_window}"
+            )
+        if not stream._accepts_data():
+            if header.length:
+                self.log.info("stream {sid}: Data after FIN dropped", sid=sid)
+            return None
+        return stream._data_received
+
+    def dataFrameEnded(self, header: Header) -> None:
+        if header.flags & FLAG_FIN:
+            stream = self._streams.get(header.stream_id)
+            if stream is not None:
+                stream._fin_arrived()
+
+    def controlFrameReceived(self, header: Header) -> None:
+        self._heard()
+        ftype = header.type
+        if ftype == TYPE_WINDOW_UPDATE:
+            self._window_update(header)
+        elif ftype == TYPE_PING:
+            self._ping_received(header)
+        else:
+            self._go_away_received(header.length)
+
+    # -- frame handlers ------------------------------------------------------
+
+    def _window_update(self, header: Header) -> None:
+        sid, flags = header.stream_id, header.flags
+        if sid == 0:
+            raise InvalidStreamId("WindowUpdate on stream 0")
+        if flags & FLAG_SYN:
+            stream = self._incoming(sid)
+            if stream is None:
+                return
+        else:
+            stream = self._streams.get(sid)
+            if stream is None:
+                self.log.debug("WindowUpdate for unknown stream {sid} ignored", sid=sid)
+                return
+        if flags & FLAG_ACK:
+            self._acked(stream)
+        if flags & FLAG_RST:
+            stream._reset_by_peer()
+            return
+        if header.length:
+            stream._credit(header.length)
+        if flags & FLAG_FIN:
+            stream._fin_arrived()
+
+    def _incoming(self, sid: int) -> YamuxStream | None:
+        """The peer opened ``sid``: accept (ACK) it, or refuse it with RST."""
+        if sid in self._streams:
+            raise DuplicateStream(f"SYN for stream {sid}, which is open")
+        refusal = None
+        if (sid & 1) == self.is_client:
+            refusal = "has our parity"
+        elif sid <= self._last_remote_id:
+            refusal = "reuses an old id"
+        elif self.local_go_away or self._closing:
+            refusal = "arrived after GoAway"
+        elif len(self._streams) >= self.config.max_streams:
+            refusal = "exceeds max_streams"
+        elif self._handler is None and len(self._backlog) >= self.config.accept_backlog:
+            refusal = "overflows the accept backlog"
+        if refusal is not None:
+            self.log.info("refusing stream {sid}: the SYN {why}", sid=sid, why=refusal)
+            self._send_reset(sid)
+            return None
+        self._last_remote_id = sid
+        stream = YamuxStream(self, sid, outbound=False)
+        stream._acked = True
+        self._streams[sid] = stream
+        self._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, self._window_delta))
+        if self._handler is not None:
+            self._handler(stream)
+        else:
+            self._backlog.append(stream)
+        return stream if stream._ended is None else None
+
+    def _acked(self, stream: YamuxStream) -> None:
+        if stream.outbound and not stream._acked:
+            self._pending_opens -= 1
+        stream._acknowledged()
+
+    def _ping_received(self, header: Header) -> None:
+        if header.flags & FLAG_SYN:
+            self._send_control(encode(TYPE_PING, FLAG_ACK, 0, header.length))
+            return
+        entry = self._pings.pop(header.length, None)
+        if entry is None:
+            return
+        d, sent, timer = entry
+        if timer.active():
+            timer.cancel()
+        d.callback(self.clock.seconds() - sent)
+
+    def _go_away_received(self, code: int) -> None:
+        self.remote_go_away = code
+        if code == GOAWAY_NORMAL:
+            self.log.debug("peer sent GoAway: no new streams")
+            return
+        self.log.warn("peer sent GoAway with error code {code}, closing", code=code)
+        self._close_reason = Failure(RemoteGoAway(code))
+        self.close()
+
+    def _protocol_error(self, error: ProtocolError) -> None:
+        self.log.warn(
+            "yamux protocol error from {peer}: {error}", peer=self.peer_address, error=error
+        )
+        if self._close_reason is None:
+            self._close_reason = Failure(error)
+        self.local_go_away = False  # a GoAway(0) already sent does not stop GoAway(1)
+        self.close(error.code)
+
+    # -- keepalive -----------------------------------------------------------
+
+    def _heard(self) -> None:
+        if not self._heard_peer:
+            self._heard_peer = True
+            if self._quiet:
+                self._start_keepalive()
+
+    def _start_keepalive(self) -> None:
+        if self.config.enable_keepalive and self._keepalive_timer is None and not self._closing:
+            self._keepalive_timer = self.clock.callLater(
+                self.config.keepalive_interval, self._keepalive
+            )
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive_timer is not None and self._keepalive_timer.active():
+            self._keepalive_timer.cancel()
+        self._keepalive_timer = None
+
+    def _keepalive(self) -> None:
+        self._keepalive_timer = None
+        d = self.ping(self.config.keepalive_timeout)
+        d.addCallbacks(self._keepalive_ok, self._keepalive_failed)
+
+    def _keepalive_ok(self, rtt: float) -> None:
+        self._start_keepalive()
+
+    def _keepalive_failed(self, failure: Failure) -> None:
+        if failure.check(PingTimeout):
+            self.log.warn("keepalive failed: no ping reply from {peer}", peer=self.peer_address)
+            self.abort(KeepAliveTimeout("no keepalive reply from the peer"))
+
+    def _ping_timed_out(self, opaque: int) -> None:
+        entry = self._pings.pop(opaque, None)
+        if entry is not None:
+            entry[0].errback(Failure(PingTimeout(f"no reply to ping {opaque}")))
+
+    # -- sending -------------------------------------------------------------
+
+    def _send_control(self, frame: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._closed is not None:
+            return
+        transport.write(frame)
+        if self._write_paused:
+            self._control_backlog += HEADER_SIZE
+            if self._control_backlog > self.config.max_control_backlog:
+                self.log.warn(
+                    "peer {peer} is not reading; dropping the session", peer=self.peer_address
+                )
+                self.abort(SessionLost("the peer stopped reading"))
+
+    def _send_reset(self, sid: int) -> None:
+        self._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
+
+    def _write_data(self, sid: int, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and self._closed is None:
+            transport.writeSequence((encode(TYPE_DATA, 0, sid, len(data)), data))
+
+    def _send_now(self, stream: YamuxStream, data: bytes) -> bytes | memoryview:
+        """Write what the window and the socket allow now; return the rest."""
+        if self._write_paused or self._ready or self.transport is None:
+            return data
+        size = len(data)
+        window = stream._send_window
+        limit = self._max_frame
+        if size <= window and size <= limit:
+            stream._send_window = window - size
+            self._write_data(stream.id, data)
+            return b""
+        view = memoryview(data)
+        offset = 0
+        while offset < size and window > 0 and not self._write_paused:
+            n = min(size - offset, window, limit)
+            self._write_data(stream.id, view[offset : offset + n].tobytes())
+            offset += n
+            window -= n
+        stream._send_window = window
+        return view[offset:] if offset < size else b""
+
+    def _schedule(self, stream: YamuxStream) -> None:
+        self._ready[stream] = None
+        if not self._write_paused:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        ready = self._ready
+        limit = self._max_frame
+        try:
+            while ready and not self._write_paused and self._closed is None:
+                stream = next(iter(ready))
+                del ready[stream]
+                if stream._ended is None and stream._send_buffered and stream._send_window > 0:
+                    if stream._send_some(limit):
+                        ready[stream] = None
+        finally:
+            self._draining = False
+
+    def _forget(self, stream: YamuxStream) -> None:
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+            if stream.outbound and not stream._acked:
+                self._pending_opens -= 1
+        self._ready.pop(stream, None)
+        if stream in self._backlog:
+            self._backlog.remove(stream)
+
+    def _abort(self) -> None:
+        self._close_timer = None
+        transport = self.transport
+        if transport is not None and self._closed is None:
+            abort = getattr(transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                transport.loseConnection()

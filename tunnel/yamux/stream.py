@@ -1,0 +1,509 @@
+"""A yamux stream: one multiplexed connection, seen by its protocol as a transport.
+
+Flow control follows ``twisted.web._http2.H2Stream`` and conch's
+``SSHChannel``:
+
+* sending: bytes go out only within the peer's window; the rest waits in the
+  stream's buffer and the registered producer is paused once that buffer
+  passes ``write_buffer_size``.  ``loseConnection`` sends FIN only after the
+  buffer has drained.
+* receiving: data reaches the protocol unless the stream is paused (or has no
+  protocol yet); credit is returned to the peer only for bytes the protocol
+  has consumed, so a consumer that stops reading stops the sender after one
+  window.
+
+State (``StreamState``) is derived from four facts: who opened the stream,
+whether it was acknowledged, which FINs have passed, and whether it ended.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ITransport,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .errors import StreamCloseTimeout, StreamOpenTimeout, StreamReset, UnexpectedFin
+from .frame import FLAG_FIN, INITIAL_WINDOW, TYPE_WINDOW_UPDATE, encode
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IProtocol
+
+    from .session import YamuxSession
+
+
+class StreamState(enum.Enum):
+    INIT = "Init"
+    SYN_SENT = "SYNSent"
+    SYN_RECEIVED = "SYNReceived"
+    ESTABLISHED = "Established"
+    LOCAL_CLOSE = "LocalClose"
+    REMOTE_CLOSE = "RemoteClose"
+    CLOSED = "Closed"
+    RESET = "Reset"
+
+
+@implementer(IAddress)
+@dataclass(frozen=True)
+class StreamAddress:
+    """The address of one stream: the session's peer (or host) and the stream id."""
+
+    session_address: Any
+    stream_id: int
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class YamuxStream:
+    """One stream of a YamuxSession; a Twisted transport for its protocol.
+
+    Besides ITransport it offers ``loseWriteConnection()`` (send FIN, keep
+    reading) and ``abortConnection()`` (send RST).  A protocol that provides
+    IHalfCloseableProtocol sees the peer's FIN as ``readConnectionLost()``;
+    any other protocol sees it as the end of the connection, as over TCP.
+    """
+
+    log = Logger()
+
+    def __init__(self, session: YamuxSession, stream_id: int, *, outbound: bool) -> None:
+        config = session.config
+        self.session = session
+        self.id = stream_id
+        self.outbound = outbound
+        self.protocol: IProtocol | None = None
+        self.connected = False
+        self.disconnecting = False
+        self._acked = False
+        self._ended: Failure | None = None
+        self._reset = False
+        # sending
+        self._send_window = INITIAL_WINDOW
+        self._send_buf: deque[bytes] = deque()
+        self._send_buffered = 0
+        self._high_water = config.write_buffer_size
+        self._producer: Any = None
+        self._streaming = True
+        self._producer_paused = False
+        self._fin_wanted = False
+        self._fin_sent = False
+        self._full_close = False
+        # receiving
+        self._max_window = config.max_stream_window
+        self._half_window = config.max_stream_window // 2
+        self._recv_window = config.max_stream_window
+        self._recv_buf: deque[bytes] = deque()
+        self._recv_buffered = 0
+        self._paused = False
+        self._delivering = False
+        self._fin_received = False
+        self._eof_delivered = False
+        self._notified = False
+        self._timer: Any = None
+
+    def __repr__(self) -> str:
+        return f"<YamuxStream {self.id} {self.state.value}>"
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def state(self) -> StreamState:
+        if self._reset:
+            return StreamState.RESET
+        if self._fin_sent and self._fin_received or self._ended is not None:
+            return StreamState.CLOSED
+        if self._fin_sent:
+            return StreamState.LOCAL_CLOSE
+        if self._fin_received:
+            return StreamState.REMOTE_CLOSE
+        if self._acked:
+            return StreamState.ESTABLISHED
+        return StreamState.SYN_SENT if self.outbound else StreamState.SYN_RECEIVED
+
+    @property
+    def send_window(self) -> int:
+        """Bytes the peer currently lets us send."""
+        return self._send_window
+
+    @property
+    def receive_window(self) -> int:
+        """Bytes the peer may still send before we grant more credit."""
+        return self._recv_window
+
+    @property
+    def buffered(self) -> tuple[int, int]:
+        """(bytes waiting to be sent, bytes received but not yet consumed)."""
+        return self._send_buffered, self._recv_buffered
+
+    # -- attaching a protocol ------------------------------------------------
+
+    def attach(self, protocol: IProtocol) -> None:
+        """Connect ``protocol`` to this stream; data that arrived earlier follows."""
+        if self.protocol is not None:
+            raise RuntimeError(f"{self!r} already has a protocol")
+        self.protocol = protocol
+        self.connected = self._ended is None
+        protocol.makeConnection(self)
+        if self._ended is not None:
+            self._notify(self._ended)
+            return
+        if not self._paused:
+            self._deliver_buffered()
+
+    # -- ITransport ----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._fin_wanted or self._ended is not None or not data:
+            return
+        if not self._send_buffered:
+            data = self.session._send_now(self, data)
+            if not data:
+                return
+        self._send_buf.append(data)
+        self._send_buffered += len(data)
+        if self._send_window > 0:
+            self.session._schedule(self)
+        if (
+            self._send_buffered > self._high_water
+            and self._producer is not None
+            and self._streaming
+            and not self._producer_paused
+        ):
+            self._producer_paused = True
+            self._producer.pauseProducing()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Send FIN once queued data has gone out; the protocol is then done."""
+        if self._ended is not None or self._full_close:
+            return
+        self._full_close = True
+        self.disconnecting = True
+        if self._fin_sent:
+            self._after_full_close()
+        else:
+            self.loseWriteConnection()
+
+    def loseWriteConnection(self) -> None:
+        """Half-close: send FIN once queued data has gone out; keep reading."""
+        if self._ended is not None or self._fin_wanted:
+            return
+        self._fin_wanted = True
+        if not self._send_buffered:
+            self._send_fin()
+
+    def abortConnection(self) -> None:
+        """Abort both directions at once with RST; queued data is dropped."""
+        if self._ended is not None:
+            return
+        self.session._send_reset(self.id)
+        self._end(Failure(ConnectionAborted("stream aborted")))
+
+    def getPeer(self) -> StreamAddress:
+        return StreamAddress(self.session.peer_address, self.id)
+
+    def getHost(self) -> StreamAddress:
+        return StreamAddress(self.session.host_address, self.id)
+
+    # -- IConsumer -----------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self._producer is not None:
+            raise RuntimeError(
+                f"Cannot register producer {producer!r}, because producer "
+                f"{self._producer!r} was never unregistered."
+            )
+        if self._ended is not None:
+            producer.stopProducing()
+            return
+        self._producer = producer
+        self._streaming = streaming
+        self._producer_paused = False
+        if not streaming:
+            producer.resumeProducing()
+        elif self._send_buffered > self._high_water:
+            self._producer_paused = True
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self._producer_paused = False
+
+    # -- IPushProducer (the protocol's consumer controls our delivery) -------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.protocol is not None:
+            self._deliver_buffered()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # -- called by the session -----------------------------------------------
+
+    def _acknowledged(self) -> None:
+        if self.outbound and not self._acked:
+            self._acked = True
+            self._cancel_timer()
+            if self._full_close and self._fin_sent and not self._fin_received:
+                self._start_close_timer()
+        else:
+            self.log.warn("unexpected ACK on stream {sid}", sid=self.id)
+
+    def _credit(self, delta: int) -> None:
+        had = self._send_window
+        self._send_window = had + delta
+        if had <= 0 and self._send_buffered:
+            self.session._schedule(self)
+
+    def _data_received(self, data: bytes) -> None:
+        """A piece of a Data body (the header's length was checked already)."""
+        n = len(data)
+        self._recv_window -= n
+        if self._ended is not None:
+            return
+        if self._fin_wanted and self._full_close and self._fin_sent:
+            # the protocol is gone; keep the peer moving until it sends FIN
+            self._maybe_grant()
+            return
+        if self._paused or self.protocol is None or self._recv_buf or self._delivering:
+            self._recv_buf.append(data)
+            self._recv_buffered += n
+            return
+        self._delivering = True
+        try:
+            self.protocol.dataReceived(data)
+        except Exception:
+            self.log.failure("protocol of stream {sid} failed in dataReceived", sid=self.id)
+            self.abortConnection()
+            return
+        finally:
+            self._delivering = False
+        if self._recv_buf and not self._paused:
+            self._deliver_buffered()
+        else:
+            self._maybe_grant()
+
+    def _accepts_data(self) -> bool:
+        return not self._fin_received and self._ended is None
+
+    def _fin_arrived(self) -> None:
+        if self._fin_received:
+            raise UnexpectedFin(f"second FIN on stream {self.id}")
+        self._fin_received = True
+        if self._ended is not None:
+            return
+        if self._fin_sent:
+            self._cancel_timer()
+        if not self._recv_buf and not self._delivering:
+            self._deliver_eof()
+
+    def _reset_by_peer(self) -> None:
+        if self._ended is None:
+            self._reset = True
+            self._end(Failure(StreamReset(f"stream {self.id} reset by peer")))
+
+    def _session_lost(self, reason: Failure) -> None:
+        self._end(reason)
+
+    def _send_some(self, budget: int) -> bool:
+        """Send one frame of at most ``budget`` bytes; return True if more can go."""
+        window = self._send_window
+        if budget > window:
+            budget = window
+        buf = self._send_buf
+        chunk = buf[0]
+        size = len(chunk)
+        if size <= budget:
+            buf.popleft()
+            if type(chunk) is memoryview:
+                chunk = chunk.tobytes()
+        else:
+            view = chunk if type(chunk) is memoryview else memoryview(chunk)
+            size = budget
+            buf[0] = view[size:]
+            chunk = view[:size].tobytes()
+        self._send_window = window - size
+        self._send_buffered -= size
+        self.session._write_data(self.id, chunk)
+        if not self._send_buffered:
+            self._drained()
+            return False
+        return self._send_window > 0
+
+    def _drained(self) -> None:
+        """The send buffer just became empty."""
+        if self._fin_wanted:
+            self._send_fin()
+            return
+        producer = self._producer
+        if producer is not None:
+            if not self._streaming:
+                producer.resumeProducing()
+            elif self._producer_paused:
+                self._producer_paused = False
+                producer.resumeProducing()
+
+    # -- internals -----------------------------------------------------------
+
+    def _deliver_buffered(self) -> None:
+        if self._delivering or self._ended is not None:
+            return
+        buf = self._recv_buf
+        protocol = self.protocol
+        self._delivering = True
+        try:
+            while buf and not self._paused and self._ended is None:
+                data = buf.popleft()
+                self._recv_buffered -= len(data)
+                protocol.dataReceived(data)
+        except Exception:
+            self._delivering = False
+            self.log.failure("protocol of stream {sid} failed in dataReceived", sid=self.id)
+            self.abortConnection()
+            return
+        self._delivering = False
+        if self._ended is not None:
+            return
+        self._maybe_grant()
+        if not buf and self._fin_received:
+            self._deliver_eof()
+
+    def _maybe_grant(self) -> None:
+        if self._fin_received or self._ended is not None:
+            return
+        delta = self._max_window - self._recv_buffered - self._recv_window
+        if delta >= self._half_window:
+            self._recv_window += delta
+            self.session._send_control(encode(TYPE_WINDOW_UPDATE, 0, self.id, delta))
+
+    def _deliver_eof(self) -> None:
+        if self._eof_delivered or self.protocol is None:
+            return
+        self._eof_delivered = True
+        if self._full_close:
+            if self._fin_sent:
+                self._end(None)
+            return
+        half = IHalfCloseableProtocol(self.protocol, None)
+        if half is not None:
+            try:
+                half.readConnectionLost()
+            except Exception:
+                self.log.failure("stream {sid}: readConnectionLost failed", sid=self.id)
+                self.abortConnection()
+                return
+        if self._fin_sent:
+            self._end(None)
+        elif half is None:
+            self.loseConnection()
+
+    def _send_fin(self) -> None:
+        if self._fin_sent or self._ended is not None:
+            return
+        self._fin_sent = True
+        self.session._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_FIN, self.id, 0))
+        if self._fin_received and (self._eof_delivered or self.protocol is None):
+            self._end(None)
+            return
+        if self._full_close:
+            self._after_full_close()
+            return
+        half = IHalfCloseableProtocol(self.protocol, None)
+        if half is not None:
+            try:
+                half.writeConnectionLost()
+            except Exception:
+                self.log.failure("stream {sid}: writeConnectionLost failed", sid=self.id)
+                self.abortConnection()
+
+    def _after_full_close(self) -> None:
+        """Our FIN is out after loseConnection: the protocol is done with us."""
+        if self._fin_received:
+            self._end(None)
+            return
+        self._notify(None)
+        self._recv_buf.clear()
+        self._recv_buffered = 0
+        self._maybe_grant()
+        if self._acked or not self.outbound:
+            self._start_close_timer()
+
+    def _start_close_timer(self) -> None:
+        timeout = self.session.config.stream_close_timeout
+        if timeout is not None and self._timer is None and self._ended is None:
+            self._timer = self.session.clock.callLater(timeout, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._timer = None
+        self.log.info("stream {sid}: no FIN from the peer in time, resetting", sid=self.id)
+        self.session._send_reset(self.id)
+        self._reset = True
+        self._end(Failure(StreamCloseTimeout(f"stream {self.id}: no FIN from the peer")))
+
+    def _start_open_timer(self) -> None:
+        timeout = self.session.config.stream_open_timeout
+        if timeout is not None:
+            self._timer = self.session.clock.callLater(timeout, self._open_timed_out)
+
+    def _open_timed_out(self) -> None:
+        self._timer = None
+        self.log.info("stream {sid}: no ACK from the peer in time, resetting", sid=self.id)
+        self.session._send_reset(self.id)
+        self._reset = True
+        self._end(Failure(StreamOpenTimeout(f"stream {self.id} was not acknowledged")))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _end(self, reason: Failure | None) -> None:
+        """The stream is over (both FINs, RST, abort or session loss)."""
+        if self._ended is not None:
+            return
+        if reason is None:
+            reason = Failure(ConnectionDone("stream closed"))
+        self._ended = reason
+        self.connected = False
+        self.disconnecting = False
+        self._cancel_timer()
+        self._send_buf.clear()
+        self._send_buffered = 0
+        self._recv_buf.clear()
+        self._recv_buffered = 0
+        self.session._forget(self)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.stopProducing()
+            except Exception:
+                self.log.failure("stream {sid}: producer failed to stop", sid=self.id)
+        self._notify(reason)
+
+    def _notify(self, reason: Failure | None) -> None:
+        if self._notified or self.protocol is None:
+            return
+        self._notified = True
+        self.connected = False
+        protocol = self.protocol
+        try:
+            protocol.connectionLost(reason or Failure(ConnectionDone("stream closed")))
+        except Exception:
+            self.log.failure("stream {sid}: connectionLost failed", sid=self.id)
