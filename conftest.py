@@ -13,7 +13,11 @@ _SETTLE_TURNS = 200
 
 def _reactor_state():
     calls = {c for c in reactor.getDelayedCalls() if c.active()}
-    selectables = set(reactor.getReaders()) | set(reactor.getWriters())
+    selectables = {
+        s
+        for s in set(reactor.getReaders()) | set(reactor.getWriters())
+        if not type(s).__name__.endswith("Waker")  # the reactor's own
+    }
     return calls, selectables
 
 
@@ -24,6 +28,7 @@ def _turn():
 @pytest.fixture(autouse=True)
 def clean_reactor():
     """Fail a test that leaves DelayedCalls, ports or connections behind."""
+    pytest_twisted.blockon(_turn())  # the reactor is running from here on
     before_calls, before_sel = _reactor_state()
     yield
     for _ in range(_SETTLE_TURNS):
