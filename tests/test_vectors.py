@@ -77,7 +77,8 @@ class Recording:
             while pos + HEADER_SIZE <= len(data):
                 h = decode(data[pos : pos + HEADER_SIZE])
                 t = times[bisect.bisect_right(offsets, pos) - 1]
-                body = data[pos + HEADER_SIZE : pos + HEADER_SIZE + h.length] if h.type == 0 else b""
+                start = pos + HEADER_SIZE
+                body = data[start : start + h.length] if h.type == TYPE_DATA else b""
                 self.events.append((t, direction, h, body))
                 pos += HEADER_SIZE + len(body)
             assert pos == len(data), f"{name} {direction}: trailing bytes"
@@ -208,9 +209,10 @@ def test_first_frames_are_golden() -> None:
     wire = Wire(True)
     stream = wire.session.open_stream()
     stream.write(b"controlHandshake")
-    assert wire.transport.value() == bytes.fromhex(
-        "000100010000000100000000" "000000000000000100000010"
-    ) + b"controlHandshake"
+    assert (
+        wire.transport.value()
+        == bytes.fromhex("000100010000000100000000000000000000000100000010") + b"controlHandshake"
+    )
     wire.transport.clear()
     wire.clock.advance(30)
     assert wire.transport.value() == bytes.fromhex("000200010000000000000000")

@@ -8,7 +8,7 @@ SubchannelConnectorEndpoint / SubchannelListenerEndpoint.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -19,7 +19,6 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .errors import YamuxError
 from .session import YamuxSession
 from .stream import YamuxStream
 
@@ -38,8 +37,9 @@ def connect_stream(stream: YamuxStream, factory: IProtocolFactory) -> bool:
 class StreamClientEndpoint:
     """Each ``connect`` opens a new stream on ``session``.
 
-    The Deferred fires at once (data may be sent before the peer's ACK, as in
-    yamux); a refusal by the peer reaches the protocol as ``StreamReset`` in
+    The Deferred fires as soon as the SYN is sent (data may follow before the
+    peer's ACK, as in yamux), or once ``max_pending_opens`` allows it; a
+    refusal by the peer reaches the protocol as ``StreamReset`` in
     ``connectionLost``.
     """
 
@@ -47,13 +47,12 @@ class StreamClientEndpoint:
         self._session = session
 
     def connect(self, factory: IProtocolFactory) -> Deferred:
-        try:
-            stream = self._session.open_stream()
-        except YamuxError as e:
-            return fail(e)
-        if not connect_stream(stream, factory):
-            return fail(ConnectionRefusedError("the factory refused the stream"))
-        return succeed(stream.protocol)
+        def opened(stream: YamuxStream):
+            if not connect_stream(stream, factory):
+                raise ConnectionRefusedError("the factory refused the stream")
+            return stream.protocol
+
+        return self._session.request_stream().addCallback(opened)
 
 
 @implementer(IListeningPort)

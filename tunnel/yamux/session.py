@@ -13,10 +13,11 @@ each, when it resumes.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -95,6 +96,7 @@ class YamuxSession(Protocol):
         self._handler = on_stream
         self._backlog: list[YamuxStream] = []
         self._pending_opens = 0
+        self._open_waiters: deque[Deferred] = deque()
         self._parser = FrameParser(self)
         self._quiet = quiet_until_peer_speaks
         self._heard_peer = False
@@ -159,6 +161,43 @@ class YamuxSession(Protocol):
         stream._start_open_timer()
         return stream
 
+    def request_stream(self) -> Deferred:
+        """Like ``open_stream``, but wait for a slot when too many opens are pending.
+
+        The Deferred fires with the new stream, in request order, as soon as
+        fewer than ``max_pending_opens`` SYNs await an ACK; it fails if the
+        session ends or the peer sends GoAway first.  Cancelling it withdraws
+        the request.
+        """
+        if not self._open_waiters and self._pending_opens < self.config.max_pending_opens:
+            try:
+                return succeed(self.open_stream())
+            except Exception as e:
+                return fail(e)
+        if self._closing or self._closed is not None or self.transport is None:
+            return fail(SessionClosed("the session is closed"))
+        if self.remote_go_away is not None:
+            return fail(RemoteGoAway(self.remote_go_away))
+        d: Deferred = Deferred(self._open_waiters.remove)
+        self._open_waiters.append(d)
+        return d
+
+    def _release_open_waiters(self) -> None:
+        waiters = self._open_waiters
+        while waiters and self._pending_opens < self.config.max_pending_opens:
+            d = waiters.popleft()
+            try:
+                stream = self.open_stream()
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(stream)
+
+    def _fail_open_waiters(self, error: Exception) -> None:
+        waiters, self._open_waiters = self._open_waiters, deque()
+        for d in waiters:
+            d.errback(Failure(error))
+
     def set_stream_handler(self, handler: StreamHandler | None) -> None:
         """Hand streams the peer opens to ``handler``; waiting ones go first.
 
@@ -207,10 +246,14 @@ class YamuxSession(Protocol):
         self._abort()
 
     def when_closed(self) -> Deferred:
-        """A Deferred that fires with the reason (a Failure) once the session ends."""
+        """A Deferred that fires once the session ends.
+
+        Its result is the exception that ended it (``ConnectionDone`` for a
+        clean close); it never errbacks.
+        """
         if self._closed is not None:
             d: Deferred = Deferred()
-            d.callback(self._closed)
+            d.callback(self._closed.value)
             return d
         d = Deferred()
         self._close_waiters.append(d)
@@ -276,6 +319,7 @@ class YamuxSession(Protocol):
             if timer.active():
                 timer.cancel()
             d.errback(Failure(SessionClosed("the session ended before the ping reply")))
+        self._fail_open_waiters(SessionClosed("the session ended"))
         lost = Failure(SessionLost(f"the session ended: {reason.getErrorMessage()}"))
         for stream in list(self._streams.values()) + self._backlog:
             stream._session_lost(lost)
@@ -284,7 +328,7 @@ class YamuxSession(Protocol):
         self._ready.clear()
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
-            d.callback(reason)
+            d.callback(reason.value)
 
     # -- IPushProducer (the transport tells us when its buffer is full) ------
 
@@ -407,7 +451,11 @@ class YamuxSession(Protocol):
     def _acked(self, stream: YamuxStream) -> None:
         if stream.outbound and not stream._acked:
             self._pending_opens -= 1
-        stream._acknowledged()
+            stream._acknowledged()
+            if self._open_waiters:
+                self._release_open_waiters()
+        else:
+            stream._acknowledged()
 
     def _ping_received(self, header: Header) -> None:
         if header.flags & FLAG_SYN:
@@ -423,6 +471,8 @@ class YamuxSession(Protocol):
 
     def _go_away_received(self, code: int) -> None:
         self.remote_go_away = code
+        if self._open_waiters:
+            self._fail_open_waiters(RemoteGoAway(code))
         if code == GOAWAY_NORMAL:
             self.log.debug("peer sent GoAway: no new streams")
             return
@@ -546,6 +596,8 @@ class YamuxSession(Protocol):
             del self._streams[stream.id]
             if stream.outbound and not stream._acked:
                 self._pending_opens -= 1
+                if self._open_waiters:
+                    self.clock.callLater(0, self._release_open_waiters)
         self._ready.pop(stream, None)
         if stream in self._backlog:
             self._backlog.remove(stream)
