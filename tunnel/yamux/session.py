@@ -115,6 +115,7 @@ class YamuxSession(Protocol):
         self._close_reason: Failure | None = None
         self._close_timer: Any = None
         self._close_waiters: list[Deferred] = []
+        self._idle_waiters: list[tuple[int, Deferred]] = []
         # pings
         self._ping_id = 0
         self._pings: dict[int, tuple[Deferred, float, Any]] = {}
@@ -259,6 +260,26 @@ class YamuxSession(Protocol):
         self._close_waiters.append(d)
         return d
 
+    def when_idle(self, streams: int = 0) -> Deferred:
+        """Fires once at most ``streams`` streams are open, or the session ended.
+
+        For graceful shutdown: ``go_away()``, wait for this, then ``close()``.
+        """
+        d: Deferred = Deferred()
+        if len(self._streams) <= streams or self._closed is not None:
+            d.callback(None)
+        else:
+            self._idle_waiters.append((streams, d))
+        return d
+
+    def _check_idle(self) -> None:
+        count = len(self._streams)
+        ready = [w for w in self._idle_waiters if count <= w[0] or self._closed is not None]
+        if ready:
+            self._idle_waiters = [w for w in self._idle_waiters if w not in ready]
+            for _, d in ready:
+                d.callback(None)
+
     def ping(self, timeout: float | None = None) -> Deferred:
         """Send a ping; the Deferred fires with the round-trip time in seconds.
 
@@ -326,6 +347,7 @@ class YamuxSession(Protocol):
         self._streams.clear()
         self._backlog.clear()
         self._ready.clear()
+        self._check_idle()
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(reason.value)
@@ -598,6 +620,8 @@ class YamuxSession(Protocol):
                 self._pending_opens -= 1
                 if self._open_waiters:
                     self.clock.callLater(0, self._release_open_waiters)
+            if self._idle_waiters:
+                self._check_idle()
         self._ready.pop(stream, None)
         if stream in self._backlog:
             self._backlog.remove(stream)

@@ -1,0 +1,49 @@
+"""Take a connection away from twisted.web's HTTPChannel, losing no bytes.
+
+Used for the CONNECT control path (and WebSocket upgrades).  This touches
+HTTPChannel internals, so it lives alone here and ``tests/test_takeover.py``
+pins it against the installed Twisted:
+
+* ``render`` runs inside ``LineReceiver.dataReceived``; when it returns, the
+  rest of that read goes to ``rawDataReceived``, so that is redirected too;
+* bytes read while a request was being handled wait in ``_dataBuffer``;
+* HTTPChannel registered itself as the transport's producer and may have
+  paused reading.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IProtocol
+
+
+class CannotTakeOver(Exception):
+    """The request's connection cannot be taken over (e.g. HTTP/2)."""
+
+
+def take_over(request, protocol: IProtocol, greeting: bytes = b"") -> None:
+    """Give ``request``'s connection to ``protocol``, after writing ``greeting``.
+
+    The request is left unfinished; twisted.web can no longer write to the
+    connection.  Bytes the client already sent after the request head reach
+    ``protocol.dataReceived`` right after ``makeConnection``.
+    """
+    channel = request.channel
+    transport = getattr(channel, "transport", None)
+    if channel is None or transport is None or not hasattr(channel, "_dataBuffer"):
+        raise CannotTakeOver("this request's connection cannot be taken over")
+    channel.setTimeout(None)
+    transport.unregisterProducer()
+    buffered = b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+    channel.rawDataReceived = protocol.dataReceived
+    channel.dataReceived = protocol.dataReceived
+    channel.connectionLost = protocol.connectionLost
+    channel.transport = None
+    if greeting:
+        transport.write(greeting)
+    protocol.makeConnection(transport)
+    resume = getattr(transport, "resumeProducing", None)
+    if resume is not None:
+        resume()
+    if buffered:
+        protocol.dataReceived(buffered)

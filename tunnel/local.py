@@ -1,0 +1,121 @@
+"""The client's side of each tunnel: connect the stream to a local server.
+
+The target comes from the client's configuration, never from the public
+request alone: a control message carries the port of the public Host header,
+and that port selects a configured endpoint (``--local-port PORT=ENDPOINT``)
+or falls back to the default ``--local`` endpoint.  Dialling
+``127.0.0.1:<port>`` for any port, as Go does, is an explicit opt-in
+(``allow_any_port``), because whoever sends the public request chooses the
+Host header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .proto import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
+from .splice import SpliceProtocol
+from .yamux import YamuxStream
+
+
+class LocalTargets:
+    """Chooses the local endpoint for a control message."""
+
+    def __init__(
+        self,
+        reactor,
+        default: str | None = "tcp:127.0.0.1:80",
+        ports: Mapping[int, str] | None = None,
+        tcp_ports: Mapping[int, str] | None = None,
+        allow_any_port: bool = False,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.reactor = reactor
+        self.default = default
+        self.ports = dict(ports or {})
+        self.tcp_ports = dict(tcp_ports or {})
+        self.allow_any_port = allow_any_port
+        self.connect_timeout = connect_timeout
+
+    def description(self, message: ControlMessage) -> str | None:
+        """The endpoint string for ``message``, or None if nothing is configured."""
+        port = message.local_port
+        if message.transport_protocol == TransportProtocol.TCP:
+            if port in self.tcp_ports:
+                return self.tcp_ports[port]
+            if self.allow_any_port and port:
+                return self._any(port)
+            return None
+        if port == 0:
+            port = 80
+        if port in self.ports:
+            return self.ports[port]
+        if self.allow_any_port:
+            return self._any(port)
+        return self.default
+
+    def _any(self, port: int) -> str:
+        return f"tcp:127.0.0.1:{port}:timeout={self.connect_timeout:g}"
+
+    def endpoint_for(self, message: ControlMessage) -> IStreamClientEndpoint | None:
+        description = self.description(message)
+        if description is None:
+            return None
+        return clientFromString(self.reactor, description)
+
+
+class LocalForwarder:
+    """Splices each tunnel stream to the local endpoint chosen for it.
+
+    While the local connection is being made the stream has no protocol, so
+    what the server sends waits in the stream (within its window).  If the
+    local server cannot be reached an HTTP or WebSocket stream gets Go's
+    exact ``503 no local server`` response; a TCP stream is just closed.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint_for: Callable[[ControlMessage], IStreamClientEndpoint | None]):
+        self.endpoint_for = endpoint_for
+
+    def __call__(self, stream: YamuxStream, message: ControlMessage) -> None:
+        try:
+            endpoint = self.endpoint_for(message)
+        except Exception:
+            self.log.failure("no endpoint for {msg}", msg=message)
+            endpoint = None
+        if endpoint is None:
+            self._unreachable(stream, message, None)
+            return
+        local = SpliceProtocol()
+        d = connectProtocol(endpoint, local)
+
+        def connected(_: object) -> None:
+            remote = SpliceProtocol()
+            stream.attach(remote)
+            if stream.connected:
+                remote.join(local)
+            else:
+                local.transport.abortConnection()
+
+        def failed(failure: Failure) -> None:
+            self._unreachable(stream, message, failure)
+
+        d.addCallbacks(connected, failed)
+
+    def _unreachable(self, stream: YamuxStream, message: ControlMessage, failure) -> None:
+        self.log.info(
+            "local server for port {port} unreachable: {why}",
+            port=message.local_port,
+            why=failure.getErrorMessage() if failure is not None else "no endpoint configured",
+        )
+        if message.transport_protocol == TransportProtocol.TCP:
+            stream.loseConnection()
+            return
+        stream.write(NO_LOCAL_SERVER)
+        stream.loseConnection()

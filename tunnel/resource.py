@@ -1,0 +1,351 @@
+"""The public side of the tunnel server, as a twisted.web Resource.
+
+``TunnelResource`` is the whole public server and can be the root of a Site
+or a child in an existing one.  It answers:
+
+* the control path (``CONNECT /_controlPath/`` with ``X-Ktunnel-Identifier``),
+  taking the connection over for a yamux session;
+* every other request, by Host: forwarded through a tunnel stream with
+  twisted.web's own HTTP/1.1 client and streamed back with backpressure.
+
+Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from ._takeover import CannotTakeOver, take_over
+from .proto import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER, TransportProtocol
+from .server import TunnelError, TunnelServer
+from .vhost import redact
+from .yamux import YamuxSession
+
+#: headers that describe one connection, never forwarded (RFC 9110 7.6.1)
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: request bodies up to this size are written in one go; larger ones stream
+_SMALL_BODY = 64 * 1024
+
+
+def error_page(request, code: int, message: str) -> bytes:
+    """Answer like Go's ``http.Error``: text/plain, the message and a newline."""
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
+    return (message + "\n").encode("utf-8", "replace")
+
+
+def is_control_path(path: bytes) -> bool:
+    """``path.Clean(p) + "/" == "/_controlPath/"``, as the Go server checks."""
+    text = "/" + path.decode("latin-1").lstrip("/")
+    return posixpath.normpath(text).rstrip("/") + "/" == CONTROL_PATH
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def forwardable(headers: Headers, drop: frozenset[bytes] = frozenset()):
+    """(name, values) of ``headers`` minus hop-by-hop ones and those named in Connection."""
+    skip = HOP_BY_HOP | _connection_tokens(headers) | drop
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in skip:
+            yield name, values
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A small request body, written at once (no cooperator round-trips)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IAgentEndpointFactory)
+class _OneEndpoint:
+    def __init__(self, endpoint) -> None:
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri):
+        return self._endpoint
+
+
+class _RecordingEndpoint:
+    """Wraps a TunnelEndpoint to remember the stream, so it can be reset."""
+
+    def __init__(self, endpoint, forward: _Forward) -> None:
+        self._endpoint = endpoint
+        self._forward = forward
+
+    def connect(self, factory):
+        def connected(protocol):
+            self._forward.stream = protocol.transport
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(connected)
+
+
+@implementer(IPushProducer)
+class _BodyCopier(Protocol):
+    """Copies the origin's response body to the public request, with backpressure."""
+
+    def __init__(self, forward: _Forward) -> None:
+        self.forward = forward
+
+    def connectionMade(self) -> None:
+        self.forward.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.forward.gone:
+            self.forward.request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.forward.body_done(reason)
+
+
+class _Forward:
+    """One public request forwarded through one tunnel stream."""
+
+    log = Logger()
+
+    def __init__(self, server: TunnelServer, request, identifier: str, port: int) -> None:
+        self.server = server
+        self.request = request
+        self.identifier = identifier
+        self.port = port
+        self.stream = None
+        self.gone = False
+        self.pending = None
+        self.responding = False
+
+    def start(self) -> None:
+        request = self.request
+        host = request.getHeader(b"host")
+        headers = Headers()
+        for name, values in forwardable(request.requestHeaders, frozenset({b"expect"})):
+            headers.setRawHeaders(name, values)
+        peer = request.getClientAddress()
+        client_ip = getattr(peer, "host", None)
+        if client_ip:
+            prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+            value = client_ip.encode("ascii")
+            if prior:
+                value = b", ".join(prior) + b", " + value
+            headers.setRawHeaders(b"x-forwarded-for", [value])
+        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
+        if not headers.hasHeader(b"x-forwarded-host"):
+            headers.setRawHeaders(b"x-forwarded-host", [host])
+        body = self._body_producer()
+        endpoint = _RecordingEndpoint(
+            self.server.endpoint(self.identifier, TransportProtocol.HTTP, self.port), self
+        )
+        agent = Agent.usingEndpointFactory(self.server.clock, _OneEndpoint(endpoint))
+        self.pending = agent.request(request.method, b"http://" + host + request.uri, headers, body)
+        self.pending.addCallbacks(self._response, self._failed)
+        request.notifyFinish().addErrback(self._public_gone)
+
+    def _body_producer(self):
+        request = self.request
+        content = request.content
+        if content is None:
+            return None
+        content.seek(0, 2)
+        length = content.tell()
+        content.seek(0)
+        has_body = request.requestHeaders.hasHeader(
+            b"content-length"
+        ) or request.requestHeaders.hasHeader(b"transfer-encoding")
+        if not length and not has_body:
+            return None
+        if length <= _SMALL_BODY:
+            return _BytesProducer(content.read())
+        return FileBodyProducer(content)
+
+    def _response(self, response) -> None:
+        self.pending = None
+        request = self.request
+        if self.gone:
+            response.deliverBody(Protocol())
+            return
+        self.responding = True
+        request.setResponseCode(response.code, response.phrase)
+        request.responseHeaders = Headers()
+        for name, values in forwardable(response.headers):
+            request.responseHeaders.setRawHeaders(name, values)
+        response.deliverBody(_BodyCopier(self))
+
+    def body_done(self, reason: Failure) -> None:
+        request = self.request
+        if self.gone:
+            return
+        request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.finish()
+            return
+        # the origin's response was cut short: do not let it look complete
+        self.log.info(
+            "response from {ident} truncated: {why}",
+            ident=redact(self.identifier),
+            why=reason.getErrorMessage(),
+        )
+        request.loseConnection()
+
+    def _failed(self, failure: Failure) -> None:
+        self.pending = None
+        if self.gone or failure.check(CancelledError):
+            return
+        if failure.check(TunnelError):
+            message = str(failure.value)
+        else:
+            message = f"tunnel error: {_describe(failure)}"
+            self.log.info(
+                "forwarding to {ident} failed: {why}", ident=redact(self.identifier), why=message
+            )
+        request = self.request
+        request.write(error_page(request, 502, message))
+        request.finish()
+
+    def _public_gone(self, failure: Failure) -> None:
+        self.gone = True
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.stream is not None:
+            self.stream.abortConnection()
+
+
+def _describe(failure: Failure) -> str:
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return failure.getErrorMessage()
+
+
+class TunnelResource(Resource):
+    """The public tunnel server as a Resource (a leaf: it sees every path)."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, server: TunnelServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def render(self, request):
+        if self.server.director is not None:
+            self.server.director(request)
+        if is_control_path(request.path):
+            return self._control(request)
+        return self._forward(request)
+
+    # -- control path --------------------------------------------------------
+
+    def _control(self, request):
+        if request.method != b"CONNECT":
+            return error_page(request, 405, "405 must CONNECT\n")
+        raw = request.getHeader(IDENTIFIER_HEADER) or b""
+        offered = raw.decode("utf-8", "replace")
+        identifier = self.server.vhosts.canonical(offered) if offered else None
+        if identifier is None:
+            return error_page(
+                request,
+                502,
+                f"no host associated for identifier {offered}. please use server.AddHost()",
+            )
+        if not self.server.accepting:
+            return error_page(request, 503, "the tunnel server is shutting down")
+        if getattr(request.channel, "transport", None) is None:
+            return error_page(request, 502, "this connection cannot be taken over")
+
+        def decided(duplicate: bool) -> None:
+            if request.channel is None or getattr(request, "_disconnected", False):
+                return
+            if duplicate:
+                self.server.control_refused(identifier, "duplicate")
+                request.write(
+                    error_page(request, 502, f"control conn for {identifier} already exist. \n")
+                )
+                request.finish()
+                return
+            self._take_over(request, identifier)
+
+        self.server.check_duplicate(identifier).addCallback(decided)
+        return NOT_DONE_YET
+
+    def _take_over(self, request, identifier: str) -> None:
+        session = YamuxSession(
+            False,
+            clock=self.server.clock,
+            config=self.server.yamux_config,
+            quiet_until_peer_speaks=True,
+        )
+        self.server.attach_session(identifier, session)
+        try:
+            take_over(request, session, CONNECTED_REPLY)
+        except CannotTakeOver as e:
+            session.connectionLost(Failure(ConnectionDone(str(e))))
+            request.write(error_page(request, 502, str(e)))
+            request.finish()
+
+    # -- public requests -----------------------------------------------------
+
+    def _forward(self, request):
+        host = request.getHeader(b"host")
+        if not host:
+            return error_page(request, 502, "request host is empty")
+        try:
+            identifier, port = self.server.vhosts.lookup(host.decode("latin-1"))
+        except ValueError:
+            return error_page(request, 400, f"malformed host {host.decode('latin-1')!r}")
+        if identifier is None:
+            return error_page(
+                request, 502, f'no virtual host available for "{host.decode("latin-1").lower()}"'
+            )
+        connection = self.server.connection(identifier)
+        if connection is None or not connection.ready:
+            return error_page(request, 502, "no client session established")
+        _Forward(self.server, request, identifier, port).start()
+        return NOT_DONE_YET

@@ -1,0 +1,418 @@
+"""The tunnel server: connected clients, their control streams, and tunnels.
+
+``TunnelServer`` keeps one ``ClientConnection`` per identifier.  To reach a
+client's local server it sends a control message and waits for the stream
+the client opens in answer.  Clients open streams in message order, so each
+connection keeps a FIFO of waiters: the n-th stream belongs to the n-th
+message.  A waiter that timed out or was cancelled stays in the FIFO, and the
+stream that arrives for it is reset; an unsolicited stream is reset too.
+
+The server never opens streams (a Go client would never accept them).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .control import ControlProtocol
+from .proto import ControlMessage, TransportProtocol
+from .states import ClientState, Observers, StateChange
+from .vhost import VirtualHosts, redact
+from .yamux import YamuxConfig, YamuxSession, YamuxStream
+from .yamux.endpoints import connect_stream
+
+if TYPE_CHECKING:
+    from .resource import TunnelResource
+
+
+class TunnelError(Exception):
+    """A tunnel could not be opened; the message is what the public client sees."""
+
+
+class NoClientSession(TunnelError):
+    def __init__(self) -> None:
+        super().__init__("no client session established")
+
+
+class TunnelTimeout(TunnelError):
+    def __init__(self) -> None:
+        super().__init__("timeout getting session")
+
+
+class TooManyPendingTunnels(TunnelError):
+    def __init__(self) -> None:
+        super().__init__("too many requests waiting for the client")
+
+
+class _Waiter:
+    __slots__ = ("deferred", "timer", "cancelled")
+
+    def __init__(self) -> None:
+        self.deferred: Deferred | None = None
+        self.timer: Any = None
+        self.cancelled = False
+
+
+class ClientConnection:
+    """One connected tunnel client: its yamux session and control stream."""
+
+    log = Logger()
+
+    def __init__(self, server: TunnelServer, identifier: str, session: YamuxSession) -> None:
+        self.server = server
+        self.identifier = identifier
+        self.session = session
+        self.control: ControlProtocol | None = None
+        self.ready = False
+        self.closed = False
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: Any = None
+        self._ready_d: Deferred = Deferred()
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {redact(self.identifier)} ready={self.ready}>"
+
+    def start(self) -> Deferred:
+        """Wait for the control stream and its handshake; fires with self."""
+        clock = self.server.clock
+        self._timer = clock.callLater(self.server.control_timeout, self._no_control_stream)
+        self.session.set_stream_handler(self._stream_opened)
+        self.session.when_closed().addCallback(self._session_closed)
+        return self._ready_d
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiters)
+
+    def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
+        if not self.ready or self.closed:
+            return fail(NoClientSession())
+        if len(self._waiters) >= self.server.max_pending_tunnels:
+            return fail(TooManyPendingTunnels())
+        waiter = _Waiter()
+
+        def cancel(d: Deferred) -> None:
+            waiter.cancelled = True
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+
+        waiter.deferred = Deferred(cancel)
+        waiter.timer = self.server.clock.callLater(timeout, self._waiter_timed_out, waiter)
+        self._waiters.append(waiter)
+        try:
+            self.control.send(ControlMessage(1, int(protocol), port))
+        except Exception:
+            self.log.failure(
+                "sending a control message to {ident} failed", ident=redact(self.identifier)
+            )
+            self.close()
+        return waiter.deferred
+
+    def close(self) -> None:
+        """Say GoAway and close the session."""
+        self.session.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _stream_opened(self, stream: YamuxStream) -> None:
+        if self.control is None:
+            self._cancel_timer()
+            self.control = ControlProtocol(
+                False, self.server.clock, timeout=self.server.control_timeout
+            )
+            self.control.when_ready().addCallbacks(self._control_ready, self._control_failed)
+            self.control.when_lost().addCallback(self._control_lost)
+            stream.attach(self.control)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.cancelled:
+                stream.abortConnection()
+                return
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            d, waiter.deferred = waiter.deferred, None
+            d.callback(stream)
+            return
+        self.log.info(
+            "unsolicited stream {sid} from {ident}, resetting",
+            sid=stream.id,
+            ident=redact(self.identifier),
+        )
+        stream.abortConnection()
+
+    def _waiter_timed_out(self, waiter: _Waiter) -> None:
+        waiter.timer = None
+        waiter.cancelled = True
+        d, waiter.deferred = waiter.deferred, None
+        if d is not None:
+            d.errback(TunnelTimeout())
+
+    def _control_ready(self, control: ControlProtocol) -> None:
+        if self.closed:
+            return
+        self.ready = True
+        self._ready_d.callback(self)
+
+    def _control_failed(self, failure: Failure) -> None:
+        self.log.info(
+            "control handshake with {ident} failed: {why}",
+            ident=redact(self.identifier),
+            why=failure.getErrorMessage(),
+        )
+        self.close()
+
+    def _control_lost(self, reason: BaseException) -> None:
+        if not self.closed:
+            self.close()
+
+    def _no_control_stream(self) -> None:
+        self._timer = None
+        self.log.info("{ident} opened no control stream in time", ident=redact(self.identifier))
+        self.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _session_closed(self, reason: BaseException) -> None:
+        self.closed = True
+        self.ready = False
+        self._cancel_timer()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            d, waiter.deferred = waiter.deferred, None
+            if d is not None and not waiter.cancelled:
+                d.errback(NoClientSession())
+        if not self._ready_d.called:
+            self._ready_d.errback(NoClientSession())
+        self.server._connection_ended(self)
+
+
+@implementer(IStreamClientEndpoint)
+class TunnelEndpoint:
+    """An endpoint whose connections are tunnels to one client's local side."""
+
+    def __init__(self, server: TunnelServer, identifier: str, protocol: int, port: int) -> None:
+        self.server = server
+        self.identifier = identifier
+        self.protocol = protocol
+        self.port = port
+
+    def connect(self, factory: IProtocolFactory) -> Deferred:
+        def opened(stream: YamuxStream):
+            if not connect_stream(stream, factory):
+                raise TunnelError("the factory refused the tunnel")
+            return stream.protocol
+
+        return self.server.open_tunnel(self.identifier, self.protocol, self.port).addCallback(
+            opened
+        )
+
+
+class TunnelServer:
+    """The registry of virtual hosts and connected tunnel clients.
+
+    Duplicate identifiers: while a client with an identifier is connected, a
+    second one is refused (502 ``control conn for X already exist.``) if the
+    first still answers a ping within ``probe_timeout``; if it does not, the
+    first session is closed and the newcomer takes its place.  A live
+    session is never torn down by a newcomer, so two clients sharing an
+    identifier cannot evict each other in a loop, and clean-up of an old
+    session never touches a newer one (entries are removed by identity).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime | None = None,
+        yamux_config: YamuxConfig | None = None,
+        control_timeout: float = 10.0,
+        tunnel_timeout: float = 10.0,
+        probe_timeout: float = 5.0,
+        max_pending_tunnels: int = 1024,
+        director: Callable[[Any], None] | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.yamux_config = yamux_config or YamuxConfig()
+        self.control_timeout = control_timeout
+        self.tunnel_timeout = tunnel_timeout
+        self.probe_timeout = probe_timeout
+        self.max_pending_tunnels = max_pending_tunnels
+        self.director = director
+        self.vhosts = VirtualHosts()
+        self._clients: dict[str, ClientConnection] = {}
+        self._states: dict[str, ClientState] = {}
+        self._observers = Observers()
+        self._on_connect: dict[str, list[Callable[[], Any]]] = {}
+        self._on_disconnect: dict[str, list[Callable[[], Any]]] = {}
+        self._accepting = True
+
+    # -- configuration ---------------------------------------------------------
+
+    def add_host(self, host: str, identifier: str) -> None:
+        """Serve public requests for ``host`` (``name`` or ``name:port``) by ``identifier``."""
+        self.vhosts.add(host, identifier)
+
+    def delete_host(self, host: str) -> None:
+        self.vhosts.delete(host)
+
+    def resource(self) -> TunnelResource:
+        """The twisted.web Resource that is the whole public server."""
+        from .resource import TunnelResource
+
+        return TunnelResource(self)
+
+    # -- states and callbacks --------------------------------------------------
+
+    def state(self, identifier: str) -> ClientState:
+        return self._states.get(identifier, ClientState.UNKNOWN)
+
+    def observe_states(self, callback: Callable[[StateChange], Any]) -> Callable[[], None]:
+        """Call ``callback(StateChange)`` on every change; returns a remover."""
+        return self._observers.add(callback)
+
+    def on_connect(self, identifier: str, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` once, the next time ``identifier`` connects."""
+        self._on_connect.setdefault(identifier, []).append(callback)
+
+    def on_disconnect(self, identifier: str, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` once, the next time ``identifier`` disconnects."""
+        self._on_disconnect.setdefault(identifier, []).append(callback)
+
+    def when_connected(self, identifier: str) -> Deferred:
+        """Fires (once) when ``identifier`` is connected, at once if it already is."""
+        if self.state(identifier) == ClientState.CONNECTED:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self.on_connect(identifier, lambda: d.callback(None))
+        return d
+
+    def _set_state(self, identifier: str, state: ClientState, error=None) -> None:
+        previous = self.state(identifier)
+        self._states[identifier] = state
+        self._observers.notify(StateChange(identifier, previous, state, error))
+        hooks = {ClientState.CONNECTED: self._on_connect, ClientState.CLOSED: self._on_disconnect}
+        table = hooks.get(state)
+        if table is not None:
+            for callback in table.pop(identifier, []):
+                try:
+                    callback()
+                except Exception:
+                    self.log.failure("state callback for {ident} failed", ident=redact(identifier))
+
+    # -- connections -------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def connection(self, identifier: str) -> ClientConnection | None:
+        return self._clients.get(identifier)
+
+    def connections(self) -> list[ClientConnection]:
+        return list(self._clients.values())
+
+    def check_duplicate(self, identifier: str) -> Deferred:
+        """Fires True if a live client already holds ``identifier``.
+
+        An incumbent that does not answer a ping in time is closed (False).
+        """
+        existing = self._clients.get(identifier)
+        if existing is None or existing.closed:
+            return succeed(False)
+        if not existing.ready:
+            return succeed(True)
+
+        def dead(failure: Failure) -> bool:
+            self.log.info("replacing unresponsive session of {ident}", ident=redact(identifier))
+            existing.session.abort()
+            return False
+
+        return existing.session.ping(self.probe_timeout).addCallbacks(lambda _: True, dead)
+
+    def attach_session(self, identifier: str, session: YamuxSession) -> ClientConnection:
+        """Register a freshly taken-over control connection for ``identifier``."""
+        old = self._clients.get(identifier)
+        if old is not None and not old.closed:
+            old.session.abort()
+        connection = ClientConnection(self, identifier, session)
+        self._clients[identifier] = connection
+
+        def connected(conn: ClientConnection) -> None:
+            if self._clients.get(identifier) is conn:
+                self.log.info("client {ident} connected", ident=redact(identifier))
+                self._set_state(identifier, ClientState.CONNECTED)
+
+        connection.start().addCallbacks(connected, lambda f: None)
+        return connection
+
+    def _connection_ended(self, connection: ClientConnection) -> None:
+        identifier = connection.identifier
+        if self._clients.get(identifier) is connection:
+            del self._clients[identifier]
+            self.log.info("client {ident} disconnected", ident=redact(identifier))
+            self._set_state(identifier, ClientState.CLOSED)
+
+    def control_refused(self, identifier: str, error: str) -> None:
+        """A control request for ``identifier`` was refused (Go reports Closed)."""
+        if identifier not in self._clients:
+            self._set_state(identifier, ClientState.CLOSED, error)
+
+    def open_tunnel(
+        self,
+        identifier: str,
+        protocol: int = TransportProtocol.HTTP,
+        port: int = 0,
+        timeout: float | None = None,
+    ) -> Deferred:
+        """Ask ``identifier``'s client for a stream to its local side."""
+        connection = self._clients.get(identifier)
+        if connection is None:
+            return fail(NoClientSession())
+        return connection.open_tunnel(
+            protocol, port, self.tunnel_timeout if timeout is None else timeout
+        )
+
+    def endpoint(self, identifier: str, protocol: int, port: int) -> TunnelEndpoint:
+        return TunnelEndpoint(self, identifier, protocol, port)
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def stop(self, grace: float = 10.0) -> Deferred:
+        """Graceful shutdown: refuse new clients, send GoAway to every session,
+        let open tunnels finish for up to ``grace`` seconds, then close.
+
+        Fires once every session has ended.
+        """
+        self._accepting = False
+        connections = list(self._clients.values())
+        closed = [c.session.when_closed() for c in connections]
+        timer = self.clock.callLater(grace, lambda: [c.close() for c in connections])
+        for c in connections:
+            c.session.go_away()
+            # the control stream stays open until the session closes
+            c.session.when_idle(1 if c.control is not None else 0).addCallback(
+                lambda _, c=c: c.close()
+            )
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return gatherResults(closed).addCallback(finished)
