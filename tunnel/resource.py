@@ -22,9 +22,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -49,6 +49,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+_NOT_FORWARDED = frozenset({b"expect", b"content-length"})
 
 #: request bodies up to this size are written in one go; larger ones stream
 _SMALL_BODY = 64 * 1024
@@ -166,7 +168,9 @@ class _Forward:
         request = self.request
         host = request.getHeader(b"host")
         headers = Headers()
-        for name, values in forwardable(request.requestHeaders, frozenset({b"expect"})):
+        # the body is complete already (twisted.web read it): no Expect; the
+        # HTTP client frames it again, so no Content-Length of our own either
+        for name, values in forwardable(request.requestHeaders, _NOT_FORWARDED):
             headers.setRawHeaders(name, values)
         peer = request.getClientAddress()
         client_ip = getattr(peer, "host", None)
@@ -216,6 +220,11 @@ class _Forward:
         request.responseHeaders = Headers()
         for name, values in forwardable(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
+        # the HTTP client keeps Content-Length apart; pass it on so the body
+        # is not re-chunked (HEAD keeps the origin's header, 204/304 have none)
+        if response.length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES:
+            if request.method != b"HEAD":
+                request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
         response.deliverBody(_BodyCopier(self))
 
     def body_done(self, reason: Failure) -> None:

@@ -308,8 +308,10 @@ class YamuxStream:
         self._fin_received = True
         if self._ended is not None:
             return
-        if self._fin_sent:
-            self._cancel_timer()
+        if self._full_close and self._fin_sent:
+            # the protocol (if any) is done with us: this FIN completes the close
+            self._end(None)
+            return
         if not self._recv_buf and not self._delivering:
             self._deliver_eof()
 

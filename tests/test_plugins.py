@@ -1,0 +1,715 @@
+"""The twistd plugins: discovery, option parsing, packaging and a real run.
+
+The end-to-end test starts ``twistd tunnel-server`` and ``twistd tunnel-client``
+as child processes (with ``reactor.spawnProcess``, so the test's reactor keeps
+serving the local origin meanwhile) and sends a public request through them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.application.service import IService, IServiceMaker
+from twisted.internet import error, reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import getPlugins
+from twisted.protocols.policies import WrappingFactory
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from tunnel.client import TunnelClientService
+from tunnel.tap import client as client_tap
+from tunnel.tap import server as server_tap
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+# -- 1. discovery ------------------------------------------------------------------
+
+
+def test_both_plugins_are_found_from_the_checkout():
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert "tunnel-server" in makers
+    assert "tunnel-client" in makers
+    # ServiceMaker imports the tap module only now, on use
+    assert makers["tunnel-server"].options is server_tap.Options
+    assert makers["tunnel-client"].options is client_tap.Options
+    assert makers["tunnel-server"].makeService.__module__ == "tunnel.tap.server"
+    assert makers["tunnel-client"].makeService.__module__ == "tunnel.tap.client"
+
+
+def test_plugin_module_is_import_light():
+    source = (REPO_ROOT / "twisted" / "plugins" / "tunnel_plugins.py").read_text()
+    assert "import tunnel" not in source and "from tunnel" not in source
+    assert not (REPO_ROOT / "twisted" / "__init__.py").exists()
+    assert not (REPO_ROOT / "twisted" / "plugins" / "__init__.py").exists()
+
+
+# -- 2a. tunnel-server options ----------------------------------------------------
+
+
+def server_options(*argv: str) -> server_tap.Options:
+    options = server_tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_server_listen_defaults_to_tcp_80():
+    assert server_options("--vhost", "app.test=id")["listen"] == ["tcp:80"]
+
+
+def test_server_listen_is_repeatable_and_replaces_the_default():
+    options = server_options(
+        "--listen", "tcp:8080:interface=127.0.0.1", "--listen", "unix:/tmp/t.sock", "--vhost", "a=b"
+    )
+    assert options["listen"] == ["tcp:8080:interface=127.0.0.1", "unix:/tmp/t.sock"]
+
+
+def test_server_vhost_is_repeatable():
+    options = server_options("--vhost", "one.test=id1", "--vhost", "two.test:8080=id2")
+    assert options["vhosts"] == {"one.test": "id1", "two.test:8080": "id2"}
+
+
+def test_server_vhost_splits_on_the_first_equals_sign():
+    options = server_options("--vhost", "app.test=abc==def=")
+    assert options["vhosts"] == {"app.test": "abc==def="}
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [
+        ("App.Example.COM=id", "app.example.com"),
+        ("app.example.com.=id", "app.example.com"),
+        ("App.Example.COM.:8080=id", "app.example.com:8080"),
+        ("  spaced.test  =id", "spaced.test"),
+        ("[::1]:8080=id", "[::1]:8080"),
+    ],
+)
+def test_server_vhost_host_is_normalised(value, host):
+    assert server_options("--vhost", value)["vhosts"] == {host: "id"}
+
+
+def test_server_requires_a_vhost():
+    with pytest.raises(usage.UsageError, match="--vhost"):
+        server_options("--listen", "tcp:8080")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "no-equals-sign",
+        "=identifier-without-host",
+        "  =identifier-without-host",
+        "host.test=",
+        "host.test:99999=id",
+        "host.test:http=id",
+        "[::1=id",
+    ],
+)
+def test_server_bad_vhost_is_a_usage_error(value):
+    with pytest.raises(usage.UsageError, match="^--vhost") as info:
+        server_options("--vhost", value)
+    message = str(info.value)
+    assert "Traceback" not in message and len(message) < 200
+
+
+def test_server_vhost_whose_host_normalises_to_nothing_is_a_usage_error():
+    with pytest.raises(usage.UsageError, match="--vhost"):
+        server_options("--vhost", ".=id")
+
+
+def test_server_timeouts_are_floats():
+    options = server_options("--vhost", "a=b", "--tunnel-timeout", "2.5", "--shutdown-grace", "0")
+    assert options["tunnel-timeout"] == 2.5 and options["shutdown-grace"] == 0.0
+    with pytest.raises(usage.UsageError):
+        server_options("--vhost", "a=b", "--tunnel-timeout", "soon")
+
+
+def test_server_make_service():
+    options = server_options(
+        "--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0", "--vhost", "App.Test=id"
+    )
+    service = server_tap.makeService(options)
+    assert IService.providedBy(service)
+    assert len(list(service)) == 2  # one listener per --listen
+    assert service.server.vhosts.lookup("app.test") == ("id", 0)
+    assert not service.running  # nothing listens until twistd starts it
+
+
+@pytest.mark.parametrize("listen", ["nonsense:1", "tcp:not-a-port"])
+def test_server_make_service_with_a_bad_endpoint_is_a_usage_error(listen):
+    options = server_options("--listen", listen, "--vhost", "a=b")
+    with pytest.raises(usage.UsageError, match="--listen"):
+        server_tap.makeService(options)
+
+
+# -- 2b. tunnel-client options ----------------------------------------------------
+
+
+@pytest.fixture
+def no_env_identifier(monkeypatch):
+    monkeypatch.delenv(client_tap.IDENTIFIER_ENV, raising=False)
+
+
+def client_options(*argv: str) -> client_tap.Options:
+    options = client_tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_client_defaults(no_env_identifier):
+    options = client_options("--server", "tcp:example.com:8080", "--identifier", "sekrit")
+    assert options["server"] == "tcp:example.com:8080"
+    assert options["identifier"] == "sekrit"
+    assert options["local"] == "tcp:127.0.0.1:80"
+    assert options["local-ports"] == {} and options["tcp-locals"] == {}
+    assert not options["allow-any-local-port"]
+    assert options["host-header"] == "example.com:8080"
+
+
+def test_client_identifier_file_is_read_and_stripped(tmp_path, no_env_identifier):
+    path = tmp_path / "ident"
+    path.write_text("  sekrit=with=equals \n\n")
+    options = client_options("--server", "tcp:h:1", "--identifier-file", str(path))
+    assert options["identifier"] == "sekrit=with=equals"
+
+
+def test_client_identifier_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TUNNEL_IDENTIFIER", "from-env")
+    assert client_options("--server", "tcp:h:1")["identifier"] == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("flag", "file", "env", "expected"),
+    [
+        (True, True, True, "from-flag"),
+        (True, False, True, "from-flag"),
+        (True, True, False, "from-flag"),
+        (False, True, True, "from-file"),
+        (False, False, True, "from-env"),
+    ],
+)
+def test_client_identifier_precedence(tmp_path, monkeypatch, flag, file, env, expected):
+    argv = ["--server", "tcp:h:1"]
+    if flag:
+        argv += ["--identifier", "from-flag"]
+    if file:
+        path = tmp_path / "ident"
+        path.write_text("from-file\n")
+        argv += ["--identifier-file", str(path)]
+    if env:
+        monkeypatch.setenv("TUNNEL_IDENTIFIER", "from-env")
+    else:
+        monkeypatch.delenv("TUNNEL_IDENTIFIER", raising=False)
+    assert client_options(*argv)["identifier"] == expected
+
+
+def test_client_requires_an_identifier(no_env_identifier):
+    with pytest.raises(usage.UsageError, match="identifier is required"):
+        client_options("--server", "tcp:h:1")
+
+
+def test_client_empty_identifier_file_is_a_usage_error(tmp_path, no_env_identifier):
+    path = tmp_path / "ident"
+    path.write_text(" \n")
+    with pytest.raises(usage.UsageError, match="identifier is required"):
+        client_options("--server", "tcp:h:1", "--identifier-file", str(path))
+
+
+def test_client_missing_identifier_file_is_a_usage_error(tmp_path, no_env_identifier):
+    missing = tmp_path / "nope"
+    with pytest.raises(usage.UsageError, match="--identifier-file") as info:
+        client_options("--server", "tcp:h:1", "--identifier-file", str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_client_requires_a_server(no_env_identifier):
+    with pytest.raises(usage.UsageError, match="--server"):
+        client_options("--identifier", "sekrit")
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\0b"])
+def test_client_identifier_with_line_breaks_is_a_usage_error(tmp_path, monkeypatch, bad):
+    monkeypatch.delenv("TUNNEL_IDENTIFIER", raising=False)
+    with pytest.raises(usage.UsageError, match="identifier must not contain"):
+        client_options("--server", "tcp:h:1", "--identifier", bad)
+    path = tmp_path / "ident"
+    path.write_text(bad + "\n")
+    with pytest.raises(usage.UsageError, match="identifier must not contain"):
+        client_options("--server", "tcp:h:1", "--identifier-file", str(path))
+    if "\0" in bad:
+        return  # the environment cannot hold a NUL
+    monkeypatch.setenv("TUNNEL_IDENTIFIER", bad)
+    with pytest.raises(usage.UsageError, match="identifier must not contain"):
+        client_options("--server", "tcp:h:1")
+
+
+@pytest.mark.parametrize(
+    ("flag", "key"), [("--local-port", "local-ports"), ("--tcp-local", "tcp-locals")]
+)
+def test_client_port_mappings_are_repeatable(no_env_identifier, flag, key):
+    options = client_options(
+        "--server", "tcp:h:1", "--identifier", "x",
+        flag, "8080=tcp:127.0.0.1:3000",
+        flag, " 65535 =unix:/tmp/app.sock",
+        flag, "22=tcp:127.0.0.1:2222:timeout=5",
+        flag, "8080=tcp:127.0.0.1:3001",
+    )  # fmt: skip
+    assert options[key] == {
+        8080: "tcp:127.0.0.1:3001",  # the last mapping for a port wins
+        65535: "unix:/tmp/app.sock",
+        22: "tcp:127.0.0.1:2222:timeout=5",  # split on the first "="
+    }
+
+
+@pytest.mark.parametrize("flag", ["--local-port", "--tcp-local"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "8080",
+        "8080=",
+        "=tcp:127.0.0.1:1",
+        "http=tcp:127.0.0.1:1",
+        "-1=tcp:127.0.0.1:1",
+        "65536=tcp:127.0.0.1:1",
+        "99999999999999999999=tcp:127.0.0.1:1",
+        "80.0=tcp:127.0.0.1:1",
+    ],
+)
+def test_client_bad_port_mapping_is_a_usage_error(no_env_identifier, flag, value):
+    with pytest.raises(usage.UsageError, match=f"^{flag}"):
+        client_options("--server", "tcp:h:1", "--identifier", "x", flag, value)
+
+
+@pytest.mark.parametrize("flag", ["--local-port", "--tcp-local"])
+def test_client_non_ascii_digit_port_is_a_usage_error(no_env_identifier, flag):
+    with pytest.raises(usage.UsageError, match=f"^{flag}"):
+        client_options("--server", "tcp:h:1", "--identifier", "x", flag, "²=tcp:127.0.0.1:1")
+
+
+def test_client_allow_any_local_port_flag(no_env_identifier):
+    base = ["--server", "tcp:h:1", "--identifier", "x"]
+    assert not client_options(*base)["allow-any-local-port"]
+    options = client_options(*base, "--allow-any-local-port")
+    assert options["allow-any-local-port"]
+    service = client_tap.makeService(options)
+    assert service.forwarder.endpoint_for.__self__.allow_any_port is True
+
+
+@pytest.mark.parametrize(
+    ("server", "host"),
+    [
+        ("tcp:example.com:8080", "example.com:8080"),
+        ("tcp:example.com:8080:timeout=5", "example.com:8080"),
+        ("tls:tunnel.example.com:443", "tunnel.example.com:443"),
+        ("unix:/run/tunnel.sock", "tunnel"),
+    ],
+)
+def test_client_host_header_is_derived_from_the_server(no_env_identifier, server, host):
+    options = client_options("--server", server, "--identifier", "x")
+    assert options["host-header"] == host
+
+
+def test_client_host_header_from_a_keyword_endpoint(no_env_identifier):
+    options = client_options("--server", "tcp:host=example.com:port=8080", "--identifier", "x")
+    assert options["host-header"] == "example.com:8080"
+
+
+def test_client_explicit_host_header_wins(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:10.0.0.1:80", "--identifier", "x", "--host-header", "tunnel.example"
+    )
+    assert options["host-header"] == "tunnel.example"
+
+
+def test_client_make_service(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:example.com:8080", "--identifier", "sekrit",
+        "--local", "tcp:127.0.0.1:3000",
+        "--local-port", "8443=tcp:127.0.0.1:3443",
+        "--tcp-local", "22=tcp:127.0.0.1:2222",
+    )  # fmt: skip
+    service = client_tap.makeService(options)
+    assert isinstance(service, TunnelClientService)
+    assert service.identifier == "sekrit"
+    assert service.host == "example.com:8080"
+    targets = service.forwarder.endpoint_for.__self__
+    assert targets.default == "tcp:127.0.0.1:3000"
+    assert targets.ports == {8443: "tcp:127.0.0.1:3443"}
+    assert targets.tcp_ports == {22: "tcp:127.0.0.1:2222"}
+    assert targets.allow_any_port is False
+    assert not service.running
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--server", "bogus:x"],
+        ["--server", "tcp:example.com:http"],
+        ["--server", "tcp:h:1", "--local", "nonsense:1"],
+        ["--server", "tcp:h:1", "--local-port", "8080=bogus:x"],
+        ["--server", "tcp:h:1", "--tcp-local", "22=bogus:x"],
+    ],
+)
+def test_client_make_service_with_a_bad_endpoint_is_a_usage_error(no_env_identifier, extra):
+    options = client_options("--identifier", "x", *extra)
+    with pytest.raises(usage.UsageError, match="bad endpoint"):
+        client_tap.makeService(options)
+
+
+# -- 3. a real (non-editable) install --------------------------------------------
+
+_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache",
+    ".pytest_cache", ".hypothesis", ".ruff_cache", "_trial_temp", "tests", "bench",
+)  # fmt: skip
+
+
+def _can_build_wheels() -> bool:
+    return bool(
+        importlib.util.find_spec("wheel")
+        or importlib.util.find_spec("setuptools.command.bdist_wheel")
+    )
+
+
+def _install(source: Path, target: Path) -> str:
+    """Install ``source`` into ``target`` offline; returns how it was done."""
+    if _can_build_wheels():
+        # what `pip install .` does, minus dependencies and the network
+        argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+        argv += ["--no-build-isolation", "--no-index", "--target", str(target), str(source)]
+        how = "pip install --target"
+    else:
+        # No `wheel` here (setuptools < 70.1 has no bdist_wheel), so pip cannot
+        # build offline.  build_py copies the packages listed in setup.cfg: the
+        # same payload bdist_wheel would put in the wheel.
+        argv = [sys.executable, "setup.py", "--quiet", "build_py", "--build-lib", str(target)]
+        how = "setup.py build_py"
+    done = subprocess.run(argv, cwd=source, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{how} failed:\n{done.stdout}\n{done.stderr}"
+    return how
+
+
+def test_twistd_help_lists_both_plugins_after_a_real_install(tmp_path):
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(REPO_ROOT, source, ignore=_IGNORE)
+    site = tmp_path / "site"
+    _install(source, site)
+    assert (site / "twisted" / "plugins" / "tunnel_plugins.py").is_file()
+    assert (site / "tunnel" / "tap" / "server.py").is_file()
+    assert not (site / "twisted" / "__init__.py").exists()
+    assert not (site / "twisted" / "plugins" / "__init__.py").exists()
+
+    run_dir = tmp_path / "elsewhere"  # the cwd is on sys.path: keep the checkout off it
+    run_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+
+    def run(code: str, pythonpath: Path | None) -> subprocess.CompletedProcess:
+        child_env = dict(env, PYTHONPATH=str(pythonpath)) if pythonpath else env
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=run_dir,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    help_code = f"import sys; sys.argv = ['twistd', '--help']; {TWISTD}"
+    installed = run(help_code, site)
+    assert installed.returncode == 0, installed.stderr
+    assert "tunnel-server" in installed.stdout
+    assert "tunnel-client" in installed.stdout
+    assert "Traceback" not in installed.stderr
+
+    where = run(
+        "import tunnel, twisted.plugins.tunnel_plugins as p; print(tunnel.__file__); "
+        "print(p.__file__)",
+        site,
+    )
+    assert where.returncode == 0, where.stderr
+    for line in where.stdout.split():
+        assert Path(line).resolve().is_relative_to(site.resolve()), where.stdout
+
+    # control: without the install the plugins are not there
+    bare = run(help_code, None)
+    assert bare.returncode == 0, bare.stderr
+    assert "tunnel-server" not in bare.stdout
+
+
+# -- 4. end to end: twistd tunnel-server + twistd tunnel-client ------------------
+
+TIMEOUT = 15.0  # for each wait below
+IDENTIFIER = "e2e-sekrit-identifier-0123456789"
+
+
+class Twistd(ProcessProtocol):
+    """A twistd child: collects its log (stdout and stderr) and its end."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.output = bytearray()
+        self.reason = None
+        self._waiters: list[Deferred] = []
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        # called once the child has exited and all its pipes are closed
+        self.reason = reason.value  # ProcessDone or ProcessTerminated
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
+
+    @property
+    def log(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    @property
+    def running(self) -> bool:
+        return self.reason is None
+
+    def ended(self, timeout: float = TIMEOUT) -> Deferred:
+        """Fires (with None) once the child has ended; see ``reason``."""
+        d: Deferred = Deferred()
+        if self.reason is not None:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+            d.addTimeout(timeout, reactor)
+        return d
+
+    def signal(self, name: str) -> None:
+        try:
+            self.transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass
+
+
+def spawn_twistd(name: str, *argv: str) -> Twistd:
+    env = {k: v for k, v in os.environ.items() if k != client_tap.IDENTIFIER_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    process = Twistd(name)
+    args = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", name, *argv]
+    reactor.spawnProcess(process, sys.executable, args, env=env, path=str(REPO_ROOT))
+    return process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Origin(Resource):
+    """The local server behind the tunnel: echoes what it was sent."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict[str, bytes | None]] = []
+
+    def render_GET(self, request):
+        seen = {
+            "host": request.getHeader(b"host"),
+            "xff": request.getHeader(b"x-forwarded-for"),
+            "uri": request.uri,
+        }
+        self.seen.append(seen)
+        request.setHeader(b"content-type", b"text/plain")
+        return b"origin says hi: %s host=%s xff=%s" % (seen["uri"], seen["host"], seen["xff"])
+
+
+def http_client() -> treq.client.HTTPClient:
+    """treq without a persistent pool, so no connection outlives a request."""
+    return treq.client.HTTPClient(
+        Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=5)
+    )
+
+
+async def public_get(port: int, path: str = "/") -> tuple[int, bytes]:
+    response = await http_client().get(
+        f"http://127.0.0.1:{port}{path}", headers={"Host": "app.localhost"}, timeout=5
+    )
+    return response.code, await treq.content(response)
+
+
+async def until(what: str, check, *processes: Twistd, timeout: float = TIMEOUT):
+    """Call ``await check()`` until it returns non-None; bounded, fails fast if a
+    child died."""
+    deadline = reactor.seconds() + timeout
+    last = None
+    while True:
+        for p in processes:
+            assert p.running, f"{p.name} died while waiting for {what}:\n{p.log}"
+        try:
+            result = await check()
+        except Exception as e:  # connection refused while starting, ...
+            result, last = None, e
+        if result is not None:
+            return result
+        if reactor.seconds() > deadline:
+            logs = "\n".join(f"--- {p.name}:\n{p.log}" for p in processes)
+            raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n{logs}")
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+async def start_server(processes: list[Twistd]) -> tuple[Twistd, int]:
+    """twistd tunnel-server on a free port (one retry if someone took the port).
+
+    Each child is added to ``processes`` at once, so the caller can reap it."""
+    for attempt in range(2):
+        port = free_port()
+        server = spawn_twistd(
+            "tunnel-server",
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--vhost", f"App.Localhost.={IDENTIFIER}",
+            "--shutdown-grace", "5",
+        )  # fmt: skip
+        processes.append(server)
+
+        async def listening(port=port):
+            code, body = await public_get(port)
+            return (code, body) if code == 502 else None
+
+        try:
+            code, body = await until("the server to listen", listening, server)
+        except AssertionError:
+            if attempt == 0 and not server.running and "Address already in use" in server.log:
+                continue
+            raise
+        assert body == b"no client session established\n"
+        return server, port
+    raise AssertionError("unreachable")
+
+
+async def stop(process: Twistd) -> None:
+    """SIGTERM, then expect twistd's clean shutdown."""
+    process.signal("TERM")
+    await process.ended()
+    status = process.reason
+    # twistd stops the reactor on SIGTERM, runs stopService, logs its goodbye
+    # and then re-raises the signal on itself (app._exitWithSignal), so the
+    # clean outcome is "terminated by SIGTERM" after that log, or exit code 0.
+    clean_status = status.exitCode == 0 or status.signal == signal.SIGTERM
+    assert clean_status, f"{process.name} ended with {status!r}:\n{process.log}"
+    log = process.log
+    assert "Received SIGTERM, shutting down." in log, log
+    assert "Main loop terminated." in log, log
+    assert "Server Shut Down." in log, log
+    assert "Traceback" not in log and "Unhandled" not in log, log
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_server_and_client_end_to_end(tmp_path):
+    origin = Origin()
+    connections = WrappingFactory(Site(origin))  # .protocols: the live connections
+    origin_port = reactor.listenTCP(0, connections, interface="127.0.0.1")
+    ident_file = tmp_path / "identifier"
+    ident_file.write_text(IDENTIFIER + "\n")
+    processes: list[Twistd] = []
+    try:
+        server, port = await start_server(processes)
+        client = spawn_twistd(
+            "tunnel-client",
+            "--server", f"tcp:127.0.0.1:{port}",
+            "--identifier-file", str(ident_file),
+            "--local", f"tcp:127.0.0.1:{origin_port.getHost().port}",
+        )  # fmt: skip
+        processes.append(client)
+
+        async def served():
+            code, body = await public_get(port, "/ready")
+            return (code, body) if code == 200 else None
+
+        code, body = await until("the tunnel to come up", served, server, client)
+        assert body.startswith(b"origin says hi: /ready host=app.localhost xff=")
+
+        curl = shutil.which("curl")
+        if curl is not None:
+            out, err, rc = await getProcessOutputAndValue(
+                curl,
+                [
+                    "--silent", "--show-error", "--max-time", "10", "--noproxy", "*",
+                    "--header", "Host: app.localhost",
+                    "--header", "X-Forwarded-For: 203.0.113.7",
+                    "--write-out", "\n%{http_code}",
+                    f"http://127.0.0.1:{port}/via/curl?q=1",
+                ],
+                env=dict(os.environ),
+            )  # fmt: skip
+            assert rc == 0, err
+            body, _, status = out.rpartition(b"\n")
+            assert status == b"200", out
+            assert body == (
+                b"origin says hi: /via/curl?q=1 host=app.localhost xff=203.0.113.7, 127.0.0.1"
+            )
+            assert origin.seen[-1]["xff"] == b"203.0.113.7, 127.0.0.1"
+        else:
+            code, body = await public_get(port, "/via/treq?q=1")
+            assert code == 200
+            assert body == b"origin says hi: /via/treq?q=1 host=app.localhost xff=127.0.0.1"
+        # the origin saw the public Host and who asked
+        assert origin.seen and all(s["host"] == b"app.localhost" for s in origin.seen)
+        assert all(s["xff"].endswith(b"127.0.0.1") for s in origin.seen)
+
+        # client first: it says GoAway and the server lets the session go
+        await stop(client)
+
+        async def client_gone():
+            code, body = await public_get(port)
+            return True if body == b"no client session established\n" else None
+
+        await until("the server to notice the client left", client_gone, server)
+        assert "disconnected" in server.log
+        await stop(server)
+        assert f"(TCP Port {port} Closed)" in server.log
+
+        # identifiers are secrets: the logs show a redacted form only
+        for p in processes:
+            assert IDENTIFIER not in p.log, p.log
+    finally:
+        for p in processes:
+            if p.running:
+                p.signal("KILL")
+        for p in processes:
+            if p.running:
+                try:
+                    await p.ended(10)
+                except Exception:
+                    pass
+        await origin_port.stopListening()
+        for conn in list(connections.protocols):
+            conn.transport.abortConnection()
+        await until("the origin's connections to close", _none_if(lambda: connections.protocols))
+
+
+def _none_if(value):
+    async def check():
+        return None if value() else True
+
+    return check

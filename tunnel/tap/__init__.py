@@ -1,0 +1,1 @@
+"""twistd plugin implementations (Options and makeService for each)."""

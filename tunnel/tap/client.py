@@ -1,0 +1,140 @@
+"""``twistd tunnel-client``: keep a tunnel up and serve local servers through it."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service
+from twisted.internet.endpoints import clientFromString
+from twisted.python import usage
+
+IDENTIFIER_ENV = "TUNNEL_IDENTIFIER"
+
+
+def _port(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
+        raise usage.UsageError(f"--{what}: {text!r} is not a port number")
+    return int(text)
+
+
+class Options(usage.Options):
+    synopsis = "--server ENDPOINT --identifier ID --local ENDPOINT"
+    longdesc = (
+        "Connect to a tunnel server and serve public requests from local servers. "
+        "ENDPOINT is a Twisted client endpoint string: tcp:HOST:PORT or "
+        "tls:HOST:PORT for the server, tcp:127.0.0.1:8000 for a local server. "
+        "The identifier can also come from --identifier-file or the "
+        f"{IDENTIFIER_ENV} environment variable, so it need not appear in argv."
+    )
+    optParameters = [
+        ["server", None, None, "The tunnel server's endpoint (tcp:HOST:PORT or tls:HOST:PORT)."],
+        ["identifier", None, None, "The identifier (secret) this client registers as."],
+        ["identifier-file", None, None, "Read the identifier from this file."],
+        ["local", None, "tcp:127.0.0.1:80", "Default local endpoint for HTTP/WebSocket."],
+        ["host-header", None, None, "Host header of the CONNECT request (default: from --server)."],
+        ["stop-timeout", None, 10.0, "Seconds open tunnels may finish at shutdown.", float],
+    ]
+    optFlags = [
+        [
+            "allow-any-local-port",
+            None,
+            "Dial 127.0.0.1:<port of the public Host header> like the Go client "
+            "(lets whoever sends a public request pick the local port).",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["local-ports"] = {}
+        self["tcp-locals"] = {}
+
+    def opt_local_port(self, value: str) -> None:
+        """Serve public requests for Host port PORT from ENDPOINT: PORT=ENDPOINT (repeatable)."""
+        port, sep, endpoint = value.partition("=")
+        if not (sep and endpoint):
+            raise usage.UsageError(f"--local-port wants PORT=ENDPOINT, got {value!r}")
+        self["local-ports"][_port(port.strip(), "local-port")] = endpoint
+
+    def opt_tcp_local(self, value: str) -> None:
+        """Serve TCP tunnels for server port PORT from ENDPOINT: PORT=ENDPOINT (repeatable)."""
+        port, sep, endpoint = value.partition("=")
+        if not (sep and endpoint):
+            raise usage.UsageError(f"--tcp-local wants PORT=ENDPOINT, got {value!r}")
+        self["tcp-locals"][_port(port.strip(), "tcp-local")] = endpoint
+
+    def postOptions(self) -> None:
+        if not self["server"]:
+            raise usage.UsageError("--server ENDPOINT is required")
+        identifier = self["identifier"]
+        if identifier is None and self["identifier-file"]:
+            try:
+                with open(self["identifier-file"], encoding="utf-8") as f:
+                    identifier = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--identifier-file: {e.strerror}: {e.filename}")
+        if identifier is None:
+            identifier = os.environ.get(IDENTIFIER_ENV)
+        if not identifier:
+            raise usage.UsageError(
+                f"an identifier is required (--identifier, --identifier-file or ${IDENTIFIER_ENV})"
+            )
+        if any(c in identifier for c in "\r\n\0"):
+            raise usage.UsageError("the identifier must not contain CR, LF or NUL")
+        self["identifier"] = identifier
+        if self["host-header"] is None:
+            self["host-header"] = host_from_endpoint(self["server"])
+
+
+def host_from_endpoint(description: str) -> str:
+    """``tcp:example.com:80`` -> ``example.com:80`` (Go sends the dialled address).
+
+    Keyword forms (``tcp:host=example.com:port=80``) work too.
+    """
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tls", "ssl"):
+        return "tunnel"
+    positional = []
+    keywords = {}
+    for part in rest.split(":"):
+        key, sep, value = part.partition("=")
+        if sep:
+            keywords[key] = value
+        else:
+            positional.append(part)
+    host = keywords.get("host") or (positional[0] if positional else None)
+    port = keywords.get("port") or (positional[1] if len(positional) > 1 else None)
+    if host and port:
+        return f"{host}:{port}"
+    return "tunnel"
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    from ..client import TunnelClientService
+    from ..local import LocalForwarder, LocalTargets
+
+    try:
+        endpoint = clientFromString(reactor, options["server"])
+        for description in [
+            options["local"],
+            *options["local-ports"].values(),
+            *options["tcp-locals"].values(),
+        ]:
+            clientFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"bad endpoint: {e}")
+    targets = LocalTargets(
+        reactor,
+        default=options["local"],
+        ports=options["local-ports"],
+        tcp_ports=options["tcp-locals"],
+        allow_any_port=bool(options["allow-any-local-port"]),
+    )
+    return TunnelClientService(
+        endpoint,
+        options["identifier"],
+        LocalForwarder(targets.endpoint_for),
+        host=options["host-header"],
+        stop_timeout=options["stop-timeout"],
+    )

@@ -1,0 +1,92 @@
+"""``twistd tunnel-server``: the public server as a supervised service."""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.server import Site
+
+from ..vhost import normalize_host, split_host
+
+
+def _split_mapping(value: str, what: str) -> tuple[str, str]:
+    key, sep, target = value.partition("=")
+    if not (sep and key.strip() and target):
+        raise usage.UsageError(f"--{what} wants KEY=VALUE, got {value!r}")
+    return key.strip(), target
+
+
+class Options(usage.Options):
+    synopsis = "--listen ENDPOINT --vhost HOST[:PORT]=IDENTIFIER [...]"
+    longdesc = (
+        "Run a public tunnel server. Public requests are routed by their Host "
+        "header to the tunnel client that connected with the matching identifier. "
+        "ENDPOINT is a Twisted server endpoint string such as tcp:80, "
+        "tcp:8080:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem."
+    )
+    optParameters = [
+        ["tunnel-timeout", None, 10.0, "Seconds to wait for a client to open a tunnel.", float],
+        ["shutdown-grace", None, 10.0, "Seconds open tunnels may finish at shutdown.", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["vhosts"] = {}
+
+    def opt_listen(self, value: str) -> None:
+        """Listen for public and control connections on ENDPOINT (repeatable; default tcp:80)."""
+        self["listen"].append(value)
+
+    def opt_vhost(self, value: str) -> None:
+        """Route HOST[:PORT] to the client with IDENTIFIER (repeatable)."""
+        host, identifier = _split_mapping(value, "vhost")
+        try:
+            name, _ = split_host(host)
+            key = normalize_host(host)
+        except ValueError as e:
+            raise usage.UsageError(f"--vhost: {e}")
+        if not name:
+            raise usage.UsageError(f"--vhost: no host name in {host!r}")
+        self["vhosts"][key] = identifier
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = ["tcp:80"]
+        if not self["vhosts"]:
+            raise usage.UsageError("at least one --vhost HOST=IDENTIFIER is required")
+
+
+class TunnelServerService(service.MultiService):
+    """Listeners plus the server's graceful stop (GoAway, grace period)."""
+
+    def __init__(self, server, grace: float) -> None:
+        super().__init__()
+        self.server = server
+        self.grace = grace
+
+    def stopService(self):
+        d = self.server.stop(self.grace)
+        d.addCallback(lambda _: super(TunnelServerService, self).stopService())
+        return d
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    from ..server import TunnelServer
+
+    server = TunnelServer(tunnel_timeout=options["tunnel-timeout"])
+    for host, identifier in options["vhosts"].items():
+        server.add_host(host, identifier)
+    top = TunnelServerService(server, options["shutdown-grace"])
+    site = Site(server.resource())
+    for description in options["listen"]:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--listen {description!r}: {e}")
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    return top
