@@ -97,6 +97,7 @@ class YamuxSession(Protocol):
         self._backlog: list[YamuxStream] = []
         self._pending_opens = 0
         self._open_waiters: deque[Deferred] = deque()
+        self._release_call: Any = None
         self._parser = FrameParser(self)
         self._quiet = quiet_until_peer_speaks
         self._heard_peer = False
@@ -193,6 +194,10 @@ class YamuxSession(Protocol):
                 d.errback(e)
             else:
                 d.callback(stream)
+
+    def _release_later(self) -> None:
+        self._release_call = None
+        self._release_open_waiters()
 
     def _fail_open_waiters(self, error: Exception) -> None:
         waiters, self._open_waiters = self._open_waiters, deque()
@@ -340,6 +345,9 @@ class YamuxSession(Protocol):
             if timer.active():
                 timer.cancel()
             d.errback(Failure(SessionClosed("the session ended before the ping reply")))
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+        self._release_call = None
         self._fail_open_waiters(SessionClosed("the session ended"))
         lost = Failure(SessionLost(f"the session ended: {reason.getErrorMessage()}"))
         for stream in list(self._streams.values()) + self._backlog:
@@ -542,6 +550,9 @@ class YamuxSession(Protocol):
         if failure.check(PingTimeout):
             self.log.warn("keepalive failed: no ping reply from {peer}", peer=self.peer_address)
             self.abort(KeepAliveTimeout("no keepalive reply from the peer"))
+        else:
+            # e.g. the ping table is full of user pings: try again next interval
+            self._start_keepalive()
 
     def _ping_timed_out(self, opaque: int) -> None:
         entry = self._pings.pop(opaque, None)
@@ -618,8 +629,8 @@ class YamuxSession(Protocol):
             del self._streams[stream.id]
             if stream.outbound and not stream._acked:
                 self._pending_opens -= 1
-                if self._open_waiters:
-                    self.clock.callLater(0, self._release_open_waiters)
+                if self._open_waiters and self._release_call is None:
+                    self._release_call = self.clock.callLater(0, self._release_later)
             if self._idle_waiters:
                 self._check_idle()
         self._ready.pop(stream, None)
@@ -627,6 +638,8 @@ class YamuxSession(Protocol):
             self._backlog.remove(stream)
 
     def _abort(self) -> None:
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
         self._close_timer = None
         transport = self.transport
         if transport is not None and self._closed is None:

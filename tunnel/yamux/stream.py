@@ -395,7 +395,12 @@ class YamuxStream:
             self.session._send_control(encode(TYPE_WINDOW_UPDATE, 0, self.id, delta))
 
     def _deliver_eof(self) -> None:
-        if self._eof_delivered or self.protocol is None:
+        if self._eof_delivered:
+            return
+        if self.protocol is None:
+            # nobody to tell yet (attach delivers it); both FINs: it is over
+            if self._fin_sent:
+                self._end(None)
             return
         self._eof_delivered = True
         if self._full_close:
@@ -420,9 +425,6 @@ class YamuxStream:
             return
         self._fin_sent = True
         self.session._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_FIN, self.id, 0))
-        if self._fin_received and (self._eof_delivered or self.protocol is None):
-            self._end(None)
-            return
         if self._full_close:
             self._after_full_close()
             return
@@ -433,6 +435,9 @@ class YamuxStream:
             except Exception:
                 self.log.failure("stream {sid}: writeConnectionLost failed", sid=self.id)
                 self.abortConnection()
+                return
+        if self._fin_received and (self._eof_delivered or self.protocol is None):
+            self._end(None)
 
     def _after_full_close(self) -> None:
         """Our FIN is out after loseConnection: the protocol is done with us."""
