@@ -282,13 +282,6 @@ class HalfProbe(Probe):
 MODES = ["none", "echo", "pause", "abort", "close", "half"]
 
 
-def is_known_close_timer_leak(call, session) -> bool:
-    """The close() timer orphaned by a later abort() (xfail in test_session_rules:
-    test_abort_after_close_leaves_no_delayed_call); tolerated here so the fuzz
-    keeps checking everything else."""
-    return getattr(call.func, "__func__", None) is type(session)._abort
-
-
 class Harness:
     """A session of either role with a chosen stream handler, on a Wire."""
 
@@ -340,11 +333,7 @@ class Harness:
         self.sent += self.wire.transport.value()
         assert self.session.closed
         assert self.session.streams == {}
-        active = [
-            c
-            for c in self.wire.clock.getDelayedCalls()
-            if c.active() and not is_known_close_timer_leak(c, self.session)
-        ]
+        active = [c for c in self.wire.clock.getDelayedCalls() if c.active()]
         assert active == [], f"DelayedCalls left after connectionLost: {active}"
         # every stream protocol was told the end, exactly once
         assert sorted(map(id, self.lost)) == sorted(map(id, self.protocols))

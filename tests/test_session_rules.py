@@ -839,10 +839,6 @@ def test_half_close_peer_fins_first_data_still_flows_back():
     finish(w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: stream._send_fin skips writeConnectionLost when the peer's FIN came first",
-)
 def test_half_close_peer_fins_first_protocol_sees_write_connection_lost():
     w = make()
     stream, proto = remote_open(w, 1, HalfRecorder)
@@ -938,10 +934,6 @@ def test_stream_states_outbound():
     finish(w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a stream without a protocol is never removed after both FINs (ours first)",
-)
 def test_stream_without_protocol_is_forgotten_after_both_fins():
     w = make(is_client=True)
     stream = w.session.open_stream()
@@ -1071,10 +1063,6 @@ def test_close_aborts_if_the_socket_does_not_flush_in_time():
     finish(w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: abort() after close() orphans the close timer (session._abort drops it)",
-)
 def test_abort_after_close_leaves_no_delayed_call():
     # e.g. a protocol error closes the session, then the keepalive ping times
     # out before the transport has finished closing
@@ -1278,10 +1266,6 @@ def test_queued_opens_fail_on_goaway_and_are_released_by_a_refusal():
     finish(w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: session._forget's callLater(0, _release_open_waiters) outlives connectionLost",
-)
 def test_no_delayed_call_left_when_the_connection_drops_right_after_a_refusal():
     w = make(is_client=True, max_pending_opens=1)
     w.session.open_stream()
@@ -1322,10 +1306,6 @@ def test_max_pings():
     finish(w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: keepalive stops for good when max_pings user pings are outstanding",
-)
 def test_keepalive_survives_a_full_ping_table():
     w = make(max_pings=1, enable_keepalive=True)
     w.clock.advance(29)

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from ._takeover import CannotTakeOver, take_over
 from .proto import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER, TransportProtocol
 from .server import TunnelError, TunnelServer
+from .upgrade import UpgradeForward, is_upgrade
 from .vhost import redact
 from .yamux import YamuxSession
 
@@ -83,6 +84,22 @@ def forwardable(headers: Headers, drop: frozenset[bytes] = frozenset()):
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in skip:
             yield name, values
+
+
+def forwarded_headers(request) -> list[tuple[bytes, bytes]]:
+    """X-Forwarded-For (appended to), -Proto and -Host for a public request."""
+    out = []
+    client_ip = getattr(request.getClientAddress(), "host", None)
+    if client_ip:
+        value = client_ip.encode("ascii")
+        prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        if prior:
+            value = b", ".join(prior) + b", " + value
+        out.append((b"X-Forwarded-For", value))
+    out.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
+    if not request.requestHeaders.hasHeader(b"x-forwarded-host"):
+        out.append((b"X-Forwarded-Host", request.getHeader(b"host")))
+    return out
 
 
 @implementer(IBodyProducer)
@@ -172,17 +189,8 @@ class _Forward:
         # HTTP client frames it again, so no Content-Length of our own either
         for name, values in forwardable(request.requestHeaders, _NOT_FORWARDED):
             headers.setRawHeaders(name, values)
-        peer = request.getClientAddress()
-        client_ip = getattr(peer, "host", None)
-        if client_ip:
-            prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-            value = client_ip.encode("ascii")
-            if prior:
-                value = b", ".join(prior) + b", " + value
-            headers.setRawHeaders(b"x-forwarded-for", [value])
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-        if not headers.hasHeader(b"x-forwarded-host"):
-            headers.setRawHeaders(b"x-forwarded-host", [host])
+        for name, value in forwarded_headers(request):
+            headers.setRawHeaders(name, [value])
         body = self._body_producer()
         endpoint = _RecordingEndpoint(
             self.server.endpoint(self.identifier, TransportProtocol.HTTP, self.port), self
@@ -356,5 +364,10 @@ class TunnelResource(Resource):
         connection = self.server.connection(identifier)
         if connection is None or not connection.ready:
             return error_page(request, 502, "no client session established")
-        _Forward(self.server, request, identifier, port).start()
+        if is_upgrade(request):
+            UpgradeForward(
+                self.server, request, identifier, port, forwarded_headers(request)
+            ).start()
+        else:
+            _Forward(self.server, request, identifier, port).start()
         return NOT_DONE_YET
