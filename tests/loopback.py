@@ -132,7 +132,9 @@ class Sender(Protocol):
         self.sha.update(data)
 
     def readConnectionLost(self) -> None:
-        pass
+        # the echo is complete (it ends after our own EOF): close our side
+        # (a TCP transport needs this; a yamux stream has ended already)
+        self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass

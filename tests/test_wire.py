@@ -472,8 +472,7 @@ def test_go_client_replayed_against_our_server(name, clocked_uploads) -> None:
         assert ours.get("host") == go.get("host") == public.get("host")
         assert ours.body == go.body == public.body
         if public.body:
-            # (duplicated: see test_request_content_length_is_not_duplicated)
-            assert set(ours.get("content-length")) == {str(len(public.body))}
+            assert ours.one("content-length") == str(len(public.body))
         for header in ("user-agent", "accept", "content-type"):
             assert ours.get(header) == public.get(header), header
         prior = public.get("x-forwarded-for")
@@ -495,6 +494,8 @@ def test_go_client_replayed_against_our_server(name, clocked_uploads) -> None:
     for ours_response, origin_response in zip(got, origin, strict=True):
         if origin_response.get("content-type"):  # (else: see test_no_content_type_invented)
             assert ours_response.get("content-type") == origin_response.get("content-type")
+        # the origin's framing is kept when it gave a length
+        assert ours_response.get("content-length") == origin_response.get("content-length")
     for m in got:
         assert not (m.names & (HOP_BY_HOP - {"transfer-encoding", "connection"})), m.headers
 
@@ -565,13 +566,8 @@ def test_large_post_body_reaches_the_stream_intact(clocked_uploads) -> None:
     harness.finish()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resource.py _Forward.start copies the public Content-Length and "
-    "twisted's Agent adds its own from the body producer: the request in the stream "
-    "carries Content-Length twice (nginx and others answer 400)",
-)
 def test_request_content_length_is_not_duplicated(clocked_uploads) -> None:
+    """Regression: the public Content-Length was copied and the HTTP client added its own."""
     harness = ServerHarness()
     clocked_uploads.append(harness.clock)
     replay = GoClientReplay("c_post_100k", harness)
@@ -602,14 +598,9 @@ def test_no_content_type_invented() -> None:
         harness.finish()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resource.py _Forward._response drops the origin's Content-Length "
-    "(twisted's client keeps it in response.length, not in headers); the public "
-    "response is re-chunked where Go (and the origin) sent Content-Length",
-)
 @pytest.mark.parametrize("name", ["b_get_echo", "m_no_local_server"])
 def test_origin_content_length_is_kept(name) -> None:
+    """Regression: the origin's Content-Length was dropped and the body re-chunked."""
     harness = ServerHarness()
     replay = GoClientReplay(name, harness)
     replay.run()

@@ -152,10 +152,12 @@ class TunnelEnv:
             await self.server.when_connected(self.IDENT)
         return self
 
-    def make_client(self, identifier: str | None = None, local: str | None = None):
+    def make_client(self, identifier: str | None = None, local: str | None = None, tcp=None):
         port = self.public_port.getHost().port
         targets = LocalTargets(
-            reactor, default=local or f"tcp:127.0.0.1:{self.origin_port.getHost().port}"
+            reactor,
+            default=local or f"tcp:127.0.0.1:{self.origin_port.getHost().port}",
+            tcp_ports=tcp,
         )
         kwargs = {"retry": exponential_backoff(initial=0.05, maximum=0.5)}
         kwargs.update(self.client_kwargs)
@@ -168,6 +170,10 @@ class TunnelEnv:
         )
 
     async def _listen(self, factory):
+        return await self.listen(factory)
+
+    async def listen(self, factory):
+        """Listen on 127.0.0.1, a port chosen by the OS; closed by stop()."""
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.ports.append(port)
         return port

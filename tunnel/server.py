@@ -25,6 +25,7 @@ from zope.interface import implementer
 from .control import ControlProtocol
 from .proto import ControlMessage, TransportProtocol
 from .states import ClientState, Observers, StateChange
+from .tcp import TCPTunnelFactory, VirtualAddrs
 from .vhost import VirtualHosts, redact
 from .yamux import YamuxConfig, YamuxSession, YamuxStream
 from .yamux.endpoints import connect_stream
@@ -256,6 +257,7 @@ class TunnelServer:
         self.max_pending_tunnels = max_pending_tunnels
         self.director = director
         self.vhosts = VirtualHosts()
+        self.addrs = VirtualAddrs()
         self._clients: dict[str, ClientConnection] = {}
         self._states: dict[str, ClientState] = {}
         self._observers = Observers()
@@ -271,6 +273,18 @@ class TunnelServer:
 
     def delete_host(self, host: str) -> None:
         self.vhosts.delete(host)
+
+    def add_addr(self, identifier: str, port: int | None = None, ip: str | None = None) -> None:
+        """Route TCP connections accepted on local ``port`` (or local ``ip``) to
+        ``identifier`` (listen with ``tcp_factory()`` to accept them)."""
+        self.addrs.add(identifier, port=port, ip=ip)
+
+    def delete_addr(self, port: int | None = None, ip: str | None = None) -> None:
+        self.addrs.delete(port=port, ip=ip)
+
+    def tcp_factory(self) -> TCPTunnelFactory:
+        """A protocol factory that carries accepted connections through TCP tunnels."""
+        return TCPTunnelFactory(self)
 
     def resource(self) -> TunnelResource:
         """The twisted.web Resource that is the whole public server."""

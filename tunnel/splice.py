@@ -63,6 +63,9 @@ class SpliceProtocol(Protocol):
             return
         self.read_done = True
         if not self.peer.lost:
+            # we will produce nothing more for the peer; a TCP transport only
+            # half-closes once no paused producer is registered with it
+            self.peer.transport.unregisterProducer()
             _half_close(self.peer.transport)
         self._maybe_close()
 

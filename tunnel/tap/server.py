@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -29,12 +29,14 @@ class Options(usage.Options):
     optParameters = [
         ["tunnel-timeout", None, 10.0, "Seconds to wait for a client to open a tunnel.", float],
         ["shutdown-grace", None, 10.0, "Seconds open tunnels may finish at shutdown.", float],
+        ["tcp-interface", None, "0.0.0.0", "Interface the --tcp ports listen on."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["vhosts"] = {}
+        self["tcp"] = {}
 
     def opt_listen(self, value: str) -> None:
         """Listen for public and control connections on ENDPOINT (repeatable; default tcp:80)."""
@@ -52,11 +54,21 @@ class Options(usage.Options):
             raise usage.UsageError(f"--vhost: no host name in {host!r}")
         self["vhosts"][key] = identifier
 
+    def opt_tcp(self, value: str) -> None:
+        """Carry TCP connections to port PORT (on --tcp-interface) to IDENTIFIER:
+        PORT=IDENTIFIER (repeatable)."""
+        port, identifier = _split_mapping(value, "tcp")
+        if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+            raise usage.UsageError(f"--tcp: {port!r} is not a port number")
+        self["tcp"][int(port)] = identifier
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = ["tcp:80"]
-        if not self["vhosts"]:
-            raise usage.UsageError("at least one --vhost HOST=IDENTIFIER is required")
+        if not self["vhosts"] and not self["tcp"]:
+            raise usage.UsageError(
+                "at least one --vhost HOST=IDENTIFIER or --tcp PORT=IDENTIFIER is required"
+            )
 
 
 class TunnelServerService(service.MultiService):
@@ -89,4 +101,9 @@ def makeService(options: Options) -> service.IService:
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--listen {description!r}: {e}")
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    tcp_factory = server.tcp_factory()
+    for port, identifier in options["tcp"].items():
+        server.add_addr(identifier, port=port)
+        endpoint = TCP4ServerEndpoint(reactor, port, interface=options["tcp-interface"])
+        StreamServerEndpointService(endpoint, tcp_factory).setServiceParent(top)
     return top

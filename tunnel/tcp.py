@@ -1,0 +1,111 @@
+"""TCP tunnels: public TCP connections routed to clients by local port or IP.
+
+Like Go's ``Server.AddAddr``: each connection accepted on a listening port
+the server was given is looked up by the connection's local IP (if that IP
+is mapped) or else by its local port, and spliced to a TCP stream of the
+identifier's client, which connects it to its ``--tcp-local`` endpoint.
+Mappings can change at run time; connections already open are unaffected.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .proto import TransportProtocol
+from .splice import SpliceProtocol
+from .vhost import redact
+
+
+class VirtualAddrs:
+    """(local IP or None, local port) -> identifier."""
+
+    def __init__(self) -> None:
+        self._by_port: dict[int, str] = {}
+        self._by_ip: dict[str, str] = {}
+
+    def add(self, identifier: str, port: int | None = None, ip: str | None = None) -> None:
+        if (port is None) == (ip is None):
+            raise ValueError("give exactly one of port or ip")
+        if not identifier:
+            raise ValueError("the identifier must not be empty")
+        if ip is not None:
+            self._by_ip[ip] = identifier
+        else:
+            self._by_port[int(port)] = identifier
+
+    def delete(self, port: int | None = None, ip: str | None = None) -> None:
+        if ip is not None:
+            self._by_ip.pop(ip, None)
+        if port is not None:
+            self._by_port.pop(int(port), None)
+
+    def lookup(self, ip: str, port: int) -> str | None:
+        identifier = self._by_ip.get(ip)
+        return identifier if identifier is not None else self._by_port.get(port)
+
+
+class PublicTCP(SpliceProtocol):
+    """A public TCP connection, waiting for its tunnel stream, then spliced."""
+
+    log = Logger()
+
+    def __init__(self, server) -> None:
+        super().__init__()
+        self.server = server
+        self._pending = None
+
+    def connectionMade(self) -> None:
+        host = self.transport.getHost()
+        identifier = self.server.addrs.lookup(host.host, host.port)
+        if identifier is None:
+            self.log.info("no TCP tunnel for {host}:{port}", host=host.host, port=host.port)
+            self.transport.abortConnection()
+            return
+        self.identifier = identifier
+        # hold the public side back until the stream exists
+        self.transport.pauseProducing()
+        self._pending = self.server.open_tunnel(identifier, TransportProtocol.TCP, host.port)
+        self._pending.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, stream) -> None:
+        self._pending = None
+        if self.lost:
+            stream.abortConnection()
+            return
+        origin = SpliceProtocol()
+        stream.attach(origin)
+        if not stream.connected:
+            self.transport.abortConnection()
+            return
+        self.join(origin)
+        self.transport.resumeProducing()
+
+    def _failed(self, failure: Failure) -> None:
+        self._pending = None
+        self.log.info(
+            "TCP tunnel to {ident} failed: {why}",
+            ident=redact(self.identifier),
+            why=failure.getErrorMessage(),
+        )
+        if not self.lost:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        if reason is None:
+            super().connectionLost()
+        else:
+            super().connectionLost(reason)
+
+
+class TCPTunnelFactory(Factory):
+    """Listen with this on any endpoint to carry TCP tunnels for ``server``."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    def buildProtocol(self, addr) -> PublicTCP:
+        return PublicTCP(self.server)
