@@ -127,6 +127,8 @@ class ControlProtocol(Protocol):
         for message in messages:
             if self.on_message is not None and self._error is None:
                 self.on_message(message)
+        if self._decoder.error is not None:
+            self._fail(self._decoder.error)
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_timer()

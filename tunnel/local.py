@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,6 +42,7 @@ class LocalTargets:
         self.tcp_ports = dict(tcp_ports or {})
         self.allow_any_port = allow_any_port
         self.connect_timeout = connect_timeout
+        self._endpoints: dict[str, IStreamClientEndpoint] = {}
 
     def description(self, message: ControlMessage) -> str | None:
         """The endpoint string for ``message``, or None if nothing is configured."""
@@ -66,7 +68,24 @@ class LocalTargets:
         description = self.description(message)
         if description is None:
             return None
-        return clientFromString(self.reactor, description)
+        endpoint = self._endpoints.get(description)
+        if endpoint is None:
+            if len(self._endpoints) >= 1024:  # --allow-any-local-port: bounded cache
+                self._endpoints.clear()
+            endpoint = self._endpoints[description] = clientFromString(self.reactor, description)
+        return endpoint
+
+
+class _QuietFactory(Factory):
+    """One protocol, and no "Starting factory" log lines for every tunnel."""
+
+    noisy = False
+
+    def __init__(self, protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
 
 
 class LocalForwarder:
@@ -93,7 +112,7 @@ class LocalForwarder:
             self._unreachable(stream, message, None)
             return
         local = SpliceProtocol()
-        d = connectProtocol(endpoint, local)
+        d = endpoint.connect(_QuietFactory(local))
 
         def connected(_: object) -> None:
             remote = SpliceProtocol()

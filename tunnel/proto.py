@@ -78,16 +78,32 @@ class ControlMessage:
 
 
 class MessageDecoder:
-    """Incremental decoder of a stream of JSON control messages."""
+    """Incremental decoder of a stream of JSON control messages.
+
+    ``feed`` returns the messages completed so far.  Bad input makes it
+    return the good messages that came before it and set ``error``; every
+    later call raises that error (Go's decoder hands out the good messages
+    one by one too before it fails).
+    """
 
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
         self._buffer = ""
         self._pending = b""
         self._max = max_size
         self._decoder = json.JSONDecoder()
+        self.error: ControlMessageError | None = None
 
     def feed(self, data: bytes) -> list[ControlMessage]:
-        """Return the messages completed by ``data``; raise ControlMessageError."""
+        if self.error is not None:
+            raise self.error
+        out: list[ControlMessage] = []
+        try:
+            self._feed(data, out)
+        except ControlMessageError as e:
+            self.error = e
+        return out
+
+    def _feed(self, data: bytes, out: list[ControlMessage]) -> None:
         raw = self._pending + data
         try:
             text = raw.decode("utf-8")
@@ -98,7 +114,6 @@ class MessageDecoder:
             text = raw[: e.start].decode("utf-8")
             self._pending = raw[e.start :]
         buf = self._buffer + text
-        out = []
         pos = 0
         end = len(buf)
         while True:
@@ -111,12 +126,15 @@ class MessageDecoder:
             except json.JSONDecodeError as e:
                 if _incomplete(buf, e):
                     break
+                self._buffer = ""
                 raise ControlMessageError(f"invalid control message: {e.msg}") from None
+            except (RecursionError, ValueError) as e:
+                self._buffer = ""
+                raise ControlMessageError(f"invalid control message: {e}") from None
             out.append(ControlMessage.from_json(obj))
         self._buffer = buf[pos:]
         if len(self._buffer) + len(self._pending) > self._max:
             raise ControlMessageError(f"control message longer than {self._max} bytes")
-        return out
 
 
 def _incomplete(buf: str, error: json.JSONDecodeError) -> bool:

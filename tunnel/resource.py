@@ -226,6 +226,7 @@ class _Forward:
         self.responding = True
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders = Headers()
+        request.defaultContentType = None  # never invent a Content-Type
         for name, values in forwardable(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
         # the HTTP client keeps Content-Length apart; pass it on so the body

@@ -36,6 +36,12 @@ class SpliceProtocol(Protocol):
         self._early: list[bytes] = []
         self._early_eof = False
 
+    def connectionMade(self) -> None:
+        # relayed bytes should leave at once, as the Go peer does (no Nagle)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
     def join(self, peer: SpliceProtocol) -> None:
         """Pair with ``peer`` once both are connected."""
         self.peer, peer.peer = peer, self

@@ -57,6 +57,7 @@ class PublicTCP(SpliceProtocol):
         self._pending = None
 
     def connectionMade(self) -> None:
+        super().connectionMade()
         host = self.transport.getHost()
         identifier = self.server.addrs.lookup(host.host, host.port)
         if identifier is None:

@@ -88,6 +88,7 @@ class OriginSide(SpliceProtocol):
         self._decoder = None
 
     def connectionMade(self) -> None:
+        super().connectionMade()
         self.transport.write(self.forward.head + self.forward.body)
 
     def dataReceived(self, data: bytes) -> None:

@@ -314,6 +314,10 @@ class YamuxSession(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        # small frames (ACKs, credit, pings, requests) must not wait for Nagle
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self.peer_address = transport.getPeer()
         self.host_address = transport.getHost()
         transport.registerProducer(self, True)
