@@ -6,6 +6,7 @@ from .client import TunnelClientService  # noqa: E402
 from .local import LocalForwarder, LocalTargets  # noqa: E402
 from .resource import TunnelResource  # noqa: E402
 from .server import TunnelServer  # noqa: E402
+from .site import TunnelSite  # noqa: E402
 from .states import ClientState, StateChange  # noqa: E402
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "TunnelClientService",
     "TunnelResource",
     "TunnelServer",
+    "TunnelSite",
     "__version__",
 ]

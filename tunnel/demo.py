@@ -22,6 +22,7 @@ from twisted.web.server import Site
 from .client import TunnelClientService
 from .local import LocalForwarder, LocalTargets
 from .server import TunnelServer
+from .site import TunnelSite
 
 PAGE = b"""<!doctype html>
 <title>tunnel demo</title>
@@ -50,7 +51,7 @@ async def run(port: int, host: str, check: bool) -> int:
     server = TunnelServer()
     server.add_host(host, identifier)
     public = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
-        Site(server.resource())
+        TunnelSite(server.resource())
     )
     public_port = public.getHost().port
     site.ports = (origin.getHost().port, public_port)
