@@ -101,9 +101,10 @@ class Origin(Resource):
             request.setResponseCode(int(arg))
             return b""
         if path == b"/delay":
-            task.deferLater(reactor, float(arg), lambda: None).addCallback(
-                lambda _: (request.write(b"late"), request.finish())
-            )
+            d = task.deferLater(reactor, float(arg), lambda: None)
+            d.addCallback(lambda _: (request.write(b"late"), request.finish()))
+            d.addErrback(lambda f: f.trap(defer.CancelledError))
+            request.notifyFinish().addErrback(lambda _: d.cancel())
             return NOT_DONE_YET
         request.setResponseCode(404)
         return b"not found"

@@ -84,6 +84,8 @@ class TunnelClientProtocol(Protocol):
         self._ready: Deferred = Deferred()
         self._lost: Deferred = Deferred()
         self.failure: BaseException | None = None
+        #: set while the service stops: new tunnels are refused
+        self.draining = False
 
     def when_ready(self) -> Deferred:
         """Fires when the control handshake is done; fails if this connection fails first."""
@@ -179,6 +181,10 @@ class TunnelClientProtocol(Protocol):
 
     def _message(self, message: ControlMessage) -> None:
         def opened(stream: YamuxStream) -> None:
+            if self.draining:
+                # shutting down: refuse at once (RST) rather than let it time out
+                stream.abortConnection()
+                return
             self.forwarder(stream, message)
 
         def refused(failure: Failure) -> None:
@@ -306,6 +312,7 @@ class TunnelClientService(Service):
         protocol = self.protocol
         done: Deferred
         if protocol is not None and protocol.session is not None and not protocol.session.closed:
+            protocol.draining = True
             session = protocol.session
             session.go_away()
             closed = session.when_closed()
