@@ -580,12 +580,6 @@ def test_request_content_length_is_not_duplicated(clocked_uploads) -> None:
         harness.finish()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resource.py _Forward._response leaves twisted.web's default "
-    "Content-Type (text/html) on origin responses that have none; Go sends "
-    "text/plain (sniffed) for the 503 'no local server'",
-)
 def test_no_content_type_invented() -> None:
     harness = ServerHarness()
     replay = GoClientReplay("m_no_local_server", harness)
@@ -1227,12 +1221,6 @@ def test_bad_control_message_tears_the_client_session_down(good, bad, sizes) -> 
     assert client.lost_result() is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proto.py MessageDecoder.feed raises on the bad message and loses the "
-    "good ones decoded before it from the same frame; Go's json.Decoder returns them "
-    "one by one, so the Go client opens their streams before it gives up",
-)
 def test_messages_before_garbage_in_one_frame() -> None:
     client = ready_client()
     client.feed(data_frame(1, b'{"action":1,"transportProtocol":1,"localPort":80}\n}'))
@@ -1243,12 +1231,6 @@ def test_messages_before_garbage_in_one_frame() -> None:
         client.finish()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proto.py MessageDecoder.feed lets RecursionError (deep nesting) and "
-    "ValueError (integers over 4300 digits) escape instead of ControlMessageError; "
-    "ControlProtocol.dataReceived raises and the stream logs a traceback",
-)
 @pytest.mark.parametrize(
     "payload",
     [b"[" * 5000, b'{"localPort":' + b"9" * 5000 + b"}"],
