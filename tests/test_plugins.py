@@ -443,13 +443,19 @@ def test_twistd_help_lists_both_plugins_after_a_real_install(tmp_path):
         site,
     )
     assert where.returncode == 0, where.stderr
-    for line in where.stdout.split():
-        assert Path(line).resolve().is_relative_to(site.resolve()), where.stdout
+    checkout = [REPO_ROOT.resolve() / "tunnel", REPO_ROOT.resolve() / "twisted"]
+    tunnel_file, plugin_file = (Path(line).resolve() for line in where.stdout.split())
+    # the package comes from our install, the plugin from an installed copy
+    # (ours, or the venv's own when .ci/run installed the project there):
+    # never from the checkout, which a default editable install would need
+    assert tunnel_file.is_relative_to(site.resolve()), where.stdout
+    assert not any(plugin_file.is_relative_to(c) for c in checkout), where.stdout
 
-    # control: without the install the plugins are not there
+    # control: without an install the plugins are not there
+    venv_has_it = run("import tunnel", None).returncode == 0
     bare = run(help_code, None)
     assert bare.returncode == 0, bare.stderr
-    assert "tunnel-server" not in bare.stdout
+    assert ("tunnel-server" in bare.stdout) == venv_has_it
 
 
 # -- 4. end to end: twistd tunnel-server + twistd tunnel-client ------------------
