@@ -312,3 +312,66 @@ async def test_slow_public_reader_keeps_server_memory_bounded():
         proto.transport.loseConnection()
     finally:
         await env.stop()
+
+
+class RawOrigin(Protocol):
+    """An origin that answers every request with fixed bytes, then closes."""
+
+    answer = b""
+
+    def dataReceived(self, data):
+        if b"\r\n\r\n" in data:
+            self.transport.write(self.answer)
+            self.transport.loseConnection()
+
+
+async def raw_origin_env(answer: bytes) -> TunnelEnv:
+    from twisted.internet.protocol import Factory
+
+    env = TunnelEnv()
+    await env.start(connect=False)
+    origin = await env.listen(
+        Factory.forProtocol(lambda: type("O", (RawOrigin,), {"answer": answer})())
+    )
+    env.client = env.make_client(local=f"tcp:127.0.0.1:{origin.getHost().port}")
+    env.client.startService()
+    await env.client.when_ready()
+    return env
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_delimited_origin_response_completes(http):
+    """Go hangs here (Surprise 2): the origin's EOF must end the response."""
+    body = b"streamed until the origin closes " * 1000
+    env = await raw_origin_env(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+    try:
+        code, got, _ = await get(http, env, "/")
+        assert (code, got) == (200, body)
+    finally:
+        await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncated_origin_response_is_not_passed_off_as_complete():
+    env = await raw_origin_env(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
+    done = defer.Deferred()
+
+    class Raw(Protocol):
+        buf = b""
+
+        def dataReceived(self, data):
+            self.buf += data
+
+        def connectionLost(self, reason):
+            done.callback(self.buf)
+
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
+        proto = await connectProtocol(endpoint, Raw())
+        proto.transport.write(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        whole = await done  # the server closes the public connection: no hang
+        head, _, body = whole.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 100" in head
+        assert body == b"only ten b"  # fewer than promised, then the connection ends
+    finally:
+        await env.stop()
