@@ -8,7 +8,7 @@ own core when one is free:
   ``/`` answers ``hello`` and ``/bytes?n=N`` streams N bytes from an
   IPushProducer with a Content-Length;
 * a **tunnel server**: ``twistd -n tunnel-server --listen tcp:PORT:interface=127.0.0.1
-  --vhost app.localhost=IDENT`` (the plugin as deployed, access log included);
+  --vhost app.localhost=IDENT`` (the plugin as deployed, with its defaults);
 * a **tunnel client**: ``twistd -n tunnel-client --server tcp:127.0.0.1:PORT
   --identifier-file F --local tcp:127.0.0.1:ORIGIN``;
 * the **load generator**: ``wrk`` (installed with ``apt-get install -y wrk``

@@ -28,7 +28,7 @@ from .states import ClientState, Observers, StateChange
 from .tcp import TCPTunnelFactory, VirtualAddrs
 from .vhost import VirtualHosts, redact
 from .yamux import YamuxConfig, YamuxSession, YamuxStream
-from .yamux.endpoints import connect_stream
+from .yamux.endpoints import protocol_for
 
 if TYPE_CHECKING:
     from .resource import TunnelResource
@@ -212,14 +212,8 @@ class TunnelEndpoint:
         self.port = port
 
     def connect(self, factory: IProtocolFactory) -> Deferred:
-        def opened(stream: YamuxStream):
-            if not connect_stream(stream, factory):
-                raise TunnelError("the factory refused the tunnel")
-            return stream.protocol
-
-        return self.server.open_tunnel(self.identifier, self.protocol, self.port).addCallback(
-            opened
-        )
+        d = self.server.open_tunnel(self.identifier, self.protocol, self.port)
+        return d.addCallback(protocol_for, factory)
 
 
 class TunnelServer:

@@ -33,6 +33,13 @@ def connect_stream(stream: YamuxStream, factory: IProtocolFactory) -> bool:
     return True
 
 
+def protocol_for(stream: YamuxStream, factory: IProtocolFactory):
+    """``connect_stream`` as an endpoint's ``connect`` result: the protocol."""
+    if not connect_stream(stream, factory):
+        raise ConnectionRefusedError("the factory refused the stream")
+    return stream.protocol
+
+
 @implementer(IStreamClientEndpoint)
 class StreamClientEndpoint:
     """Each ``connect`` opens a new stream on ``session``.
@@ -47,12 +54,7 @@ class StreamClientEndpoint:
         self._session = session
 
     def connect(self, factory: IProtocolFactory) -> Deferred:
-        def opened(stream: YamuxStream):
-            if not connect_stream(stream, factory):
-                raise ConnectionRefusedError("the factory refused the stream")
-            return stream.protocol
-
-        return self._session.request_stream().addCallback(opened)
+        return self._session.request_stream().addCallback(protocol_for, factory)
 
 
 @implementer(IListeningPort)
