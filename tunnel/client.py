@@ -320,8 +320,12 @@ class TunnelClientService(Service):
             session.when_idle(1).addCallback(lambda _: session.close())
             closed.addCallback(lambda _: timer.cancel() if timer.active() else None)
             done = closed
-        elif protocol is not None and protocol.transport is not None:
-            protocol.transport.abortConnection()
+        elif (
+            protocol is not None
+            and protocol.transport is not None
+            and not protocol.when_lost().called
+        ):
+            protocol.transport.abortConnection()  # an attempt still in its handshake
             done = protocol.when_lost()
         else:
             done = succeed(None)

@@ -238,6 +238,8 @@ class YamuxSession(Protocol):
             self.go_away(code)
         self._stop_keepalive()
         self._parser.stop()
+        # a transport may wait for its producer to go before it closes (TLS does)
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         self._close_timer = self.clock.callLater(self.config.close_timeout, self._abort)
 
