@@ -130,6 +130,7 @@ class TunnelClientProtocol(Protocol):
         self._cancel_timer()
         if self.session is not None:
             self.session.connectionLost(reason)
+            reason = Failure(self.session.close_reason)  # e.g. KeepAliveTimeout
         error = self.failure or self._error or reason.value
         if self._error is not None and self.failure is None:
             error = self._error_with_body()

@@ -53,6 +53,11 @@ HOP_BY_HOP = frozenset(
 
 _NOT_FORWARDED = frozenset({b"expect", b"content-length"})
 
+#: bounds on the origin's response head (twisted.web's own client allows
+#: 16 KiB per line but any number of lines)
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_HEADER_LINE = 16 * 1024
+
 #: request bodies up to this size are written in one go; larger ones stream
 _SMALL_BODY = 64 * 1024
 
@@ -133,19 +138,74 @@ class _OneEndpoint:
         return self._endpoint
 
 
-class _RecordingEndpoint:
-    """Wraps a TunnelEndpoint to remember the stream, so it can be reset."""
+class _ForwardEndpoint:
+    """Opens the request's tunnel stream for the HTTP client, behind a _HeadGuard."""
 
-    def __init__(self, endpoint, forward: _Forward) -> None:
-        self._endpoint = endpoint
+    def __init__(self, forward: _Forward) -> None:
         self._forward = forward
 
     def connect(self, factory):
-        def connected(protocol):
-            self._forward.stream = protocol.transport
+        forward = self._forward
+
+        def opened(stream):
+            protocol = factory.buildProtocol(stream.getPeer())
+            if protocol is None:
+                stream.abortConnection()
+                raise TunnelError("the HTTP client refused the tunnel")
+            forward.stream = stream
+            stream.attach(_HeadGuard(protocol, forward))
             return protocol
 
-        return self._endpoint.connect(factory).addCallback(connected)
+        d = forward.server.open_tunnel(forward.identifier, TransportProtocol.HTTP, forward.port)
+        return d.addCallback(opened)
+
+
+class _HeadGuard(Protocol):
+    """Bounds the origin's response head before twisted.web's client parses it.
+
+    The HTTP client would buffer any number of header lines; a head larger
+    than MAX_RESPONSE_HEAD (or a line longer than MAX_HEADER_LINE) resets
+    the stream, and the public client gets a 502 that says so.
+    """
+
+    def __init__(self, inner, forward: _Forward) -> None:
+        self.inner = inner
+        self.forward = forward
+        self._head = b""
+        self._total = 0
+        self._done = False
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+        self.inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._done and not self._check(data):
+            return
+        self.inner.dataReceived(data)
+
+    def _check(self, data: bytes) -> bool:
+        buf = self._head + data
+        self._total += len(data)
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            if buf[9:10] != b"1" or buf[9:12] == b"101":
+                self._done = True  # the final head: the rest is body
+                self._head = b""
+                return True
+            buf = buf[end + 4 :]  # an interim 1xx head; the bound covers them all
+        line = len(buf) - (buf.rfind(b"\n") + 1)
+        if self._total > MAX_RESPONSE_HEAD or line > MAX_HEADER_LINE:
+            self.forward.head_too_big = True
+            self.transport.abortConnection()
+            return False
+        self._head = buf
+        return True
+
+    def connectionLost(self, reason) -> None:
+        self.inner.connectionLost(reason)
 
 
 @implementer(IPushProducer)
@@ -180,6 +240,7 @@ class _Forward:
         self.gone = False
         self.pending = None
         self.responding = False
+        self.head_too_big = False
 
     def start(self) -> None:
         request = self.request
@@ -192,10 +253,7 @@ class _Forward:
         for name, value in forwarded_headers(request):
             headers.setRawHeaders(name, [value])
         body = self._body_producer()
-        endpoint = _RecordingEndpoint(
-            self.server.endpoint(self.identifier, TransportProtocol.HTTP, self.port), self
-        )
-        agent = Agent.usingEndpointFactory(self.server.clock, _OneEndpoint(endpoint))
+        agent = Agent.usingEndpointFactory(self.server.clock, _OneEndpoint(_ForwardEndpoint(self)))
         self.pending = agent.request(request.method, b"http://" + host + request.uri, headers, body)
         self.pending.addCallbacks(self._response, self._failed)
         request.notifyFinish().addErrback(self._public_gone)
@@ -258,6 +316,12 @@ class _Forward:
             return
         if failure.check(TunnelError):
             message = str(failure.value)
+        elif self.head_too_big:
+            message = (
+                f"tunnel error: the origin's response headers are too large (over"
+                f" {MAX_RESPONSE_HEAD // 1024} KiB, or a line over {MAX_HEADER_LINE // 1024} KiB)"
+            )
+            self.log.info("{ident}: {why}", ident=redact(self.identifier), why=message)
         else:
             message = f"tunnel error: {_describe(failure)}"
             self.log.info(

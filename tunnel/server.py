@@ -356,9 +356,12 @@ class TunnelServer:
 
     def attach_session(self, identifier: str, session: YamuxSession) -> ClientConnection:
         """Register a freshly taken-over control connection for ``identifier``."""
-        old = self._clients.get(identifier)
-        if old is not None and not old.closed:
-            old.session.abort()
+        old = self._clients.pop(identifier, None)
+        if old is not None:
+            # a dead session not cleaned up yet: it ends here, visibly
+            if not old.closed:
+                old.session.abort()
+            self._set_state(identifier, ClientState.CLOSED)
         connection = ClientConnection(self, identifier, session)
         self._clients[identifier] = connection
 

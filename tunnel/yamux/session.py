@@ -139,6 +139,11 @@ class YamuxSession(Protocol):
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the session ended (e.g. KeepAliveTimeout), once it has."""
+        return self._closed.value if self._closed is not None else None
+
     def open_stream(self) -> YamuxStream:
         """Open a stream: the SYN goes out now and data may follow before the ACK.
 

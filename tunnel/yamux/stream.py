@@ -106,6 +106,7 @@ class YamuxStream:
         self._recv_buffered = 0
         self._paused = False
         self._delivering = False
+        self._late_reason: Failure | None = None
         self._fin_received = False
         self._eof_delivered = False
         self._notified = False
@@ -289,11 +290,13 @@ class YamuxStream:
         try:
             self.protocol.dataReceived(data)
         except Exception:
+            self._delivered()
             self.log.failure("protocol of stream {sid} failed in dataReceived", sid=self.id)
             self.abortConnection()
             return
-        finally:
-            self._delivering = False
+        self._delivered()
+        if self._ended is not None:
+            return
         if self._recv_buf and not self._paused:
             self._deliver_buffered()
         else:
@@ -375,11 +378,11 @@ class YamuxStream:
                 self._recv_buffered -= len(data)
                 protocol.dataReceived(data)
         except Exception:
-            self._delivering = False
+            self._delivered()
             self.log.failure("protocol of stream {sid} failed in dataReceived", sid=self.id)
             self.abortConnection()
             return
-        self._delivering = False
+        self._delivered()
         if self._ended is not None:
             return
         self._maybe_grant()
@@ -504,8 +507,20 @@ class YamuxStream:
                 self.log.failure("stream {sid}: producer failed to stop", sid=self.id)
         self._notify(reason)
 
+    def _delivered(self) -> None:
+        """dataReceived returned: tell the protocol of a close it caused inside it."""
+        self._delivering = False
+        late, self._late_reason = self._late_reason, None
+        if late is not None:
+            self._notify(late)
+
     def _notify(self, reason: Failure | None) -> None:
         if self._notified or self.protocol is None:
+            return
+        if self._delivering:
+            # like TCP, never call connectionLost from inside dataReceived
+            if self._late_reason is None:
+                self._late_reason = reason or Failure(ConnectionDone("stream closed"))
             return
         self._notified = True
         self.connected = False
