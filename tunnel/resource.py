@@ -17,7 +17,6 @@ import posixpath
 
 from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -208,7 +207,6 @@ class _HeadGuard(Protocol):
         self.inner.connectionLost(reason)
 
 
-@implementer(IPushProducer)
 class _BodyCopier(Protocol):
     """Copies the origin's response body to the public request, with backpressure."""
 
@@ -239,7 +237,6 @@ class _Forward:
         self.stream = None
         self.gone = False
         self.pending = None
-        self.responding = False
         self.head_too_big = False
 
     def start(self) -> None:
@@ -281,7 +278,6 @@ class _Forward:
         if self.gone:
             response.deliverBody(Protocol())
             return
-        self.responding = True
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders = Headers()
         request.defaultContentType = None  # never invent a Content-Type

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from .control import ControlProtocol
 from .proto import ControlMessage, TransportProtocol
@@ -28,7 +27,6 @@ from .states import ClientState, Observers, StateChange
 from .tcp import TCPTunnelFactory, VirtualAddrs
 from .vhost import VirtualHosts, redact
 from .yamux import YamuxConfig, YamuxSession, YamuxStream
-from .yamux.endpoints import protocol_for
 
 if TYPE_CHECKING:
     from .resource import TunnelResource
@@ -199,21 +197,6 @@ class ClientConnection:
         if not self._ready_d.called:
             self._ready_d.errback(NoClientSession())
         self.server._connection_ended(self)
-
-
-@implementer(IStreamClientEndpoint)
-class TunnelEndpoint:
-    """An endpoint whose connections are tunnels to one client's local side."""
-
-    def __init__(self, server: TunnelServer, identifier: str, protocol: int, port: int) -> None:
-        self.server = server
-        self.identifier = identifier
-        self.protocol = protocol
-        self.port = port
-
-    def connect(self, factory: IProtocolFactory) -> Deferred:
-        d = self.server.open_tunnel(self.identifier, self.protocol, self.port)
-        return d.addCallback(protocol_for, factory)
 
 
 class TunnelServer:
@@ -399,9 +382,6 @@ class TunnelServer:
         return connection.open_tunnel(
             protocol, port, self.tunnel_timeout if timeout is None else timeout
         )
-
-    def endpoint(self, identifier: str, protocol: int, port: int) -> TunnelEndpoint:
-        return TunnelEndpoint(self, identifier, protocol, port)
 
     # -- shutdown ----------------------------------------------------------------
 
