@@ -1,0 +1,161 @@
+"""TunnelServer's API: director, one-shot callbacks, run-time hosts, the FIFO
+of waiting tunnels (bounds, timeouts, cancellation)."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from tunnel.server import NoClientSession, TooManyPendingTunnels, TunnelServer, TunnelTimeout
+from tunnel.states import ClientState
+from tunnel.yamux import YamuxSession
+from tunnel.yamux.frame import FLAG_RST, FLAG_SYN, TYPE_DATA, TYPE_WINDOW_UPDATE
+
+from .helpers import data_frame, frame, split_frames
+from .tunnel_env import TunnelEnv
+
+
+@pytest.fixture
+def http():
+    return treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
+
+
+async def get(http, env, host, path="/echo?echo=hi"):
+    response = await http.get(env.url + path, headers={"Host": host})
+    return response.code, await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_director_can_rewrite_the_request_before_routing(http):
+    def director(request):
+        if request.getHeader(b"host") == b"alias.test":
+            request.requestHeaders.setRawHeaders(b"host", [TunnelEnv.HOST.encode()])
+
+    env = await TunnelEnv(server_kwargs={"director": director}).start()
+    try:
+        assert await get(http, env, "alias.test") == (200, b"hi")
+        assert env.origin.seen[-1].getHeader(b"host") == TunnelEnv.HOST.encode()
+    finally:
+        await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hosts_change_at_run_time(http):
+    env = await TunnelEnv().start()
+    try:
+        env.server.add_host("Second.Test.", env.IDENT)
+        assert await get(http, env, "second.test") == (200, b"hi")
+        env.server.delete_host("second.test")
+        assert await get(http, env, "second.test") == (
+            502,
+            b'no virtual host available for "second.test"\n',
+        )
+        assert await get(http, env, env.HOST) == (200, b"hi")
+    finally:
+        await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_and_disconnect_callbacks_run_once():
+    env = await TunnelEnv().start(connect=False)
+    calls = []
+    env.server.on_connect(env.IDENT, lambda: calls.append("connect"))
+    env.server.on_disconnect(env.IDENT, lambda: calls.append("disconnect"))
+    changes = []
+    env.server.observe_states(changes.append)
+    try:
+        env.client = env.make_client()
+        env.client.startService()
+        await env.server.when_connected(env.IDENT)
+        first = env.server.connection(env.IDENT)
+        first.session.transport.abortConnection()
+        await env.client.when_ready()  # reconnected
+        await env.server.when_connected(env.IDENT)
+        assert calls == ["connect", "disconnect"]  # one-shot: not again
+        assert [c.current for c in changes] == [
+            ClientState.CONNECTED,
+            ClientState.CLOSED,
+            ClientState.CONNECTED,
+        ]
+        assert env.server.state(env.IDENT) == ClientState.CONNECTED
+    finally:
+        await env.stop()
+
+
+def connected_server(**kwargs):
+    """A TunnelServer with one client whose frames the test writes by hand."""
+    clock = Clock()
+    server = TunnelServer(clock=clock, **kwargs)
+    server.add_host("app.test", "ident")
+    transport = StringTransport()
+    session = YamuxSession(False, clock=clock, quiet_until_peer_speaks=True)
+    connection = server.attach_session("ident", session)
+    session.makeConnection(transport)
+    session.dataReceived(
+        frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0) + data_frame(1, b"controlHandshake")
+    )
+    assert connection.ready
+    transport.clear()
+    return server, clock, session, transport
+
+
+def test_pending_tunnels_are_bounded_time_out_and_late_streams_are_reset():
+    server, clock, session, transport = connected_server(max_pending_tunnels=2)
+    first = server.open_tunnel("ident", 1, 80)
+    second = server.open_tunnel("ident", 1, 80)
+    third = server.open_tunnel("ident", 1, 80)
+    assert isinstance(third.result.value, TooManyPendingTunnels)
+    third.addErrback(lambda f: None)
+    messages = [body for h, body in split_frames(transport.value()) if h.type == TYPE_DATA]
+    assert messages == [b'{"action":1,"transportProtocol":1,"localPort":80}\n'] * 2
+    clock.advance(10)
+    for d in (first, second):
+        assert isinstance(d.result.value, TunnelTimeout)
+        d.addErrback(lambda f: None)
+    transport.clear()
+    # the client's streams arrive late: each belongs to a timed-out waiter
+    session.dataReceived(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 3, 0))
+    session.dataReceived(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 5, 0))
+    resets = [h.stream_id for h, _ in split_frames(transport.value()) if h.flags & FLAG_RST]
+    assert resets == [3, 5]
+    assert server.connection("ident").pending == 0
+    session.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_streams_match_waiters_in_order_and_a_cancelled_one_is_skipped():
+    server, clock, session, transport = connected_server()
+    a = server.open_tunnel("ident", 1, 80)
+    b = server.open_tunnel("ident", 1, 80)
+    c = server.open_tunnel("ident", 3, 81)
+    b.cancel()  # the public client of b went away
+    b.addErrback(lambda f: f.trap(CancelledError))
+    for sid in (3, 5, 7):
+        session.dataReceived(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, sid, 0))
+    assert a.result.id == 3
+    assert c.result.id == 7
+    resets = [h.stream_id for h, _ in split_frames(transport.value()) if h.flags & FLAG_RST]
+    assert resets == [5]
+    unsolicited = frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 9, 0)
+    transport.clear()
+    session.dataReceived(unsolicited)
+    assert [h.stream_id for h, _ in split_frames(transport.value()) if h.flags & FLAG_RST] == [9]
+    session.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_waiters_fail_when_the_session_ends():
+    server, clock, session, transport = connected_server()
+    d = server.open_tunnel("ident", 1, 80)
+    session.connectionLost(None)
+    assert isinstance(d.result.value, NoClientSession)
+    d.addErrback(lambda f: None)
+    assert server.connection("ident") is None
+    assert server.state("ident") == ClientState.CLOSED
+    assert clock.getDelayedCalls() == []
