@@ -28,15 +28,13 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer
 from twisted.web.server import Site
 from zope.interface import implementer
 
-import tunnel.resource
 from tunnel.client import HandshakeTimeout, TunnelClientProtocol, TunnelServerError
 from tunnel.proto import ControlMessage
 from tunnel.server import TunnelServer
@@ -417,28 +415,9 @@ class GoClientReplay:
 HTTP_SCENARIOS = ["b_get_echo", "b2_two_requests", "c_post_100k", "l_chunked", "m_no_local_server"]
 
 
-@pytest.fixture
-def clocked_uploads(monkeypatch):
-    """Make large request bodies (FileBodyProducer) run on the test's Clock.
-
-    resource.py builds FileBodyProducer with the global cooperator, which
-    runs on the global reactor, not on ``TunnelServer.clock``.
-    """
-    clocks: list[Clock] = []
-
-    def producer(f):
-        clock = clocks[-1]
-        cooperator = Cooperator(scheduler=lambda x: clock.callLater(0, x))
-        return FileBodyProducer(f, cooperator=cooperator)
-
-    monkeypatch.setattr(tunnel.resource, "FileBodyProducer", producer)
-    return clocks
-
-
 @pytest.mark.parametrize("name", HTTP_SCENARIOS)
-def test_go_client_replayed_against_our_server(name, clocked_uploads) -> None:
+def test_go_client_replayed_against_our_server(name) -> None:
     harness = ServerHarness()
-    clocked_uploads.append(harness.clock)
     replay = GoClientReplay(name, harness)
     with logged_failures() as failures:
         replay.run()
@@ -546,10 +525,9 @@ def test_no_local_server_503_passes_through() -> None:
     harness.finish()
 
 
-def test_large_post_body_reaches_the_stream_intact(clocked_uploads) -> None:
+def test_large_post_body_reaches_the_stream_intact() -> None:
     """c: a 100 KiB public body arrives in stream 3 byte for byte, within the window."""
     harness = ServerHarness()
-    clocked_uploads.append(harness.clock)
     replay = GoClientReplay("c_post_100k", harness)
     replay.run()
     body = bytearray()
@@ -566,10 +544,9 @@ def test_large_post_body_reaches_the_stream_intact(clocked_uploads) -> None:
     harness.finish()
 
 
-def test_request_content_length_is_not_duplicated(clocked_uploads) -> None:
+def test_request_content_length_is_not_duplicated() -> None:
     """Regression: the public Content-Length was copied and the HTTP client added its own."""
     harness = ServerHarness()
-    clocked_uploads.append(harness.clock)
     replay = GoClientReplay("c_post_100k", harness)
     replay.run()
     body = b"".join(b for h, b in replay.ours if h.type == TYPE_DATA and h.stream_id == 3)
@@ -870,10 +847,9 @@ def test_public_client_gone_resets_the_stream(when) -> None:
     harness.finish()
 
 
-def test_expect_continue_body_is_not_lost(clocked_uploads) -> None:
+def test_expect_continue_body_is_not_lost() -> None:
     """c2 (surprise 1): Go loses the body; we answer 100 ourselves and forward it."""
     harness = ServerHarness()
-    clocked_uploads.append(harness.clock)
     ctl = establish(harness, "c2_post_100k_expect")
     public = harness.connect()
     raw_request = vector("c2_post_100k_expect", "public/client_to_server.bin")

@@ -57,8 +57,9 @@ class ControlMessage:
     def from_json(cls, obj: object) -> ControlMessage:
         """Build a message from a decoded JSON value, with Go's type rules.
 
-        Missing fields are zero; unknown fields are ignored; a field of the
-        wrong type (or out of range) is an error, as in Go.
+        Missing fields are zero and unknown fields are ignored, as in Go; a
+        field of the wrong type is an error, as in Go; so is a value out of
+        range (a port outside 0-65535), which Go would accept and fail to dial.
         """
         if obj is None:
             return cls(0, 0, 0)

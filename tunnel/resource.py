@@ -270,7 +270,7 @@ class _Forward:
             return None
         if length <= _SMALL_BODY:
             return _BytesProducer(content.read())
-        return FileBodyProducer(content)
+        return FileBodyProducer(content, cooperator=self.server.cooperator)
 
     def _response(self, response) -> None:
         self.pending = None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -233,6 +234,8 @@ class TunnelServer:
         self.probe_timeout = probe_timeout
         self.max_pending_tunnels = max_pending_tunnels
         self.director = director
+        #: runs request-body uploads on this server's clock (not the global reactor)
+        self.cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
         self.vhosts = VirtualHosts()
         self.addrs = VirtualAddrs()
         self._clients: dict[str, ClientConnection] = {}
