@@ -63,10 +63,12 @@ _SMALL_BODY = 64 * 1024
 
 def error_page(request, code: int, message: str) -> bytes:
     """Answer like Go's ``http.Error``: text/plain, the message and a newline."""
+    body = (message + "\n").encode("utf-8", "replace")
     request.setResponseCode(code)
     request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
     request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
-    return (message + "\n").encode("utf-8", "replace")
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    return body
 
 
 def is_control_path(path: bytes) -> bool:
