@@ -29,26 +29,12 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from ._takeover import CannotTakeOver, take_over
+from .headers import error_page, forwardable, forwarded_headers
 from .proto import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER, TransportProtocol
 from .server import TunnelError, TunnelServer
 from .upgrade import UpgradeForward, is_upgrade
 from .vhost import redact
 from .yamux import YamuxSession
-
-#: headers that describe one connection, never forwarded (RFC 9110 7.6.1)
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 
 _NOT_FORWARDED = frozenset({b"expect", b"content-length"})
 
@@ -61,51 +47,10 @@ MAX_HEADER_LINE = 16 * 1024
 _SMALL_BODY = 64 * 1024
 
 
-def error_page(request, code: int, message: str) -> bytes:
-    """Answer like Go's ``http.Error``: text/plain, the message and a newline."""
-    body = (message + "\n").encode("utf-8", "replace")
-    request.setResponseCode(code)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    return body
-
-
 def is_control_path(path: bytes) -> bool:
     """``path.Clean(p) + "/" == "/_controlPath/"``, as the Go server checks."""
     text = "/" + path.decode("latin-1").lstrip("/")
     return posixpath.normpath(text).rstrip("/") + "/" == CONTROL_PATH
-
-
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
-def forwardable(headers: Headers, drop: frozenset[bytes] = frozenset()):
-    """(name, values) of ``headers`` minus hop-by-hop ones and those named in Connection."""
-    skip = HOP_BY_HOP | _connection_tokens(headers) | drop
-    for name, values in headers.getAllRawHeaders():
-        if name.lower() not in skip:
-            yield name, values
-
-
-def forwarded_headers(request) -> list[tuple[bytes, bytes]]:
-    """X-Forwarded-For (appended to), -Proto and -Host for a public request."""
-    out = []
-    client_ip = getattr(request.getClientAddress(), "host", None)
-    if client_ip:
-        value = client_ip.encode("ascii")
-        prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        if prior:
-            value = b", ".join(prior) + b", " + value
-        out.append((b"X-Forwarded-For", value))
-    out.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
-    if not request.requestHeaders.hasHeader(b"x-forwarded-host"):
-        out.append((b"X-Forwarded-Host", request.getHeader(b"host")))
-    return out
 
 
 @implementer(IBodyProducer)

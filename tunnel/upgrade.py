@@ -22,7 +22,9 @@ from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
 from ._takeover import CannotTakeOver, take_over
+from .headers import HOP_BY_HOP, connection_tokens, error_page
 from .proto import TransportProtocol
+from .server import TunnelError
 from .splice import SpliceProtocol
 from .vhost import redact
 
@@ -134,11 +136,9 @@ class OriginSide(SpliceProtocol):
     def _start_body(self, head: _Head, rest: bytes) -> None:
         request = self.forward.request
         request.setResponseCode(head.code, head.phrase)
-        from .resource import HOP_BY_HOP
-
-        connection = {t.strip().lower() for v in head.get(b"connection") for t in v.split(b",")}
+        skip = HOP_BY_HOP | connection_tokens(head.get(b"connection"))
         for name, value in head.headers:
-            if name.lower() not in HOP_BY_HOP | connection:
+            if name.lower() not in skip:
                 request.responseHeaders.addRawHeader(name, value)
         chunked = any(b"chunked" in v.lower() for v in head.get(b"transfer-encoding"))
         if chunked:
@@ -241,8 +241,6 @@ class UpgradeForward:
     def _open_failed(self, failure: Failure) -> None:
         self._pending = None
         if not self.gone:
-            from .server import TunnelError
-
             if failure.check(TunnelError):
                 self.fail(str(failure.value))
             else:
@@ -285,7 +283,5 @@ class UpgradeForward:
         self.done = True
         if self.gone:
             return
-        from .resource import error_page
-
         self.request.write(error_page(self.request, 502, message))
         self.request.finish()
