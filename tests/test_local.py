@@ -1,0 +1,75 @@
+"""Which local endpoint a control message reaches: the public Host header
+must not pick an arbitrary local port unless that is asked for."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import reactor
+
+from tunnel.local import LocalForwarder, LocalTargets
+from tunnel.proto import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
+from tunnel.yamux.frame import FLAG_FIN, TYPE_DATA, TYPE_WINDOW_UPDATE
+
+from .helpers import Wire
+
+HTTP, TCP, WS = TransportProtocol.HTTP, TransportProtocol.TCP, TransportProtocol.WS
+
+
+def msg(protocol, port):
+    return ControlMessage(1, protocol, port)
+
+
+@pytest.fixture
+def targets():
+    return LocalTargets(
+        reactor,
+        default="tcp:127.0.0.1:8000",
+        ports={8080: "tcp:127.0.0.1:9080"},
+        tcp_ports={2222: "tcp:127.0.0.1:22"},
+    )
+
+
+def test_forged_host_ports_go_to_the_default(targets):
+    # Host: app.example.com:22 must not reach 127.0.0.1:22
+    assert targets.description(msg(HTTP, 22)) == "tcp:127.0.0.1:8000"
+    assert targets.description(msg(WS, 6379)) == "tcp:127.0.0.1:8000"
+
+
+def test_port_zero_means_80_and_mapped_ports_win(targets):
+    assert targets.description(msg(HTTP, 0)) == "tcp:127.0.0.1:8000"
+    targets.ports[80] = "tcp:127.0.0.1:7080"
+    assert targets.description(msg(HTTP, 0)) == "tcp:127.0.0.1:7080"
+    assert targets.description(msg(HTTP, 8080)) == "tcp:127.0.0.1:9080"
+
+
+def test_tcp_tunnels_need_an_explicit_mapping(targets):
+    assert targets.description(msg(TCP, 2222)) == "tcp:127.0.0.1:22"
+    assert targets.description(msg(TCP, 3306)) is None
+    assert targets.endpoint_for(msg(TCP, 3306)) is None
+
+
+def test_any_port_is_an_explicit_opt_in():
+    targets = LocalTargets(reactor, default="tcp:127.0.0.1:8000", allow_any_port=True)
+    assert targets.description(msg(HTTP, 3000)).startswith("tcp:127.0.0.1:3000")
+    assert targets.description(msg(HTTP, 0)).startswith("tcp:127.0.0.1:80")
+    assert targets.description(msg(TCP, 5432)).startswith("tcp:127.0.0.1:5432")
+
+
+def test_endpoints_are_built_once_per_target(targets):
+    first = targets.endpoint_for(msg(HTTP, 8080))
+    assert targets.endpoint_for(msg(HTTP, 8080)) is first
+
+
+@pytest.mark.parametrize("protocol", [HTTP, WS, TCP])
+def test_no_endpoint_answers_like_go(protocol):
+    """HTTP/WS get Go's exact 503 'no local server'; TCP is just closed."""
+    wire = Wire(False)
+    wire.feed(bytes.fromhex("000100010000000100000000"))  # the peer opens stream 1
+    stream = wire.session.streams[1]
+    wire.sent()
+    LocalForwarder(lambda message: None)(stream, msg(protocol, 9))
+    frames = wire.sent()
+    body = b"".join(b for h, b in frames if h.type == TYPE_DATA)
+    assert body == (b"" if protocol == TCP else NO_LOCAL_SERVER)
+    assert (frames[-1][0].type, frames[-1][0].flags) == (TYPE_WINDOW_UPDATE, FLAG_FIN)
+    wire.lose()
