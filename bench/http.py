@@ -181,7 +181,7 @@ class QuietSite(Site):
         pass
 
 
-reactor.listenTCP(int(sys.argv[1]), QuietSite(Origin()), interface="127.0.0.1")
+reactor.listenTCP(int(sys.argv[1]), QuietSite(Origin()), backlog=1024, interface="127.0.0.1")
 reactor.run()
 """
 

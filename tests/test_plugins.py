@@ -70,7 +70,7 @@ def server_options(*argv: str) -> server_tap.Options:
 
 
 def test_server_listen_defaults_to_tcp_80():
-    assert server_options("--vhost", "app.test=id")["listen"] == ["tcp:80"]
+    assert server_options("--vhost", "app.test=id")["listen"] == ["tcp:80:backlog=1024"]
 
 
 def test_server_listen_is_repeatable_and_replaces_the_default():

@@ -175,7 +175,9 @@ class TunnelEnv:
 
     async def listen(self, factory):
         """Listen on 127.0.0.1, a port chosen by the OS; closed by stop()."""
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        port = await TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1").listen(
+            factory
+        )
         self.ports.append(port)
         return port
 

@@ -46,11 +46,12 @@ class DemoSite(Resource):
 
 async def run(port: int, host: str, check: bool) -> int:
     site = DemoSite()
-    origin = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(site))
+    local = TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1")
+    origin = await local.listen(Site(site))
     identifier = secrets.token_urlsafe(24)
     server = TunnelServer()
     server.add_host(host, identifier)
-    public = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
+    public = await TCP4ServerEndpoint(reactor, port, backlog=1024, interface="127.0.0.1").listen(
         TunnelSite(server.resource())
     )
     public_port = public.getHost().port

@@ -18,6 +18,11 @@ def _split_mapping(value: str, what: str) -> tuple[str, str]:
     return key.strip(), target
 
 
+#: accept queue of the --tcp listeners; Twisted's default (50) makes a burst of
+#: connections wait for SYN retransmits (1 s)
+LISTEN_BACKLOG = 1024
+
+
 class Options(usage.Options):
     synopsis = "--listen ENDPOINT --vhost HOST[:PORT]=IDENTIFIER [...]"
     longdesc = (
@@ -47,7 +52,8 @@ class Options(usage.Options):
         self["tcp"] = {}
 
     def opt_listen(self, value: str) -> None:
-        """Listen for public and control connections on ENDPOINT (repeatable; default tcp:80)."""
+        """Listen for public and control connections on ENDPOINT (repeatable; default
+        tcp:80:backlog=1024)."""
         self["listen"].append(value)
 
     def opt_vhost(self, value: str) -> None:
@@ -72,7 +78,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if not self["listen"]:
-            self["listen"] = ["tcp:80"]
+            self["listen"] = [f"tcp:80:backlog={LISTEN_BACKLOG}"]
         if not self["vhosts"] and not self["tcp"]:
             raise usage.UsageError(
                 "at least one --vhost HOST=IDENTIFIER or --tcp PORT=IDENTIFIER is required"
@@ -117,6 +123,8 @@ def makeService(options: Options) -> service.IService:
     tcp_factory = server.tcp_factory()
     for port, identifier in options["tcp"].items():
         server.add_addr(identifier, port=port)
-        endpoint = TCP4ServerEndpoint(reactor, port, interface=options["tcp-interface"])
+        endpoint = TCP4ServerEndpoint(
+            reactor, port, backlog=LISTEN_BACKLOG, interface=options["tcp-interface"]
+        )
         StreamServerEndpointService(endpoint, tcp_factory).setServiceParent(top)
     return top
