@@ -9,14 +9,14 @@ import random
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tunnel.states import ClientState
 
-from .tunnel_env import BLOCK, TunnelEnv, gather, pattern_digest, until
+from .tunnel_env import BLOCK, TunnelEnv, gather, pattern_digest, raw_exchange, until
 
 MiB = 1024 * 1024
 
@@ -176,29 +176,20 @@ async def test_expect_100_continue_body_arrives():
     """Go loses this body (Surprise 1); here one 100 Continue, then the real answer."""
     env = await TunnelEnv().start()
     body = b"x" * 100_000
-    done = defer.Deferred()
+    sent = []
 
-    class Raw(Protocol):
-        buf = b""
-        sent = False
-
-        def dataReceived(self, data):
-            self.buf += data
-            if not self.sent and b"100 Continue\r\n\r\n" in self.buf:
-                self.sent = True
-                self.transport.write(body)
-
-        def connectionLost(self, reason):
-            done.callback(self.buf)
+    def send_body_after_continue(client):
+        if not sent and b"100 Continue\r\n\r\n" in client.buf:
+            sent.append(True)
+            client.transport.write(body)
 
     try:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
-        proto = await connectProtocol(endpoint, Raw())
-        proto.transport.write(
+        _, whole = await raw_exchange(
+            env,
             b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 100000\r\n"
-            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n",
+            on_data=send_body_after_continue,
         )
-        whole = await done
         assert whole.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
         assert whole.count(b"100 Continue") == 1
         assert whole.endswith(f"100000 {hashlib.sha256(body).hexdigest()}".encode())
@@ -210,28 +201,12 @@ async def test_expect_100_continue_body_arrives():
 async def test_keep_alive_public_connection_serves_many_requests():
     """Pipelined requests on one public connection are answered in order."""
     env = await TunnelEnv().start()
-    done = defer.Deferred()
-
-    class Raw(Protocol):
-        buf = b""
-
-        def dataReceived(self, data):
-            self.buf += data
-
-        def connectionLost(self, reason):
-            done.callback(self.buf)
-
     try:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
-        proto = await connectProtocol(endpoint, Raw())
         requests = b"".join(
             b"GET /echo?echo=r%d HTTP/1.1\r\nHost: app.localhost\r\n\r\n" % i for i in range(10)
         )
-        proto.transport.write(
-            requests + b"GET /echo?echo=last HTTP/1.1\r\n"
-            b"Host: app.localhost\r\nConnection: close\r\n\r\n"
-        )
-        whole = await done
+        last = b"GET /echo?echo=last HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n"
+        _, whole = await raw_exchange(env, requests + last)
         bodies = [part.split(b"\r\n\r\n", 1)[1] for part in whole.split(b"HTTP/1.1 200 OK")[1:]]
         assert bodies == [b"r%d" % i for i in range(10)] + [b"last"]
         public = [r for r in env.public_requests if r.method != b"CONNECT"]
@@ -354,22 +329,9 @@ async def test_close_delimited_origin_response_completes(http):
 @pytest_twisted.ensureDeferred
 async def test_truncated_origin_response_is_not_passed_off_as_complete():
     env = await raw_origin_env(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
-    done = defer.Deferred()
-
-    class Raw(Protocol):
-        buf = b""
-
-        def dataReceived(self, data):
-            self.buf += data
-
-        def connectionLost(self, reason):
-            done.callback(self.buf)
-
     try:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
-        proto = await connectProtocol(endpoint, Raw())
-        proto.transport.write(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
-        whole = await done  # the server closes the public connection: no hang
+        # the server closes the public connection: no hang
+        _, whole = await raw_exchange(env, b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         head, _, body = whole.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 100" in head
         assert body == b"only ten b"  # fewer than promised, then the connection ends

@@ -35,7 +35,6 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.exceptions import DNSMismatch
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
@@ -45,7 +44,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -67,7 +65,7 @@ from tunnel.yamux import YamuxConfig
 from .test_plugins import IDENTIFIER, Twistd, free_port, spawn_twistd, stop
 from .test_plugins import Origin as EchoOrigin
 from .test_plugins import until as until_processes
-from .tunnel_env import Origin, until
+from .tunnel_env import Origin, RawClient, until
 
 HOST = "app.localhost"
 IDENT = "tls-test-identifier-0123"
@@ -317,20 +315,6 @@ async def get(client: treq.client.HTTPClient, url: str) -> tuple[int, bytes]:
     return response.code, await treq.content(response)
 
 
-class RawClient(Protocol):
-    """Collects what the server sends until the connection is gone."""
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.lost: Deferred = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.lost.callback(None)
-
-
 # -- 1. end to end -------------------------------------------------------------------
 
 
@@ -378,8 +362,8 @@ async def test_tunnel_over_tls_end_to_end(pki):
             b"CONNECT /_controlPath/ HTTP/1.1\r\nHost: x\r\n"
             b"X-KTunnel-Identifier: someone-else\r\n\r\n"
         )
-        await raw.lost.addTimeout(5, reactor)
-        assert b"HTTP/1.1" not in raw.received
+        received = await raw.done.addTimeout(5, reactor)
+        assert b"HTTP/1.1" not in received
         assert [m for m, _ in env.resource.seen] == [b"CONNECT", b"GET", b"GET"]
         assert [c.current for c in env.server_states] == [ClientState.CONNECTED]
     finally:

@@ -8,15 +8,14 @@ import random
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.websocket import WebSocketClientEndpoint, WebSocketResource
 from zope.interface import implementer
 
-from .tunnel_env import TunnelEnv
+from .tunnel_env import TunnelEnv, raw_exchange
 
 MiB = 1024 * 1024
 
@@ -190,27 +189,16 @@ async def until_streams(connection, n):
 async def test_refused_upgrade_is_an_ordinary_response(origin_with_ws):
     """No 101: the origin's answer comes back as HTTP; nothing is piped raw."""
     env = await TunnelEnv().start()
-    done = defer.Deferred()
-
-    class Raw(Protocol):
-        buf = b""
-
-        def dataReceived(self, data):
-            self.buf += data
-            if self.buf.count(b"HTTP/1.1 200 OK") == 2 and self.buf.endswith(b"}"):
-                done.callback(self.buf)
-
     try:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
-        proto = await connectProtocol(endpoint, Raw())
-        proto.transport.write(
+        proto, whole = await raw_exchange(
+            env,
             b"GET /plain HTTP/1.1\r\nHost: app.localhost\r\nConnection: Upgrade\r\n"
             b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
             # a second request: it must be parsed by the server, not piped raw
-            b"GET /headers HTTP/1.1\r\nHost: app.localhost\r\n\r\n"
+            b"GET /headers HTTP/1.1\r\nHost: app.localhost\r\n\r\n",
+            until=lambda buf: buf.count(b"HTTP/1.1 200 OK") == 2 and buf.endswith(b"}"),
         )
-        whole = await done
         first, second = whole.split(b"HTTP/1.1 200 OK\r\n")[1:]
         assert first.endswith(b"\r\n\r\nplain page")
         assert b"upgrade" not in first.lower()
@@ -224,25 +212,14 @@ async def test_refused_upgrade_is_an_ordinary_response(origin_with_ws):
 @pytest_twisted.ensureDeferred
 async def test_upgrade_without_a_connected_client_gets_502(origin_with_ws):
     env = await TunnelEnv().start(connect=False)
-    done = defer.Deferred()
-
-    class Raw(Protocol):
-        buf = b""
-
-        def dataReceived(self, data):
-            self.buf += data
-            if self.buf.endswith(b"established\n"):
-                done.callback(self.buf)
-
     try:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
-        proto = await connectProtocol(endpoint, Raw())
-        proto.transport.write(
+        proto, whole = await raw_exchange(
+            env,
             b"GET /ws HTTP/1.1\r\nHost: app.localhost\r\nConnection: Upgrade\r\n"
             b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            until=lambda buf: buf.endswith(b"established\n"),
         )
-        whole = await done
         assert whole.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
         assert whole.endswith(b"\r\n\r\nno client session established\n")
         proto.transport.loseConnection()

@@ -6,8 +6,9 @@ import hashlib
 import json
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
@@ -202,3 +203,37 @@ def gather(coroutines):
     """Run coroutines concurrently; fail on the first error."""
     ds = [defer.ensureDeferred(c) for c in coroutines]
     return defer.gatherResults(ds, consumeErrors=True)
+
+
+class RawClient(Protocol):
+    """A public client speaking raw bytes.
+
+    ``done`` fires with everything received, once ``until(received)`` holds
+    or the connection closes; ``on_data`` may react to what arrived.
+    """
+
+    def __init__(self, until=None, on_data=None) -> None:
+        self.buf = b""
+        self.done: defer.Deferred = defer.Deferred()
+        self._until = until
+        self._on_data = on_data
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        if self._on_data is not None:
+            self._on_data(self)
+        if self._until is not None and not self.done.called and self._until(self.buf):
+            self.done.callback(self.buf)
+
+    def connectionLost(self, reason) -> None:
+        if not self.done.called:
+            self.done.callback(self.buf)
+
+
+async def raw_exchange(env: TunnelEnv, data: bytes, until=None, on_data=None):
+    """Send ``data`` on a new public connection; return (client, bytes received)."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
+    client = await connectProtocol(endpoint, RawClient(until, on_data))
+    client.transport.write(data)
+    received = await client.done
+    return client, received
