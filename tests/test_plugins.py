@@ -11,7 +11,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +19,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.application.service import IService, IServiceMaker
-from twisted.internet import error, reactor, task
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
@@ -35,9 +32,7 @@ from tunnel.client import TunnelClientService
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TWISTD = "from twisted.scripts.twistd import run; run()"
-
+from .processes import REPO_ROOT, TIMEOUT, TWISTD, Twistd, free_port, spawn_twistd
 
 # -- 1. discovery ------------------------------------------------------------------
 
@@ -460,74 +455,7 @@ def test_twistd_help_lists_both_plugins_after_a_real_install(tmp_path):
 
 # -- 4. end to end: twistd tunnel-server + twistd tunnel-client ------------------
 
-TIMEOUT = 15.0  # for each wait below
 IDENTIFIER = "e2e-sekrit-identifier-0123456789"
-
-
-class Twistd(ProcessProtocol):
-    """A twistd child: collects its log (stdout and stderr) and its end."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.output = bytearray()
-        self.reason = None
-        self._waiters: list[Deferred] = []
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        # called once the child has exited and all its pipes are closed
-        self.reason = reason.value  # ProcessDone or ProcessTerminated
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if not d.called:
-                d.callback(None)
-
-    @property
-    def log(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    @property
-    def running(self) -> bool:
-        return self.reason is None
-
-    def ended(self, timeout: float = TIMEOUT) -> Deferred:
-        """Fires (with None) once the child has ended; see ``reason``."""
-        d: Deferred = Deferred()
-        if self.reason is not None:
-            d.callback(None)
-        else:
-            self._waiters.append(d)
-            d.addTimeout(timeout, reactor)
-        return d
-
-    def signal(self, name: str) -> None:
-        try:
-            self.transport.signalProcess(name)
-        except error.ProcessExitedAlready:
-            pass
-
-
-def spawn_twistd(name: str, *argv: str) -> Twistd:
-    env = {k: v for k, v in os.environ.items() if k != client_tap.IDENTIFIER_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    process = Twistd(name)
-    args = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", name, *argv]
-    reactor.spawnProcess(process, sys.executable, args, env=env, path=str(REPO_ROOT))
-    return process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Origin(Resource):

@@ -13,16 +13,14 @@ import gc
 import hashlib
 import os
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import error, reactor, task
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, globalLogBeginner
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel, Request
@@ -36,11 +34,10 @@ from tunnel.server import ClientConnection, TunnelServer
 from tunnel.states import ClientState
 from tunnel.yamux import YamuxConfig, YamuxSession, YamuxStream
 
+from .processes import Twistd, spawn_twistd
 from .tunnel_env import TunnelEnv, pattern_digest, until
 
 MiB = 1024 * 1024
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TWISTD = "from twisted.scripts.twistd import run; run()"
 
 #: short keepalives so dead links are found in about a second
 SERVER_KEEPALIVE = YamuxConfig(keepalive_interval=0.5, keepalive_timeout=0.5)
@@ -105,69 +102,12 @@ class StateLog:
 # -- a twistd child process ----------------------------------------------------------
 
 
-class Twistd(ProcessProtocol):
-    """A ``twistd`` child: collects its output and notices its end."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.output = bytearray()
-        self.reason = None
-        self._waiters: list[Deferred] = []
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.reason = reason.value
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if not d.called:
-                d.callback(None)
-
-    @property
-    def running(self) -> bool:
-        return self.reason is None
-
-    @property
-    def log(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    def ended(self, timeout: float = 10.0) -> Deferred:
-        d: Deferred = Deferred()
-        if self.reason is not None:
-            d.callback(None)
-        else:
-            self._waiters.append(d)
-            bounded(d, timeout)
-        return d
-
-    def signal(self, name: str) -> None:
-        try:
-            self.transport.signalProcess(name)
-        except error.ProcessExitedAlready:
-            pass
-
-    async def reap(self) -> None:
-        if self.running:
-            self.signal("KILL")
-        await self.ended()
-
-
 def spawn_client(server_port: int, identifier: str, local: str) -> Twistd:
-    env = {k: v for k, v in os.environ.items() if k != "TUNNEL_IDENTIFIER"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    process = Twistd("tunnel-client")
-    args = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "tunnel-client"]
-    args += ["--server", f"tcp:127.0.0.1:{server_port}", "--identifier", identifier]
-    args += ["--local", local]
-    reactor.spawnProcess(process, sys.executable, args, env=env, path=str(REPO_ROOT))
-    return process
+    return spawn_twistd(
+        "tunnel-client",
+        *("--server", f"tcp:127.0.0.1:{server_port}", "--identifier", identifier),
+        *("--local", local),
+    )
 
 
 # -- a raw public download ---------------------------------------------------------------

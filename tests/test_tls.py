@@ -62,7 +62,8 @@ from tunnel.server import TunnelServer
 from tunnel.states import ClientState, StateChange
 from tunnel.yamux import YamuxConfig
 
-from .test_plugins import IDENTIFIER, Twistd, free_port, spawn_twistd, stop
+from .processes import Twistd, free_port, spawn_twistd
+from .test_plugins import IDENTIFIER, stop
 from .test_plugins import Origin as EchoOrigin
 from .test_plugins import until as until_processes
 from .tunnel_env import Origin, RawClient, until
