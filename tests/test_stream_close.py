@@ -40,3 +40,24 @@ def test_full_close_discards_and_credits_late_data_until_fin():
     w.feed(frame(TYPE_WINDOW_UPDATE, FLAG_FIN, 1, 0))
     assert w.session.streams == {}
     w.lose()
+
+
+def test_a_failing_stream_handler_costs_only_that_stream():
+    from twisted.logger import capturedLogs
+
+    w = Wire(False)
+
+    def broken(stream):
+        raise RuntimeError("application bug")
+
+    w.session.set_stream_handler(broken)
+    with capturedLogs() as events:
+        w.feed(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0))
+    assert any(e.get("log_failure") is not None for e in events)
+    flags = [h.flags for h, _ in w.sent()]
+    assert flags[-1] & 0x8  # RST for that stream
+    assert not w.transport.disconnecting  # the session goes on
+    w.session.set_stream_handler(lambda s: None)
+    w.feed(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 3, 0))
+    assert 3 in w.session.streams
+    w.lose()

@@ -219,7 +219,7 @@ class YamuxSession(Protocol):
         while handler is not None and self._backlog and self._handler is handler:
             stream = self._backlog.pop(0)
             if stream._ended is None:
-                handler(stream)
+                self._hand_over(handler, stream)
 
     def go_away(self, code: int = GOAWAY_NORMAL) -> None:
         """Tell the peer we accept no new streams; existing ones carry on."""
@@ -484,10 +484,18 @@ class YamuxSession(Protocol):
         self._streams[sid] = stream
         self._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, self._window_delta))
         if self._handler is not None:
-            self._handler(stream)
+            self._hand_over(self._handler, stream)
         else:
             self._backlog.append(stream)
         return stream if stream._ended is None else None
+
+    def _hand_over(self, handler: StreamHandler, stream: YamuxStream) -> None:
+        """Give a new stream to the application; its failure costs that stream only."""
+        try:
+            handler(stream)
+        except Exception:
+            self.log.failure("stream handler failed for stream {sid}", sid=stream.id)
+            stream.abortConnection()
 
     def _acked(self, stream: YamuxStream) -> None:
         if stream.outbound and not stream._acked:
