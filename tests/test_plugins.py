@@ -153,6 +153,32 @@ def test_server_make_service_with_a_bad_endpoint_is_a_usage_error(listen):
         server_tap.makeService(options)
 
 
+def test_server_tcp_tunnels_and_site_options():
+    options = server_options(
+        *("--listen", "tcp:0:interface=127.0.0.1", "--tcp", "2223=a=b", "--tcp", "2222=ops"),
+        *("--tcp-interface", "127.0.0.1", "--head-timeout", "5", "--idle-timeout", "20"),
+        *("--access-log", "-"),
+    )
+    assert options["tcp"] == {2222: "ops", 2223: "a=b"}  # split on the first '='
+    service = server_tap.makeService(options)
+    listeners = list(service)
+    assert len(listeners) == 3  # one --listen, two --tcp
+    site = listeners[0].factory
+    assert (site.head_timeout, site.timeOut, site.access_log) == (5.0, 20.0, "-")
+    tcp_endpoints = [svc.endpoint for svc in listeners[1:]]
+    assert {e._port for e in tcp_endpoints} == {2222, 2223}
+    assert {e._interface for e in tcp_endpoints} == {"127.0.0.1"}
+    assert service.server.addrs.lookup("127.0.0.1", 2222) == "ops"
+    assert service.server.addrs.lookup("127.0.0.1", 2223) == "a=b"
+
+
+def test_server_tcp_alone_is_enough_and_bad_ports_are_usage_errors():
+    assert server_options("--tcp", "2222=ops")["vhosts"] == {}
+    for bad in ("x=ops", "0=ops", "70000=ops", "2222", "=ops"):
+        with pytest.raises(usage.UsageError, match="--tcp"):
+            server_options("--tcp", bad)
+
+
 # -- 2b. tunnel-client options ----------------------------------------------------
 
 
