@@ -31,6 +31,7 @@ from .proto import CONNECTED_STATUS, CONTROL_PATH, IDENTIFIER_HEADER, ControlMes
 from .states import ClientState, Observers, StateChange
 from .vhost import redact
 from .yamux import YamuxConfig, YamuxSession, YamuxStream
+from .yamux.timers import cancel
 
 #: the longest reply head (or error body) we read from the server
 MAX_REPLY = 16 * 1024
@@ -211,8 +212,7 @@ class TunnelClientProtocol(Protocol):
             self.transport.abortConnection()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None
 
 
@@ -305,8 +305,7 @@ class TunnelClientService(Service):
         """GoAway, let open tunnels finish (up to ``stop_timeout``), then close."""
         super().stopService()
         self._stopping = True
-        if self._retry_timer is not None and self._retry_timer.active():
-            self._retry_timer.cancel()
+        cancel(self._retry_timer)
         self._retry_timer = None
         if self._pending is not None:
             self._pending.cancel()
@@ -319,7 +318,7 @@ class TunnelClientService(Service):
             closed = session.when_closed()
             timer = self.clock.callLater(self.stop_timeout, session.close)
             session.when_idle(1).addCallback(lambda _: session.close())
-            closed.addCallback(lambda _: timer.cancel() if timer.active() else None)
+            closed.addCallback(lambda _: cancel(timer))
             done = closed
         elif (
             protocol is not None

@@ -24,6 +24,7 @@ from .proto import (
     ControlMessageError,
     MessageDecoder,
 )
+from .yamux.timers import cancel
 
 
 class HandshakeError(Exception):
@@ -162,6 +163,5 @@ class ControlProtocol(Protocol):
             self.transport.abortConnection()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None

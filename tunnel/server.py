@@ -28,6 +28,7 @@ from .states import ClientState, Observers, StateChange
 from .tcp import TCPTunnelFactory, VirtualAddrs
 from .vhost import VirtualHosts, redact
 from .yamux import YamuxConfig, YamuxSession, YamuxStream
+from .yamux.timers import cancel
 
 if TYPE_CHECKING:
     from .resource import TunnelResource
@@ -99,12 +100,11 @@ class ClientConnection:
             return fail(TooManyPendingTunnels())
         waiter = _Waiter()
 
-        def cancel(d: Deferred) -> None:
+        def withdraw(d: Deferred) -> None:
             waiter.cancelled = True
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
+            cancel(waiter.timer)
 
-        waiter.deferred = Deferred(cancel)
+        waiter.deferred = Deferred(withdraw)
         waiter.timer = self.server.clock.callLater(timeout, self._waiter_timed_out, waiter)
         self._waiters.append(waiter)
         try:
@@ -137,8 +137,7 @@ class ClientConnection:
             if waiter.cancelled:
                 stream.abortConnection()
                 return
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
+            cancel(waiter.timer)
             d, waiter.deferred = waiter.deferred, None
             d.callback(stream)
             return
@@ -180,8 +179,7 @@ class ClientConnection:
         self.close()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None
 
     def _session_closed(self, reason: BaseException) -> None:
@@ -190,8 +188,7 @@ class ClientConnection:
         self._cancel_timer()
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
+            cancel(waiter.timer)
             d, waiter.deferred = waiter.deferred, None
             if d is not None and not waiter.cancelled:
                 d.errback(NoClientSession())
@@ -406,7 +403,6 @@ class TunnelServer:
             )
 
         def finished(_: object) -> None:
-            if timer.active():
-                timer.cancel()
+            cancel(timer)
 
         return gatherResults(closed).addCallback(finished)

@@ -15,6 +15,8 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from .yamux.timers import cancel
+
 
 class HeadDeadlineChannel(HTTPChannel):
     """An HTTPChannel that drops clients too slow to send a request head."""
@@ -33,8 +35,7 @@ class HeadDeadlineChannel(HTTPChannel):
             self._head_timer = self.callLater(self.head_timeout, self._too_slow)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
+        cancel(self._head_timer)
         self._head_timer = None
 
     def allHeadersReceived(self) -> None:

@@ -37,6 +37,7 @@ from .errors import (
     SessionLost,
     TooManyStreams,
     WindowExceeded,
+    YamuxError,
 )
 from .frame import (
     FLAG_ACK,
@@ -56,6 +57,7 @@ from .frame import (
     encode,
 )
 from .stream import YamuxStream
+from .timers import cancel
 
 StreamHandler = Callable[[YamuxStream], None]
 
@@ -149,10 +151,9 @@ class YamuxSession(Protocol):
 
         Raises SessionClosed, RemoteGoAway or TooManyStreams.
         """
-        if self._closing or self._closed is not None or self.transport is None:
-            raise SessionClosed("the session is closed")
-        if self.remote_go_away is not None:
-            raise RemoteGoAway(self.remote_go_away)
+        refusal = self._cannot_open()
+        if refusal is not None:
+            raise refusal
         if self._pending_opens >= self.config.max_pending_opens:
             raise TooManyStreams(f"{self._pending_opens} opens already await an ACK")
         if len(self._streams) >= self.config.max_streams:
@@ -181,13 +182,20 @@ class YamuxSession(Protocol):
                 return succeed(self.open_stream())
             except Exception as e:
                 return fail(e)
-        if self._closing or self._closed is not None or self.transport is None:
-            return fail(SessionClosed("the session is closed"))
-        if self.remote_go_away is not None:
-            return fail(RemoteGoAway(self.remote_go_away))
+        refusal = self._cannot_open()
+        if refusal is not None:
+            return fail(refusal)
         d: Deferred = Deferred(self._open_waiters.remove)
         self._open_waiters.append(d)
         return d
+
+    def _cannot_open(self) -> YamuxError | None:
+        """Why no stream can be opened now at all (limits aside), if so."""
+        if self._closing or self._closed is not None or self.transport is None:
+            return SessionClosed("the session is closed")
+        if self.remote_go_away is not None:
+            return RemoteGoAway(self.remote_go_away)
+        return None
 
     def _release_open_waiters(self) -> None:
         waiters = self._open_waiters
@@ -306,12 +314,12 @@ class YamuxSession(Protocol):
         if timeout is None:
             timeout = self.config.keepalive_timeout
 
-        def cancel(d: Deferred) -> None:
+        def withdraw(d: Deferred) -> None:
             entry = self._pings.pop(opaque, None)
-            if entry is not None and entry[2].active():
-                entry[2].cancel()
+            if entry is not None:
+                cancel(entry[2])
 
-        d: Deferred = Deferred(cancel)
+        d: Deferred = Deferred(withdraw)
         timer = self.clock.callLater(timeout, self._ping_timed_out, opaque)
         self._pings[opaque] = (d, self.clock.seconds(), timer)
         self._send_control(encode(TYPE_PING, FLAG_SYN, 0, opaque))
@@ -348,16 +356,13 @@ class YamuxSession(Protocol):
         self._closing = True
         self._parser.stop()
         self._stop_keepalive()
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
+        cancel(self._close_timer)
         self._close_timer = None
         pings, self._pings = self._pings, {}
         for d, _, timer in pings.values():
-            if timer.active():
-                timer.cancel()
+            cancel(timer)
             d.errback(Failure(SessionClosed("the session ended before the ping reply")))
-        if self._release_call is not None and self._release_call.active():
-            self._release_call.cancel()
+        cancel(self._release_call)
         self._release_call = None
         self._fail_open_waiters(SessionClosed("the session ended"))
         lost = Failure(SessionLost(f"the session ended: {reason.getErrorMessage()}"))
@@ -514,8 +519,7 @@ class YamuxSession(Protocol):
         if entry is None:
             return
         d, sent, timer = entry
-        if timer.active():
-            timer.cancel()
+        cancel(timer)
         d.callback(self.clock.seconds() - sent)
 
     def _go_away_received(self, code: int) -> None:
@@ -553,8 +557,7 @@ class YamuxSession(Protocol):
             )
 
     def _stop_keepalive(self) -> None:
-        if self._keepalive_timer is not None and self._keepalive_timer.active():
-            self._keepalive_timer.cancel()
+        cancel(self._keepalive_timer)
         self._keepalive_timer = None
 
     def _keepalive(self) -> None:
@@ -657,8 +660,7 @@ class YamuxSession(Protocol):
             self._backlog.remove(stream)
 
     def _abort(self) -> None:
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
+        cancel(self._close_timer)
         self._close_timer = None
         transport = self.transport
         if transport is not None and self._closed is None:

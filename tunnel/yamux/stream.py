@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from .errors import StreamCloseTimeout, StreamOpenTimeout, StreamReset, UnexpectedFin
 from .frame import FLAG_FIN, INITIAL_WINDOW, TYPE_WINDOW_UPDATE, encode
+from .timers import cancel
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IProtocol
@@ -479,10 +480,8 @@ class YamuxStream:
         self._end(Failure(StreamOpenTimeout(f"stream {self.id} was not acknowledged")))
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        cancel(self._timer)
+        self._timer = None
 
     def _end(self, reason: Failure | None) -> None:
         """The stream is over (both FINs, RST, abort or session loss)."""
