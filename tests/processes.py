@@ -72,6 +72,19 @@ class Twistd(ProcessProtocol):
         await self.ended()
 
 
+async def reap_all(processes: list[Twistd], timeout: float = 10.0) -> None:
+    """SIGKILL every child still running, then wait for each (best effort)."""
+    for process in processes:
+        if process.running:
+            process.signal("KILL")
+    for process in processes:
+        if process.running:
+            try:
+                await process.ended(timeout)
+            except Exception:
+                pass
+
+
 def spawn_twistd(name: str, *argv: str) -> Twistd:
     """Start ``twistd -n NAME ARGV...`` from the checkout (its plugins, its code)."""
     env = {k: v for k, v in os.environ.items() if k != "TUNNEL_IDENTIFIER"}

@@ -32,7 +32,7 @@ from tunnel.client import TunnelClientService
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
-from .processes import REPO_ROOT, TIMEOUT, TWISTD, Twistd, free_port, spawn_twistd
+from .processes import REPO_ROOT, TIMEOUT, TWISTD, Twistd, free_port, reap_all, spawn_twistd
 
 # -- 1. discovery ------------------------------------------------------------------
 
@@ -653,15 +653,7 @@ async def test_twistd_server_and_client_end_to_end(tmp_path):
         for p in processes:
             assert IDENTIFIER not in p.log, p.log
     finally:
-        for p in processes:
-            if p.running:
-                p.signal("KILL")
-        for p in processes:
-            if p.running:
-                try:
-                    await p.ended(10)
-                except Exception:
-                    pass
+        await reap_all(processes)
         await origin_port.stopListening()
         for conn in list(connections.protocols):
             conn.transport.abortConnection()

@@ -21,14 +21,20 @@ async def fetch(http, env, path):
     return response.code, await response.content()
 
 
+async def start_in_flight(http, env, path):
+    """Start a slow request; return it once its tunnel stream is open."""
+    in_flight = defer.ensureDeferred(fetch(http, env, path))
+    connection = env.server.connection(env.IDENT)
+    await until(lambda: len(connection.session.streams) == 2)  # control + this one
+    return in_flight, connection
+
+
 @pytest_twisted.ensureDeferred
 async def test_server_stop_lets_in_flight_requests_finish():
     env = await TunnelEnv().start()
     http = client()
     try:
-        in_flight = defer.ensureDeferred(fetch(http, env, "/delay?n=0.4"))
-        connection = env.server.connection(env.IDENT)
-        await until(lambda: len(connection.session.streams) == 2)
+        in_flight, connection = await start_in_flight(http, env, "/delay?n=0.4")
         started = reactor.seconds()
         stopped = env.server.stop(grace=5.0)
         assert connection.session.local_go_away
@@ -48,9 +54,7 @@ async def test_server_stop_gives_up_waiting_after_the_grace_period():
     env = await TunnelEnv().start()
     http = client()
     try:
-        in_flight = defer.ensureDeferred(fetch(http, env, "/delay?n=30"))
-        connection = env.server.connection(env.IDENT)
-        await until(lambda: len(connection.session.streams) == 2)
+        in_flight, connection = await start_in_flight(http, env, "/delay?n=30")
         started = reactor.seconds()
         await env.server.stop(grace=0.3)
         assert 0.25 <= reactor.seconds() - started < 5
@@ -65,9 +69,7 @@ async def test_client_stop_finishes_in_flight_and_refuses_new_tunnels():
     env = await TunnelEnv().start()
     http = client()
     try:
-        in_flight = defer.ensureDeferred(fetch(http, env, "/delay?n=0.4"))
-        connection = env.server.connection(env.IDENT)
-        await until(lambda: len(connection.session.streams) == 2)
+        in_flight, connection = await start_in_flight(http, env, "/delay?n=0.4")
         stopping = env.client.stopService()
         await until(lambda: connection.session.remote_go_away == 0)
         # a new request while the client drains is refused at once

@@ -62,7 +62,7 @@ from tunnel.server import TunnelServer
 from tunnel.states import ClientState, StateChange
 from tunnel.yamux import YamuxConfig
 
-from .processes import Twistd, free_port, spawn_twistd
+from .processes import Twistd, free_port, reap_all, spawn_twistd
 from .test_plugins import IDENTIFIER, stop
 from .test_plugins import Origin as EchoOrigin
 from .test_plugins import until as until_processes
@@ -576,15 +576,7 @@ async def test_twistd_plugins_over_tls(pki, tmp_path):
         for p in processes:  # identifiers are secrets: the logs show a redacted form only
             assert IDENTIFIER not in p.log, p.log
     finally:
-        for p in processes:
-            if p.running:
-                p.signal("KILL")
-        for p in processes:
-            if p.running:
-                try:
-                    await p.ended(10)
-                except Exception:
-                    pass
+        await reap_all(processes)
         await origin_port.stopListening()
         for conn in list(connections.protocols):
             conn.transport.abortConnection()
