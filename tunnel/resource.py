@@ -17,6 +17,7 @@ import posixpath
 
 from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -75,20 +76,18 @@ class _BytesProducer:
         pass
 
 
-@implementer(IAgentEndpointFactory)
-class _OneEndpoint:
-    def __init__(self, endpoint) -> None:
-        self._endpoint = endpoint
-
-    def endpointForURI(self, uri):
-        return self._endpoint
-
-
+@implementer(IAgentEndpointFactory, IStreamClientEndpoint)
 class _ForwardEndpoint:
-    """Opens the request's tunnel stream for the HTTP client, behind a _HeadGuard."""
+    """Opens the request's tunnel stream for the HTTP client, behind a _HeadGuard.
+
+    It is also the Agent's endpoint factory: every URI maps to this one stream.
+    """
 
     def __init__(self, forward: _Forward) -> None:
         self._forward = forward
+
+    def endpointForURI(self, uri):
+        return self
 
     def connect(self, factory):
         forward = self._forward
@@ -197,7 +196,7 @@ class _Forward:
         for name, value in forwarded_headers(request):
             headers.setRawHeaders(name, [value])
         body = self._body_producer()
-        agent = Agent.usingEndpointFactory(self.server.clock, _OneEndpoint(_ForwardEndpoint(self)))
+        agent = Agent.usingEndpointFactory(self.server.clock, _ForwardEndpoint(self))
         self.pending = agent.request(request.method, b"http://" + host + request.uri, headers, body)
         self.pending.addCallbacks(self._response, self._failed)
         request.notifyFinish().addErrback(self._public_gone)
