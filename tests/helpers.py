@@ -11,10 +11,9 @@ from twisted.internet.testing import StringTransport
 from tunnel.yamux import YamuxConfig, YamuxSession
 from tunnel.yamux.frame import HEADER_SIZE, TYPE_DATA, Header, decode, encode
 
-#: Go recordings (read-only, beside the checkout; TUNNEL_VECTORS overrides).
-VECTORS = Path(
-    os.environ.get("TUNNEL_VECTORS", Path(__file__).resolve().parents[2] / "shared" / "vectors")
-)
+#: Go recordings, made with the Go pair through a recording relay (see
+#: tests/vectors/README.md); TUNNEL_VECTORS points elsewhere.
+VECTORS = Path(os.environ.get("TUNNEL_VECTORS", Path(__file__).resolve().parent / "vectors"))
 
 
 def split_frames(data: bytes) -> list[tuple[Header, bytes]]:

@@ -49,7 +49,7 @@ class Receiver:
 
 
 def test_golden_headers():
-    # protocol.md 1.1, from a Go client session
+    # spec.md 1.1, from a Go client session
     assert encode(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0).hex() == "000100010000000100000000"
     assert encode(TYPE_DATA, 0, 1, 16).hex() == "000000000000000100000010"
     assert encode(TYPE_PING, FLAG_SYN, 0, 0).hex() == "000200010000000000000000"

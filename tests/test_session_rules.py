@@ -1,4 +1,4 @@
-"""The rules of protocol.md section 1, checked frame by frame on one session.
+"""The rules of spec.md section 1, checked frame by frame on one session.
 
 Every test drives a YamuxSession over a StringTransport and a Clock (see
 ``helpers.Wire``), feeds it the peer's frames and asserts exactly what goes
@@ -176,7 +176,7 @@ def assert_protocol_error(w: Wire, error_type) -> None:
     assert len(results) == 1 and isinstance(results[0], error_type)
 
 
-# -- 1.8: what we do with bad input --------------------------------------------
+# -- spec.md 1.9: what we do with bad input --------------------------------------------
 
 
 @pytest.mark.parametrize("version", [1, 2, 255])
@@ -457,13 +457,13 @@ def test_data_frame_on_stream_0_is_a_protocol_error():
 
 
 def test_syn_on_stream_0_closes_and_never_puts_a_window_update_on_stream_0():
-    # checklist 1.10 #5: no Data/WindowUpdate on stream 0, so no RST there either
+    # spec.md 1.9: no Data/WindowUpdate on stream 0, so no RST there either
     w = make()
     w.feed(wu(FLAG_SYN, 0))
     assert_protocol_error(w, InvalidStreamId)
 
 
-# -- 1.2 / 1.3: opening and accepting -------------------------------------------
+# -- spec.md 1.2 / 1.3: opening and accepting -------------------------------------------
 
 
 @pytest.mark.parametrize("is_client, ids", [(True, [1, 3, 5]), (False, [2, 4, 6])])
@@ -655,7 +655,7 @@ def test_we_never_ack_a_stream_we_opened():
     finish(w)
 
 
-# -- 1.5: windows -----------------------------------------------------------------
+# -- spec.md 1.4: windows -----------------------------------------------------------------
 
 
 def test_never_send_beyond_the_send_window():
@@ -755,7 +755,7 @@ def test_syn_and_ack_deltas_grow_the_send_window():
     finish(w)
 
 
-# -- 1.4: FIN and RST ---------------------------------------------------------------
+# -- spec.md 1.5: FIN and RST ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -966,7 +966,7 @@ def test_stream_state_after_local_abort_and_session_loss():
     assert b.state is StreamState.CLOSED
 
 
-# -- 1.6: ping and keepalive ------------------------------------------------------
+# -- spec.md 1.6: ping and keepalive ------------------------------------------------------
 
 
 def test_keepalive_pings_count_up_from_zero():

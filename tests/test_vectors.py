@@ -1,4 +1,4 @@
-"""Replay the Go recordings in ../shared/vectors against our yamux session.
+"""Replay the Go recordings in tests/vectors against our yamux session.
 
 For each recording and each role, our session stands in for one Go peer:
 the other peer's frames are fed to it at their recorded times (on a Clock),
@@ -205,7 +205,7 @@ def test_replay_matches_go(name: str, we_are_client: bool) -> None:
 
 
 def test_first_frames_are_golden() -> None:
-    """protocol.md 1.1: a client's first stream and keepalive, byte for byte."""
+    """spec.md 1.3 and 1.6: a client's first stream and keepalive, byte for byte."""
     wire = Wire(True)
     stream = wire.session.open_stream()
     stream.write(b"controlHandshake")

@@ -785,7 +785,11 @@ def public_get(harness: ServerHarness) -> Conn:
     return public
 
 
-ORIGIN_HELLO = Recording("b_get_echo").payloads("c2s")[3]
+def origin_hello() -> bytes:
+    """The origin's recorded answer to GET /hello (read when a test needs it)."""
+    return Recording("b_get_echo").payloads("c2s")[3]
+
+
 MESSAGE_PORT_0 = b'{"action":1,"transportProtocol":1,"localPort":0}\n'
 
 
@@ -814,7 +818,7 @@ def test_tunnel_timeout_then_late_stream_is_reset() -> None:
     frames = split_frames(ctl.take())
     assert frames[0] == (Header(0, TYPE_WINDOW_UPDATE, FLAG_ACK, 5, 0), b"")
     assert frames[1][1].startswith(b"GET /echo?echo=hello HTTP/1.1\r\n")
-    ctl.feed(data_frame(5, ORIGIN_HELLO))
+    ctl.feed(data_frame(5, origin_hello()))
     (response,) = parse_responses(second.take())
     assert status_of(response) == 200 and response.body == b"hello"
     harness.finish()
@@ -842,7 +846,7 @@ def test_public_client_gone_resets_the_stream(when) -> None:
         assert split_frames(ctl.take()) == [(Header(0, TYPE_WINDOW_UPDATE, FLAG_RST, 3, 0), b"")]
     assert session.streams.keys() == {1}
     # the origin's answer arriving late is dropped; the session lives on
-    ctl.feed(data_frame(3, ORIGIN_HELLO) + frame(TYPE_WINDOW_UPDATE, FLAG_FIN, 3, 0))
+    ctl.feed(data_frame(3, origin_hello()) + frame(TYPE_WINDOW_UPDATE, FLAG_FIN, 3, 0))
     assert ctl.take() == b"" and not ctl.closing
     harness.finish()
 
