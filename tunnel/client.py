@@ -27,11 +27,12 @@ from twisted.python.failure import Failure
 from . import __version__
 from .backoff import RetryPolicy, exponential_backoff
 from .control import ControlProtocol
+from .observe import Observers
 from .proto import CONNECTED_STATUS, CONTROL_PATH, IDENTIFIER_HEADER, ControlMessage
-from .states import ClientState, Observers, StateChange
+from .states import ClientState, StateChange
+from .timers import cancel
 from .vhost import redact
 from .yamux import YamuxConfig, YamuxSession, YamuxStream
-from .yamux.timers import cancel
 
 #: the longest reply head (or error body) we read from the server
 MAX_REPLY = 16 * 1024

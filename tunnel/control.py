@@ -24,7 +24,7 @@ from .proto import (
     ControlMessageError,
     MessageDecoder,
 )
-from .yamux.timers import cancel
+from .timers import cancel
 
 
 class HandshakeError(Exception):

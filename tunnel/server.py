@@ -23,12 +23,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .control import ControlProtocol
+from .observe import Observers
 from .proto import ControlMessage, TransportProtocol
-from .states import ClientState, Observers, StateChange
+from .states import ClientState, StateChange
 from .tcp import TCPTunnelFactory, VirtualAddrs
+from .timers import cancel
 from .vhost import VirtualHosts, redact
 from .yamux import YamuxConfig, YamuxSession, YamuxStream
-from .yamux.timers import cancel
 
 if TYPE_CHECKING:
     from .resource import TunnelResource

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..timers import cancel
 from .config import YamuxConfig
 from .errors import (
     DuplicateStream,
@@ -57,7 +58,6 @@ from .frame import (
     encode,
 )
 from .stream import YamuxStream
-from .timers import cancel
 
 StreamHandler = Callable[[YamuxStream], None]
 

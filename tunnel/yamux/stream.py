@@ -35,9 +35,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..timers import cancel
 from .errors import StreamCloseTimeout, StreamOpenTimeout, StreamReset, UnexpectedFin
 from .frame import FLAG_FIN, INITIAL_WINDOW, TYPE_WINDOW_UPDATE, encode
-from .timers import cancel
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IProtocol
