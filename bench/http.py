@@ -191,9 +191,9 @@ import sys
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
-from tunnel.backoff import exponential_backoff
+from tunnel.client.backoff import exponential_backoff
 from tunnel.client import TunnelClientService
-from tunnel.local import LocalForwarder, LocalTargets
+from tunnel.client.local import LocalForwarder, LocalTargets
 
 server_port, origin_port, count, batch = (int(a) for a in sys.argv[1:5])
 

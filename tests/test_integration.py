@@ -14,7 +14,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tunnel.states import ClientState
+from tunnel.koding.states import ClientState
 
 from .tunnel_env import BLOCK, TunnelEnv, gather, pattern_digest, raw_exchange, until
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet import reactor
 
-from tunnel.local import LocalForwarder, LocalTargets
-from tunnel.proto import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
+from tunnel.client.local import LocalForwarder, LocalTargets
+from tunnel.koding.wire import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
 from tunnel.yamux.frame import FLAG_FIN, TYPE_DATA, TYPE_WINDOW_UPDATE
 
 from .helpers import Wire

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel.client import _content_length, _head_end
-from tunnel.proto import ControlMessage, ControlMessageError, MessageDecoder
-from tunnel.resource import is_control_path
-from tunnel.upgrade import _Head
-from tunnel.vhost import normalize_host, split_host
+from tunnel.client.protocol import _content_length, _head_end
+from tunnel.koding.wire import ControlMessage, ControlMessageError, MessageDecoder
+from tunnel.server.forward_ws import _Head
+from tunnel.server.vhosts import normalize_host, split_host
+from tunnel.server.web import is_control_path
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

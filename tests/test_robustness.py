@@ -26,12 +26,12 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.server import Site
 
-from tunnel.backoff import exponential_backoff
 from tunnel.client import TunnelClientProtocol, TunnelClientService
-from tunnel.control import ControlProtocol
-from tunnel.local import LocalForwarder, LocalTargets
-from tunnel.server import ClientConnection, TunnelServer
-from tunnel.states import ClientState
+from tunnel.client.backoff import exponential_backoff
+from tunnel.client.local import LocalForwarder, LocalTargets
+from tunnel.koding.control import ControlProtocol
+from tunnel.koding.states import ClientState
+from tunnel.server import ClientConnection, TunnelResource, TunnelServer
 from tunnel.yamux import YamuxConfig, YamuxSession, YamuxStream
 
 from .processes import Twistd, spawn_twistd
@@ -646,7 +646,7 @@ async def test_thousand_connect_disconnect_cycles_leak_nothing():
     server = TunnelServer()
     server.add_host("cycle.localhost", ident)
     # a plain Site: TunnelEnv's recording resource would keep every request alive
-    site = Site(server.resource())
+    site = Site(TunnelResource(server))
     site.noisy = False
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)

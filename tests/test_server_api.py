@@ -12,8 +12,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from tunnel.koding.states import ClientState
 from tunnel.server import NoClientSession, TooManyPendingTunnels, TunnelServer, TunnelTimeout
-from tunnel.states import ClientState
 from tunnel.yamux import YamuxSession
 from tunnel.yamux.frame import FLAG_RST, FLAG_SYN, TYPE_DATA, TYPE_WINDOW_UPDATE
 
@@ -37,7 +37,7 @@ async def test_director_can_rewrite_the_request_before_routing(http):
         if request.getHeader(b"host") == b"alias.test":
             request.requestHeaders.setRawHeaders(b"host", [TunnelEnv.HOST.encode()])
 
-    env = await TunnelEnv(server_kwargs={"director": director}).start()
+    env = await TunnelEnv(resource_kwargs={"director": director}).start()
     try:
         assert await get(http, env, "alias.test") == (200, b"hi")
         assert env.origin.seen[-1].getHeader(b"host") == TunnelEnv.HOST.encode()

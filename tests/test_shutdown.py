@@ -7,7 +7,7 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tunnel.states import ClientState
+from tunnel.koding.states import ClientState
 
 from .tunnel_env import TunnelEnv, until
 

@@ -10,8 +10,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from tunnel.server import TunnelServer
-from tunnel.site import TunnelSite
+from tunnel.server import TunnelResource, TunnelServer
+from tunnel.server.site import TunnelSite
 
 from .tunnel_env import TunnelEnv
 
@@ -39,7 +39,7 @@ def channel_on(site, clock):
 def test_head_trickled_forever_is_dropped_at_the_deadline():
     clock = Clock()
     server = TunnelServer(clock=clock)
-    site = TunnelSite(server.resource(), head_timeout=5, idle_timeout=60, reactor=clock)
+    site = TunnelSite(TunnelResource(server), head_timeout=5, idle_timeout=60, reactor=clock)
     channel, transport = channel_on(site, clock)
     # one byte a second: the idle timer is reset every time, the deadline is not
     for i, byte in enumerate(b"GET / HTTP/1.1\r\nHost: slow"):
@@ -56,7 +56,7 @@ def test_head_trickled_forever_is_dropped_at_the_deadline():
 def test_a_complete_head_disarms_the_deadline_and_keep_alive_rearms_it():
     clock = Clock()
     server = TunnelServer(clock=clock)
-    site = TunnelSite(server.resource(), head_timeout=5, idle_timeout=60, reactor=clock)
+    site = TunnelSite(TunnelResource(server), head_timeout=5, idle_timeout=60, reactor=clock)
     channel, transport = channel_on(site, clock)
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: nosuch.test\r\n\r\n")
     assert b"502 Bad Gateway" in transport.value()  # answered (no such vhost)
@@ -72,7 +72,7 @@ async def test_slowloris_on_real_sockets_leaves_other_clients_alone():
     env = TunnelEnv()
     await env.start()
     server = env.server
-    slow_site = TunnelSite(server.resource(), head_timeout=0.5, idle_timeout=30)
+    slow_site = TunnelSite(TunnelResource(server), head_timeout=0.5, idle_timeout=30)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(slow_site)
     env.ports.append(port)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)

@@ -57,9 +57,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tunnel.client import TunnelClientService
-from tunnel.local import LocalForwarder, LocalTargets
-from tunnel.server import TunnelServer
-from tunnel.states import ClientState, StateChange
+from tunnel.client.local import LocalForwarder, LocalTargets
+from tunnel.koding.states import ClientState, StateChange
+from tunnel.server import TunnelResource, TunnelServer
 from tunnel.yamux import YamuxConfig
 
 from .processes import Twistd, free_port, reap_all, spawn_twistd
@@ -253,7 +253,7 @@ class TLSTunnel:
         self.server.add_host(HOST, IDENT)
         self.server_states: list[StateChange] = []
         self.server.observe_states(self.server_states.append)
-        self.resource = Recording(self.server.resource())
+        self.resource = Recording(TunnelResource(self.server))
         self.site = Site(self.resource)
         self.tls_port = await self._track(
             serverFromString(reactor, ssl_listen(self.pki)).listen(self.site)

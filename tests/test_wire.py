@@ -36,9 +36,9 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from tunnel.client import HandshakeTimeout, TunnelClientProtocol, TunnelServerError
-from tunnel.proto import ControlMessage
-from tunnel.server import TunnelServer
-from tunnel.states import ClientState
+from tunnel.koding.states import ClientState
+from tunnel.koding.wire import ControlMessage
+from tunnel.server import TunnelResource, TunnelServer
 from tunnel.yamux.frame import (
     FLAG_ACK,
     FLAG_FIN,
@@ -272,7 +272,7 @@ class ServerHarness:
         self.clock = Clock()
         self.server = TunnelServer(clock=self.clock, **kwargs)
         self.server.add_host("app.test", "app")
-        self.site = Site(self.server.resource(), reactor=self.clock)
+        self.site = Site(TunnelResource(self.server), reactor=self.clock)
         self.conns: list[Conn] = []
 
     def connect(self) -> Conn:

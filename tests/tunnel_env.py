@@ -13,10 +13,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-from tunnel.backoff import exponential_backoff
 from tunnel.client import TunnelClientService
-from tunnel.local import LocalForwarder, LocalTargets
-from tunnel.server import TunnelServer
+from tunnel.client.backoff import exponential_backoff
+from tunnel.client.local import LocalForwarder, LocalTargets
+from tunnel.server import TunnelResource, TunnelServer
 
 BLOCK = hashlib.sha256(b"seed").digest() * 32768  # 1 MiB, deterministic
 
@@ -132,8 +132,9 @@ class TunnelEnv:
     HOST = "app.localhost"
     IDENT = "test-identifier-0123"
 
-    def __init__(self, server_kwargs=None, **client_kwargs) -> None:
+    def __init__(self, server_kwargs=None, resource_kwargs=None, **client_kwargs) -> None:
         self.server_kwargs = server_kwargs or {}
+        self.resource_kwargs = resource_kwargs or {}
         self.client_kwargs = client_kwargs
         self.ports = []
         self.origin = Origin()
@@ -144,7 +145,9 @@ class TunnelEnv:
         self.server = TunnelServer(**self.server_kwargs)
         self.server.add_host(self.HOST, self.IDENT)
         self.public_requests = []
-        self.site = Site(_Recording(self.server.resource(), self.public_requests))
+        self.site = Site(
+            _Recording(TunnelResource(self.server, **self.resource_kwargs), self.public_requests)
+        )
         self.public_port = await self._listen(self.site)
         self.url = f"http://127.0.0.1:{self.public_port.getHost().port}"
         if connect:

@@ -19,10 +19,8 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from .client import TunnelClientService
-from .local import LocalForwarder, LocalTargets
-from .server import TunnelServer
-from .site import TunnelSite
+from .client import LocalForwarder, LocalTargets, TunnelClientService
+from .server import TunnelResource, TunnelServer, TunnelSite
 
 PAGE = b"""<!doctype html>
 <title>tunnel demo</title>
@@ -52,7 +50,7 @@ async def run(port: int, host: str, check: bool) -> int:
     server = TunnelServer()
     server.add_host(host, identifier)
     public = await TCP4ServerEndpoint(reactor, port, backlog=1024, interface="127.0.0.1").listen(
-        TunnelSite(server.resource())
+        TunnelSite(TunnelResource(server))
     )
     public_port = public.getHost().port
     site.ports = (origin.getHost().port, public_port)

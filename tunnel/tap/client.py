@@ -111,8 +111,7 @@ def host_from_endpoint(description: str) -> str:
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
-    from ..client import TunnelClientService
-    from ..local import LocalForwarder, LocalTargets
+    from ..client import LocalForwarder, LocalTargets, TunnelClientService
 
     try:
         endpoint = clientFromString(reactor, options["server"])

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.python import usage
 
-from ..site import TunnelSite
-from ..vhost import normalize_host, split_host
+from ..server.vhosts import normalize_host, split_host
 
 
 def _split_mapping(value: str, what: str) -> tuple[str, str]:
@@ -85,31 +83,17 @@ class Options(usage.Options):
             )
 
 
-class TunnelServerService(service.MultiService):
-    """Listeners plus the server's graceful stop (GoAway, grace period)."""
-
-    def __init__(self, server, grace: float) -> None:
-        super().__init__()
-        self.server = server
-        self.grace = grace
-
-    def stopService(self):
-        d = self.server.stop(self.grace)
-        d.addCallback(lambda _: super(TunnelServerService, self).stopService())
-        return d
-
-
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
-    from ..server import TunnelServer
+    from ..server import TunnelResource, TunnelServer, TunnelServerService, TunnelSite
 
     server = TunnelServer(tunnel_timeout=options["tunnel-timeout"])
     for host, identifier in options["vhosts"].items():
         server.add_host(host, identifier)
     top = TunnelServerService(server, options["shutdown-grace"])
     site = TunnelSite(
-        server.resource(),
+        TunnelResource(server),
         head_timeout=options["head-timeout"],
         idle_timeout=options["idle-timeout"],
         access_log=options["access-log"],
@@ -119,12 +103,12 @@ def makeService(options: Options) -> service.IService:
             endpoint = serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--listen {description!r}: {e}")
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+        top.listen(endpoint, site)
     tcp_factory = server.tcp_factory()
     for port, identifier in options["tcp"].items():
         server.add_addr(identifier, port=port)
         endpoint = TCP4ServerEndpoint(
             reactor, port, backlog=LISTEN_BACKLOG, interface=options["tcp-interface"]
         )
-        StreamServerEndpointService(endpoint, tcp_factory).setServiceParent(top)
+        top.listen(endpoint, tcp_factory)
     return top

@@ -1,22 +1,18 @@
-"""The public side of the tunnel server, as a twisted.web Resource.
+"""Plain HTTP requests through a tunnel stream, with twisted.web's client.
 
-``TunnelResource`` is the whole public server and can be the root of a Site
-or a child in an existing one.  It answers:
-
-* the control path (``CONNECT /_controlPath/`` with ``X-Ktunnel-Identifier``),
-  taking the connection over for a yamux session;
-* every other request, by Host: forwarded through a tunnel stream with
-  twisted.web's own HTTP/1.1 client and streamed back with backpressure.
-
-Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
+twisted.web's HTTP/1.1 client writes the request into the request's own
+tunnel stream (an Agent whose one endpoint is that stream) and parses the
+origin's response; ``_HeadGuard`` bounds the response head first, since the
+client would buffer any number of header lines.  The body is copied to the
+public request with backpressure.  The registry's errors become Go's texts
+(``tunnel.server.pages``).
 """
 
 from __future__ import annotations
 
-import posixpath
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, succeed
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -25,17 +21,18 @@ from twisted.web.client import Agent, FileBodyProducer, ResponseDone
 from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from ._takeover import CannotTakeOver, take_over
-from .headers import error_page, forwardable, forwarded_headers
-from .proto import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER, TransportProtocol
-from .server import TunnelError, TunnelServer
-from .upgrade import UpgradeForward, is_upgrade
-from .vhost import redact
-from .yamux import YamuxSession
+if TYPE_CHECKING:
+    from twisted.internet.task import Cooperator
+
+    from .registry import TunnelServer
+
+from ..koding.identifiers import redact
+from ..koding.wire import TransportProtocol
+from .errors import TunnelError
+from .headers import forwardable, forwarded_headers
+from .pages import error_page, public_text
 
 _NOT_FORWARDED = frozenset({b"expect", b"content-length"})
 
@@ -46,12 +43,6 @@ MAX_HEADER_LINE = 16 * 1024
 
 #: request bodies up to this size are written in one go; larger ones stream
 _SMALL_BODY = 64 * 1024
-
-
-def is_control_path(path: bytes) -> bool:
-    """``path.Clean(p) + "/" == "/_controlPath/"``, as the Go server checks."""
-    text = "/" + path.decode("latin-1").lstrip("/")
-    return posixpath.normpath(text).rstrip("/") + "/" == CONTROL_PATH
 
 
 @implementer(IBodyProducer)
@@ -83,7 +74,7 @@ class _ForwardEndpoint:
     It is also the Agent's endpoint factory: every URI maps to this one stream.
     """
 
-    def __init__(self, forward: _Forward) -> None:
+    def __init__(self, forward: HTTPForward) -> None:
         self._forward = forward
 
     def endpointForURI(self, uri):
@@ -113,7 +104,7 @@ class _HeadGuard(Protocol):
     the stream, and the public client gets a 502 that says so.
     """
 
-    def __init__(self, inner, forward: _Forward) -> None:
+    def __init__(self, inner, forward: HTTPForward) -> None:
         self.inner = inner
         self.forward = forward
         self._head = b""
@@ -156,7 +147,7 @@ class _HeadGuard(Protocol):
 class _BodyCopier(Protocol):
     """Copies the origin's response body to the public request, with backpressure."""
 
-    def __init__(self, forward: _Forward) -> None:
+    def __init__(self, forward: HTTPForward) -> None:
         self.forward = forward
 
     def connectionMade(self) -> None:
@@ -170,13 +161,16 @@ class _BodyCopier(Protocol):
         self.forward.body_done(reason)
 
 
-class _Forward:
+class HTTPForward:
     """One public request forwarded through one tunnel stream."""
 
     log = Logger()
 
-    def __init__(self, server: TunnelServer, request, identifier: str, port: int) -> None:
+    def __init__(
+        self, server: TunnelServer, request, identifier: str, port: int, cooperator: Cooperator
+    ) -> None:
         self.server = server
+        self.cooperator = cooperator
         self.request = request
         self.identifier = identifier
         self.port = port
@@ -216,7 +210,7 @@ class _Forward:
             return None
         if length <= _SMALL_BODY:
             return _BytesProducer(content.read())
-        return FileBodyProducer(content, cooperator=self.server.cooperator)
+        return FileBodyProducer(content, cooperator=self.cooperator)
 
     def _response(self, response) -> None:
         self.pending = None
@@ -257,7 +251,7 @@ class _Forward:
         if self.gone or failure.check(CancelledError):
             return
         if failure.check(TunnelError):
-            message = str(failure.value)
+            message = public_text(failure)
         elif self.head_too_big:
             message = (
                 f"tunnel error: the origin's response headers are too large (over"
@@ -265,7 +259,7 @@ class _Forward:
             )
             self.log.info("{ident}: {why}", ident=redact(self.identifier), why=message)
         else:
-            message = f"tunnel error: {_describe(failure)}"
+            message = public_text(failure)
             self.log.info(
                 "forwarding to {ident} failed: {why}", ident=redact(self.identifier), why=message
             )
@@ -279,102 +273,3 @@ class _Forward:
             self.pending.cancel()
         if self.stream is not None:
             self.stream.abortConnection()
-
-
-def _describe(failure: Failure) -> str:
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        return "; ".join(r.getErrorMessage() for r in reasons)
-    return failure.getErrorMessage()
-
-
-class TunnelResource(Resource):
-    """The public tunnel server as a Resource (a leaf: it sees every path)."""
-
-    isLeaf = True
-    log = Logger()
-
-    def __init__(self, server: TunnelServer) -> None:
-        super().__init__()
-        self.server = server
-
-    def render(self, request):
-        if self.server.director is not None:
-            self.server.director(request)
-        if is_control_path(request.path):
-            return self._control(request)
-        return self._forward(request)
-
-    # -- control path --------------------------------------------------------
-
-    def _control(self, request):
-        if request.method != b"CONNECT":
-            return error_page(request, 405, "405 must CONNECT\n")
-        raw = request.getHeader(IDENTIFIER_HEADER) or b""
-        offered = raw.decode("utf-8", "replace")
-        identifier = self.server.vhosts.canonical(offered) if offered else None
-        if identifier is None:
-            return error_page(
-                request,
-                502,
-                f"no host associated for identifier {offered}. please use server.AddHost()",
-            )
-        if not self.server.accepting:
-            return error_page(request, 503, "the tunnel server is shutting down")
-        if getattr(request.channel, "transport", None) is None:
-            return error_page(request, 502, "this connection cannot be taken over")
-
-        def decided(duplicate: bool) -> None:
-            if request.channel is None or getattr(request, "_disconnected", False):
-                return
-            if duplicate:
-                self.server.control_refused(identifier, "duplicate")
-                request.write(
-                    error_page(request, 502, f"control conn for {identifier} already exist. \n")
-                )
-                request.finish()
-                return
-            self._take_over(request, identifier)
-
-        self.server.check_duplicate(identifier).addCallback(decided)
-        return NOT_DONE_YET
-
-    def _take_over(self, request, identifier: str) -> None:
-        session = YamuxSession(
-            False,
-            clock=self.server.clock,
-            config=self.server.yamux_config,
-            quiet_until_peer_speaks=True,
-        )
-        self.server.attach_session(identifier, session)
-        try:
-            take_over(request, session, CONNECTED_REPLY)
-        except CannotTakeOver as e:
-            session.connectionLost(Failure(ConnectionDone(str(e))))
-            request.write(error_page(request, 502, str(e)))
-            request.finish()
-
-    # -- public requests -----------------------------------------------------
-
-    def _forward(self, request):
-        host = request.getHeader(b"host")
-        if not host:
-            return error_page(request, 502, "request host is empty")
-        try:
-            identifier, port = self.server.vhosts.lookup(host.decode("latin-1"))
-        except ValueError:
-            return error_page(request, 400, f"malformed host {host.decode('latin-1')!r}")
-        if identifier is None:
-            return error_page(
-                request, 502, f'no virtual host available for "{host.decode("latin-1").lower()}"'
-            )
-        connection = self.server.connection(identifier)
-        if connection is None or not connection.ready:
-            return error_page(request, 502, "no client session established")
-        if is_upgrade(request):
-            UpgradeForward(
-                self.server, request, identifier, port, forwarded_headers(request)
-            ).start()
-        else:
-            _Forward(self.server, request, identifier, port).start()
-        return NOT_DONE_YET

@@ -14,44 +14,23 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .control import ControlProtocol
-from .observe import Observers
-from .proto import ControlMessage, TransportProtocol
-from .states import ClientState, StateChange
-from .tcp import TCPTunnelFactory, VirtualAddrs
-from .timers import cancel
-from .vhost import VirtualHosts, redact
-from .yamux import YamuxConfig, YamuxSession, YamuxStream
-
-if TYPE_CHECKING:
-    from .resource import TunnelResource
-
-
-class TunnelError(Exception):
-    """A tunnel could not be opened; the message is what the public client sees."""
-
-
-class NoClientSession(TunnelError):
-    def __init__(self) -> None:
-        super().__init__("no client session established")
-
-
-class TunnelTimeout(TunnelError):
-    def __init__(self) -> None:
-        super().__init__("timeout getting session")
-
-
-class TooManyPendingTunnels(TunnelError):
-    def __init__(self) -> None:
-        super().__init__("too many requests waiting for the client")
+from ..koding.control import ControlProtocol
+from ..koding.identifiers import redact
+from ..koding.states import ClientState, StateChange
+from ..koding.wire import ControlMessage, TransportProtocol
+from ..observe import Observers
+from ..timers import cancel
+from ..yamux import YamuxConfig, YamuxSession, YamuxStream
+from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
+from .tcp import TCPTunnelFactory
+from .vhosts import VirtualAddrs, VirtualHosts
 
 
 class _Waiter:
@@ -195,7 +174,7 @@ class ClientConnection:
                 d.errback(NoClientSession())
         if not self._ready_d.called:
             self._ready_d.errback(NoClientSession())
-        self.server._connection_ended(self)
+        self.server.connection_ended(self)
 
 
 class TunnelServer:
@@ -221,7 +200,6 @@ class TunnelServer:
         tunnel_timeout: float = 10.0,
         probe_timeout: float = 5.0,
         max_pending_tunnels: int = 1024,
-        director: Callable[[Any], None] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -231,9 +209,6 @@ class TunnelServer:
         self.tunnel_timeout = tunnel_timeout
         self.probe_timeout = probe_timeout
         self.max_pending_tunnels = max_pending_tunnels
-        self.director = director
-        #: runs request-body uploads on this server's clock (not the global reactor)
-        self.cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
         self.vhosts = VirtualHosts()
         self.addrs = VirtualAddrs()
         self._clients: dict[str, ClientConnection] = {}
@@ -263,12 +238,6 @@ class TunnelServer:
     def tcp_factory(self) -> TCPTunnelFactory:
         """A protocol factory that carries accepted connections through TCP tunnels."""
         return TCPTunnelFactory(self)
-
-    def resource(self) -> TunnelResource:
-        """The twisted.web Resource that is the whole public server."""
-        from .resource import TunnelResource
-
-        return TunnelResource(self)
 
     # -- states and callbacks --------------------------------------------------
 
@@ -357,7 +326,8 @@ class TunnelServer:
         connection.start().addCallbacks(connected, lambda f: None)
         return connection
 
-    def _connection_ended(self, connection: ClientConnection) -> None:
+    def connection_ended(self, connection: ClientConnection) -> None:
+        """``connection``'s session is over (called by the connection itself)."""
         identifier = connection.identifier
         if self._clients.get(identifier) is connection:
             del self._clients[identifier]

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
-from .timers import cancel
+from ..timers import cancel
 
 
 class HeadDeadlineChannel(HTTPChannel):

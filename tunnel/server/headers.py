@@ -1,4 +1,4 @@
-"""HTTP header rules shared by the forwarders, and Go-style error pages."""
+"""HTTP header rules shared by the HTTP and WebSocket forwarders."""
 
 from __future__ import annotations
 
@@ -20,16 +20,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-
-
-def error_page(request, code: int, message: str) -> bytes:
-    """Answer like Go's ``http.Error``: text/plain, the message and a newline."""
-    body = (message + "\n").encode("utf-8", "replace")
-    request.setResponseCode(code)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    return body
 
 
 def connection_tokens(values: Iterable[bytes]) -> set[bytes]:

@@ -17,14 +17,14 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .proto import (
+from ..timers import cancel
+from .wire import (
     HANDSHAKE_REQUEST,
     HANDSHAKE_RESPONSE,
     ControlMessage,
     ControlMessageError,
     MessageDecoder,
 )
-from .timers import cancel
 
 
 class HandshakeError(Exception):

@@ -13,37 +13,9 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .proto import TransportProtocol
-from .splice import SpliceProtocol
-from .vhost import redact
-
-
-class VirtualAddrs:
-    """(local IP or None, local port) -> identifier."""
-
-    def __init__(self) -> None:
-        self._by_port: dict[int, str] = {}
-        self._by_ip: dict[str, str] = {}
-
-    def add(self, identifier: str, port: int | None = None, ip: str | None = None) -> None:
-        if (port is None) == (ip is None):
-            raise ValueError("give exactly one of port or ip")
-        if not identifier:
-            raise ValueError("the identifier must not be empty")
-        if ip is not None:
-            self._by_ip[ip] = identifier
-        else:
-            self._by_port[int(port)] = identifier
-
-    def delete(self, port: int | None = None, ip: str | None = None) -> None:
-        if ip is not None:
-            self._by_ip.pop(ip, None)
-        if port is not None:
-            self._by_port.pop(int(port), None)
-
-    def lookup(self, ip: str, port: int) -> str | None:
-        identifier = self._by_ip.get(ip)
-        return identifier if identifier is not None else self._by_port.get(port)
+from ..koding.identifiers import redact
+from ..koding.wire import TransportProtocol
+from ..splice import SpliceProtocol
 
 
 class PublicTCP(SpliceProtocol):

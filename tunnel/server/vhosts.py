@@ -1,21 +1,16 @@
-"""Virtual hosts: which client identifier serves a public Host.
+"""The server's routing tables: which client serves a public Host or TCP port.
 
 Hosts are normalised (lower case, no trailing dot) and looked up as
 ``host:port`` first, then as bare ``host``, like koding's server.  Identifiers
 are secrets: they are found through a digest index and confirmed with a
-constant-time comparison, and ``redact()`` is what logs show of them.
+constant-time comparison.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
-
-def redact(identifier: str) -> str:
-    """What logs may show of an identifier: a short prefix and its length."""
-    shown = identifier[:3] if len(identifier) >= 8 else ""
-    return f"{shown}…({len(identifier)} chars)"
+from ..koding.identifiers import digest
 
 
 def split_host(host: str) -> tuple[str, int]:
@@ -49,10 +44,6 @@ def normalize_host(host: str) -> str:
     return f"{name}:{port}" if port else name
 
 
-def _digest(identifier: str) -> bytes:
-    return hashlib.sha256(identifier.encode("utf-8")).digest()
-
-
 class VirtualHosts:
     """The host -> identifier table of a server."""
 
@@ -68,7 +59,7 @@ class VirtualHosts:
             raise ValueError("the host must not be empty")
         self.delete(key)
         self._hosts[key] = identifier
-        entry = self._idents.setdefault(_digest(identifier), (identifier, set()))
+        entry = self._idents.setdefault(digest(identifier), (identifier, set()))
         entry[1].add(key)
 
     def delete(self, host: str) -> None:
@@ -76,12 +67,12 @@ class VirtualHosts:
         identifier = self._hosts.pop(key, None)
         if identifier is None:
             return
-        digest = _digest(identifier)
-        entry = self._idents.get(digest)
+        index = digest(identifier)
+        entry = self._idents.get(index)
         if entry is not None:
             entry[1].discard(key)
             if not entry[1]:
-                del self._idents[digest]
+                del self._idents[index]
 
     def lookup(self, host: str) -> tuple[str | None, int]:
         """Return (identifier or None, port) for a Host header value."""
@@ -95,7 +86,7 @@ class VirtualHosts:
 
     def canonical(self, identifier: str) -> str | None:
         """The registered identifier equal to ``identifier`` (constant-time check)."""
-        entry = self._idents.get(_digest(identifier))
+        entry = self._idents.get(digest(identifier))
         if entry is None:
             return None
         stored = entry[0]
@@ -104,8 +95,36 @@ class VirtualHosts:
         return None
 
     def hosts_of(self, identifier: str) -> list[str]:
-        entry = self._idents.get(_digest(identifier))
+        entry = self._idents.get(digest(identifier))
         return sorted(entry[1]) if entry else []
 
     def __len__(self) -> int:
         return len(self._hosts)
+
+
+class VirtualAddrs:
+    """(local IP or None, local port) -> identifier."""
+
+    def __init__(self) -> None:
+        self._by_port: dict[int, str] = {}
+        self._by_ip: dict[str, str] = {}
+
+    def add(self, identifier: str, port: int | None = None, ip: str | None = None) -> None:
+        if (port is None) == (ip is None):
+            raise ValueError("give exactly one of port or ip")
+        if not identifier:
+            raise ValueError("the identifier must not be empty")
+        if ip is not None:
+            self._by_ip[ip] = identifier
+        else:
+            self._by_port[int(port)] = identifier
+
+    def delete(self, port: int | None = None, ip: str | None = None) -> None:
+        if ip is not None:
+            self._by_ip.pop(ip, None)
+        if port is not None:
+            self._by_port.pop(int(port), None)
+
+    def lookup(self, ip: str, port: int) -> str | None:
+        identifier = self._by_ip.get(ip)
+        return identifier if identifier is not None else self._by_port.get(port)

@@ -21,12 +21,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
-from ._takeover import CannotTakeOver, take_over
-from .headers import HOP_BY_HOP, connection_tokens, error_page
-from .proto import TransportProtocol
-from .server import TunnelError
-from .splice import SpliceProtocol
-from .vhost import redact
+from ..koding.identifiers import redact
+from ..koding.wire import TransportProtocol
+from ..splice import SpliceProtocol
+from .headers import HOP_BY_HOP, connection_tokens
+from .pages import error_page, public_text
+from .takeover import CannotTakeOver, take_over
 
 #: the longest origin response head we accept
 MAX_HEAD = 64 * 1024
@@ -241,10 +241,7 @@ class UpgradeForward:
     def _open_failed(self, failure: Failure) -> None:
         self._pending = None
         if not self.gone:
-            if failure.check(TunnelError):
-                self.fail(str(failure.value))
-            else:
-                self.fail(f"tunnel error: {failure.getErrorMessage()}")
+            self.fail(public_text(failure))
 
     def _public_gone(self, failure: Failure) -> None:
         self.gone = True

@@ -19,9 +19,9 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .proto import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
-from .splice import SpliceProtocol
-from .yamux import YamuxStream
+from ..koding.wire import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
+from ..splice import SpliceProtocol
+from ..yamux import YamuxStream
 
 
 class LocalTargets:
