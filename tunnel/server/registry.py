@@ -180,8 +180,11 @@ class ClientConnection:
 class TunnelServer:
     """The registry of virtual hosts and connected tunnel clients.
 
+    It knows no HTTP: the web layer routes public requests to it and turns
+    its errors into responses.
+
     Duplicate identifiers: while a client with an identifier is connected, a
-    second one is refused (502 ``control conn for X already exist.``) if the
+    second one is refused (``check_duplicate`` says so) if the
     first still answers a ping within ``probe_timeout``; if it does not, the
     first session is closed and the newcomer takes its place.  A live
     session is never torn down by a newcomer, so two clients sharing an
