@@ -6,9 +6,13 @@ pins it against the installed Twisted:
 
 * ``render`` runs inside ``LineReceiver.dataReceived``; when it returns, the
   rest of that read goes to ``rawDataReceived``, so that is redirected too;
-* bytes read while a request was being handled wait in ``_dataBuffer``;
+* bytes read while a request was being handled (or after a request body)
+  wait in ``_dataBuffer``;
 * HTTPChannel registered itself as the transport's producer and may have
-  paused reading.
+  paused reading;
+* later reads and the connection's end reach ``dataReceived`` and
+  ``connectionLost`` looked up on the channel (by the transport or by
+  ``Site``'s wrapper), so instance attributes redirect them.
 """
 
 from __future__ import annotations
