@@ -186,6 +186,7 @@ def test_the_channel_is_the_transports_producer_and_pauses_reading(site_kind):
     conn = Connection(site_kind)
     conn.read(HEAD)
     assert conn.transport.producer is conn.request.channel
+    assert conn.request.channel._networkProducer is conn.transport  # what it pauses
     assert conn.transport.streaming is True
     assert conn.transport.producerState == "producing"
     conn.read(*[b"x" * 4096] * (A_LOT // 4096))
@@ -267,13 +268,15 @@ def test_the_greeting_is_written_before_anything_else(site_kind, greeting):
 
 
 @site_kinds
-def test_twisted_web_can_no_longer_write_to_the_connection(site_kind):
+def test_twisted_web_can_no_longer_write_to_or_close_the_connection(site_kind):
+    """Nor unregister the new protocol as producer: HTTPChannel.loseConnection()
+    unregisters whatever producer the transport has."""
     recorder = Recorder()
     conn = Connection(site_kind, take_over_in_render(recorder))
     conn.read(HEAD)
     request = conn.request
     assert request.channel.transport is None
-    for late in (lambda: request.write(b"late"), request.finish):
+    for late in (lambda: request.write(b"late"), request.finish, request.loseConnection):
         with contextlib.suppress(AttributeError):  # the channel has no transport
             late()
     assert conn.transport.value() == GREETING + SPOKE
