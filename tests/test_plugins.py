@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
+from twisted.scripts.twistd import ServerOptions
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -391,6 +393,152 @@ def test_client_make_service_with_a_bad_endpoint_is_a_usage_error(no_env_identif
     options = client_options("--identifier", "x", *extra)
     with pytest.raises(usage.UsageError, match="bad endpoint"):
         client_tap.makeService(options)
+
+
+# -- 2c. --help, as twistd prints it ---------------------------------------------
+#
+# twisted.python.usage wraps help text with textwrap at $COLUMNS (80 when unset;
+# it never asks the terminal), breaks words at hyphens, keeps every whitespace
+# character of a docstring as a space and appends "[default: X]" to a parameter's
+# doc before wrapping.  These tests read the help the way twistd prints it.
+
+#: option -> (what it takes, default as shown); twistd adds --help and --version
+SERVER_HELP = {
+    "access-log": ("PATH", "off"),
+    "head-timeout": ("Seconds", "30.0"),
+    "idle-timeout": ("Seconds", "60.0"),
+    "listen": ("ENDPOINT", "tcp:80:backlog=1024"),
+    "shutdown-grace": ("Seconds", "10.0"),
+    "tcp": ("PORT=IDENTIFIER", None),
+    "tcp-interface": ("ADDRESS", "0.0.0.0"),
+    "tunnel-timeout": ("Seconds", "10.0"),
+    "vhost": ("HOST[:PORT]=IDENTIFIER", None),
+}
+CLIENT_HELP = {
+    "allow-any-local-port": (None, None),
+    "host-header": ("HOST[:PORT]", "from --server"),
+    "identifier": ("IDENTIFIER", None),
+    "identifier-file": ("PATH", None),
+    "local": ("ENDPOINT", "tcp:127.0.0.1:80"),
+    "local-port": ("PORT=ENDPOINT", None),
+    "server": ("ENDPOINT", None),
+    "stop-timeout": ("Seconds", "10.0"),
+    "tcp-local": ("PORT=ENDPOINT", None),
+}
+PLUGINS = {
+    "tunnel-server": (SERVER_HELP, server_tap.Options),
+    "tunnel-client": (CLIENT_HELP, client_tap.Options),
+}
+#: 80 is what everyone gets unless they export COLUMNS
+HELP_WIDTHS = [80, 100, 120, 132]
+
+# twisted.python.usage.docMakeChunks: "  -s, --name=  doc" or "      --name=  doc"
+_OPTION_ROW = re.compile(r"^  (?:-\w,|   ) --([a-z-]+)=? +(\S.*)$")
+
+
+def checkout_plugins() -> list:
+    """The checkout's ServiceMakers.
+
+    getPlugins() may find an installed copy of twisted/plugins/tunnel_plugins.py
+    first (a venv with the project installed), so read this checkout's file."""
+    path = REPO_ROOT / "twisted" / "plugins" / "tunnel_plugins.py"
+    spec = importlib.util.spec_from_file_location("_checkout_tunnel_plugins", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [module.tunnelServer, module.tunnelClient]
+
+
+def twistd_help(monkeypatch, capsys, width: int, *argv: str) -> str:
+    """What ``twistd ARGV --help`` prints with COLUMNS=width."""
+    monkeypatch.setenv("COLUMNS", str(width))
+    monkeypatch.setattr(sys, "argv", ["twistd"])  # the synopsis names argv[0]
+    others = [p for p in getPlugins(IServiceMaker) if not p.tapname.startswith("tunnel-")]
+    config = ServerOptions()
+    config._getPlugins = lambda interface: others + checkout_plugins()
+    with pytest.raises(SystemExit) as exited:
+        config.parseOptions([*argv, "--help"])
+    assert exited.value.code in (None, 0)
+    return capsys.readouterr().out
+
+
+def option_docs(text: str) -> dict[str, str]:
+    """Each option's doc, its wrapped lines joined by one space."""
+    section = text.split("\nOptions:\n", 1)[1].split("\n\n", 1)[0]
+    docs: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        row = _OPTION_ROW.match(line)
+        if row:
+            assert row[1] not in docs, f"--{row[1]} listed twice"
+            docs[row[1]] = lines = [row[2]]
+        else:
+            lines.append(line.strip())
+    return {name: " ".join(lines) for name, lines in docs.items()}
+
+
+@pytest.mark.parametrize("width", HELP_WIDTHS)
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_help_lists_each_option_once_with_what_it_takes_and_its_default(
+    monkeypatch, capsys, plugin, width
+):
+    expected, _ = PLUGINS[plugin]
+    docs = option_docs(twistd_help(monkeypatch, capsys, width, plugin))
+    assert set(docs) == set(expected) | {"help", "version"}
+    wrong = []
+    for name, (takes, default) in expected.items():
+        doc = docs[name]
+        # the default once, in twistd's own form; no other wording of it
+        shown = re.findall(r"\[?\bdefault\b[^\]]*\]?", doc, re.IGNORECASE)
+        if (
+            (takes and takes not in doc)
+            or shown != ([f"[default: {default}]"] if default else [])
+            or "  " in doc  # a docstring's line break and indentation
+        ):
+            wrong.append(f"--{name}: {doc}")
+    assert wrong == []
+
+
+@pytest.mark.parametrize("width", HELP_WIDTHS)
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_help_has_no_doubled_lines_and_no_odd_wrapping(monkeypatch, capsys, plugin, width):
+    _, options = PLUGINS[plugin]
+    text = twistd_help(monkeypatch, capsys, width, plugin)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"Usage: twistd [options] {plugin} "), lines[0]
+    printed = [line.strip() for line in lines if line.strip()]
+    assert [line for line in printed if printed.count(line) > 1] == []
+    for line in lines:
+        assert len(line) <= width, line
+        assert line == line.rstrip(), line
+        assert not re.search(r"\w-$", line), f"word broken at a hyphen: {line!r}"
+    # the description, once and whole
+    flat = " ".join(text.split())
+    assert flat.count(" ".join(options.longdesc.split())) == 1
+
+
+def test_help_defaults_are_the_defaults(no_env_identifier):
+    server = server_options("--vhost", "app.test=id")
+    assert server["listen"] == [SERVER_HELP["listen"][1]]
+    for name in ("head-timeout", "idle-timeout", "shutdown-grace", "tcp-interface"):
+        assert str(server[name]) == SERVER_HELP[name][1]
+    assert str(server["tunnel-timeout"]) == SERVER_HELP["tunnel-timeout"][1]
+    assert server["access-log"] is None  # "off"
+    client = client_options("--server", "tcp:example.com:8080", "--identifier", "x")
+    assert client["local"] == CLIENT_HELP["local"][1]
+    assert str(client["stop-timeout"]) == CLIENT_HELP["stop-timeout"][1]
+    assert client["host-header"] == "example.com:8080"  # "from --server"
+
+
+def test_twistd_help_lists_each_plugin_on_one_line(monkeypatch, capsys):
+    lines = twistd_help(monkeypatch, capsys, 80).splitlines()
+    commands = lines[lines.index("Commands:") + 1 :]
+    for maker in checkout_plugins():
+        rows = [i for i, line in enumerate(commands) if line.split()[:1] == [maker.tapname]]
+        assert len(rows) == 1, maker.tapname
+        row = rows[0]
+        assert commands[row].split(None, 1)[1] == maker.description
+        follows = commands[row + 1] if row + 1 < len(commands) else ""
+        assert not follows.startswith("     " + " " * len(maker.tapname)), "wrapped"
+    assert len({m.description.split()[0] for m in checkout_plugins()}) == 1  # same style
 
 
 # -- 3. a real (non-editable) install --------------------------------------------

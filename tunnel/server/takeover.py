@@ -6,9 +6,14 @@ pins it against the installed Twisted:
 
 * ``render`` runs inside ``LineReceiver.dataReceived``; when it returns, the
   rest of that read goes to ``rawDataReceived``, so that is redirected too;
-* bytes read while a request was being handled wait in ``_dataBuffer``;
+* bytes read while a request was being handled (or after a request body)
+  wait in ``_dataBuffer``;
 * HTTPChannel registered itself as the transport's producer and may have
-  paused reading.
+  paused reading; it keeps the transport as ``_networkProducer`` and would
+  unregister the new protocol's producer from it (``loseConnection``);
+* later reads and the connection's end reach ``dataReceived`` and
+  ``connectionLost`` looked up on the channel (by the transport or by
+  ``Site``'s wrapper), so instance attributes redirect them.
 """
 
 from __future__ import annotations
@@ -20,11 +25,30 @@ class CannotTakeOver(Exception):
     """The request's connection cannot be taken over (e.g. HTTP/2)."""
 
 
+class _Detached:
+    """HTTPChannel's network producer once the transport is no longer its."""
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
 def take_over(request, protocol: IProtocol, greeting: bytes = b"") -> None:
     """Give ``request``'s connection to ``protocol``, after writing ``greeting``.
 
-    The request is left unfinished; twisted.web can no longer write to the
-    connection.  Bytes the client already sent after the request head reach
+    The request is left unfinished; twisted.web can no longer write to or
+    close the connection.  Bytes the client already sent after the request head reach
     ``protocol.dataReceived`` right after ``makeConnection``.
     """
     channel = request.channel
@@ -33,6 +57,7 @@ def take_over(request, protocol: IProtocol, greeting: bytes = b"") -> None:
         raise CannotTakeOver("this request's connection cannot be taken over")
     channel.setTimeout(None)
     transport.unregisterProducer()
+    channel._networkProducer = _Detached()
     buffered = b"".join(channel._dataBuffer)
     channel._dataBuffer = []
     channel.rawDataReceived = protocol.dataReceived

@@ -18,21 +18,27 @@ def _port(text: str, what: str) -> int:
 
 
 class Options(usage.Options):
-    synopsis = "--server ENDPOINT --identifier ID --local ENDPOINT"
+    synopsis = "[options] --server ENDPOINT"
     longdesc = (
-        "Connect to a tunnel server and serve public requests from local servers. "
-        "ENDPOINT is a Twisted client endpoint string: tcp:HOST:PORT or "
-        "tls:HOST:PORT for the server, tcp:127.0.0.1:8000 for a local server. "
-        "The identifier can also come from --identifier-file or the "
-        f"{IDENTIFIER_ENV} environment variable, so it need not appear in argv."
+        "Connect to a tunnel server and serve its public requests from local servers. "
+        "ENDPOINT is a Twisted client endpoint string: tcp:HOST:PORT or tls:HOST:PORT "
+        "for the server (tls: checks the server's certificate; add trustRoots=DIR for "
+        "a private CA), tcp:127.0.0.1:8000 for a local server. The identifier is a "
+        f"required secret: keep it out of argv with the {IDENTIFIER_ENV} environment "
+        "variable or --identifier-file (--identifier shows in the process list)."
     )
     optParameters = [
-        ["server", None, None, "The tunnel server's endpoint (tcp:HOST:PORT or tls:HOST:PORT)."],
-        ["identifier", None, None, "The identifier (secret) this client registers as."],
-        ["identifier-file", None, None, "Read the identifier from this file."],
-        ["local", None, "tcp:127.0.0.1:80", "Default local endpoint for HTTP/WebSocket."],
-        ["host-header", None, None, "Host header of the CONNECT request (default: from --server)."],
-        ["stop-timeout", None, 10.0, "Seconds open tunnels may finish at shutdown.", float],
+        ["server", None, None, "ENDPOINT (required): the tunnel server to dial."],
+        ["identifier", None, None, "IDENTIFIER: the secret to register as (visible in ps)."],
+        ["identifier-file", None, None, "PATH: a file holding the identifier."],
+        ["local", None, "tcp:127.0.0.1:80", "ENDPOINT: where HTTP and WebSocket requests go."],
+        [
+            "host-header",
+            None,
+            None,
+            "HOST[:PORT]: the Host header of the CONNECT request. [default: from --server]",
+        ],
+        ["stop-timeout", None, 10.0, "Seconds open tunnels get to finish at shutdown.", float],
     ]
     optFlags = [
         [
@@ -49,14 +55,14 @@ class Options(usage.Options):
         self["tcp-locals"] = {}
 
     def opt_local_port(self, value: str) -> None:
-        """Serve public requests for Host port PORT from ENDPOINT: PORT=ENDPOINT (repeatable)."""
+        """PORT=ENDPOINT (repeatable): where requests to Host port PORT go."""
         port, sep, endpoint = value.partition("=")
         if not (sep and endpoint):
             raise usage.UsageError(f"--local-port wants PORT=ENDPOINT, got {value!r}")
         self["local-ports"][_port(port.strip(), "local-port")] = endpoint
 
     def opt_tcp_local(self, value: str) -> None:
-        """Serve TCP tunnels for server port PORT from ENDPOINT: PORT=ENDPOINT (repeatable)."""
+        """PORT=ENDPOINT (repeatable): where TCP tunnels of server port PORT connect."""
         port, sep, endpoint = value.partition("=")
         if not (sep and endpoint):
             raise usage.UsageError(f"--tcp-local wants PORT=ENDPOINT, got {value!r}")

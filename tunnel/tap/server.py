@@ -19,27 +19,35 @@ def _split_mapping(value: str, what: str) -> tuple[str, str]:
 #: accept queue of the --tcp listeners; Twisted's default (50) makes a burst of
 #: connections wait for SYN retransmits (1 s)
 LISTEN_BACKLOG = 1024
+DEFAULT_LISTEN = f"tcp:80:backlog={LISTEN_BACKLOG}"
 
 
 class Options(usage.Options):
-    synopsis = "--listen ENDPOINT --vhost HOST[:PORT]=IDENTIFIER [...]"
+    synopsis = "[options] --vhost HOST[:PORT]=IDENTIFIER"
     longdesc = (
-        "Run a public tunnel server. Public requests are routed by their Host "
-        "header to the tunnel client that connected with the matching identifier. "
-        "ENDPOINT is a Twisted server endpoint string such as tcp:80, "
-        "tcp:8080:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem."
+        "Run a public tunnel server. Public requests are routed by their Host header "
+        "to the tunnel client that connected with the matching identifier; give at "
+        "least one --vhost or --tcp. ENDPOINT is a Twisted server endpoint string, "
+        "such as tcp:8080:interface=127.0.0.1 or "
+        "ssl:443:privateKey=key.pem:certKey=cert.pem."
     )
     optParameters = [
-        ["tunnel-timeout", None, 10.0, "Seconds to wait for a client to open a tunnel.", float],
-        ["shutdown-grace", None, 10.0, "Seconds open tunnels may finish at shutdown.", float],
-        ["tcp-interface", None, "0.0.0.0", "Interface the --tcp ports listen on."],
+        ["tunnel-timeout", None, 10.0, "Seconds a client has to open a tunnel.", float],
+        [
+            "shutdown-grace",
+            None,
+            10.0,
+            "Seconds open requests get to finish at shutdown.",
+            float,
+        ],
+        ["tcp-interface", None, "0.0.0.0", "ADDRESS: the interface the --tcp ports listen on."],
         ["head-timeout", None, 30.0, "Seconds a public client has to send a request head.", float],
-        ["idle-timeout", None, 60.0, "Seconds an idle public connection is kept.", float],
+        ["idle-timeout", None, 60.0, "Seconds an idle public connection is kept open.", float],
         [
             "access-log",
             None,
             None,
-            "Write an access log of public requests to PATH ('-': the twistd log). Off by default.",
+            "PATH: log each public request there ('-': the twistd log). [default: off]",
         ],
     ]
 
@@ -48,14 +56,15 @@ class Options(usage.Options):
         self["listen"] = []
         self["vhosts"] = {}
         self["tcp"] = {}
+        # shown as "[default: ...]" like the optParameters' defaults
+        self.defaults["listen"] = DEFAULT_LISTEN
 
     def opt_listen(self, value: str) -> None:
-        """Listen for public and control connections on ENDPOINT (repeatable; default
-        tcp:80:backlog=1024)."""
+        """ENDPOINT (repeatable): listen there for public and control connections."""
         self["listen"].append(value)
 
     def opt_vhost(self, value: str) -> None:
-        """Route HOST[:PORT] to the client with IDENTIFIER (repeatable)."""
+        """HOST[:PORT]=IDENTIFIER (repeatable): route requests for HOST[:PORT] to IDENTIFIER."""
         host, identifier = _split_mapping(value, "vhost")
         try:
             name, _ = split_host(host)
@@ -67,8 +76,7 @@ class Options(usage.Options):
         self["vhosts"][key] = identifier
 
     def opt_tcp(self, value: str) -> None:
-        """Carry TCP connections to port PORT (on --tcp-interface) to IDENTIFIER:
-        PORT=IDENTIFIER (repeatable)."""
+        """PORT=IDENTIFIER (repeatable): listen on PORT; tunnel its connections to that client."""
         port, identifier = _split_mapping(value, "tcp")
         if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
             raise usage.UsageError(f"--tcp: {port!r} is not a port number")
@@ -76,7 +84,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if not self["listen"]:
-            self["listen"] = [f"tcp:80:backlog={LISTEN_BACKLOG}"]
+            self["listen"] = [DEFAULT_LISTEN]
         if not self["vhosts"] and not self["tcp"]:
             raise usage.UsageError(
                 "at least one --vhost HOST=IDENTIFIER or --tcp PORT=IDENTIFIER is required"

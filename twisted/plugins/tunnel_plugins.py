@@ -4,12 +4,12 @@ from twisted.application.service import ServiceMaker
 tunnelServer = ServiceMaker(
     "tunnel server",
     "tunnel.tap.server",
-    "Public reverse-tunnel server (koding/tunnel compatible)",
+    "A public reverse-tunnel server (koding/tunnel protocol).",
     "tunnel-server",
 )
 tunnelClient = ServiceMaker(
     "tunnel client",
     "tunnel.tap.client",
-    "Reverse-tunnel client: expose local servers through a tunnel server",
+    "A reverse-tunnel client that exposes local servers.",
     "tunnel-client",
 )
