@@ -12,6 +12,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from tunnel import TunnelResource, TunnelServerService, TunnelSite
 
+from .processes import reap_all, spawn_twistd
 from .tunnel_env import TunnelEnv, until
 
 
@@ -66,3 +67,26 @@ async def test_stopping_the_service_drains_tunnels_then_stops_listening():
         if service.running:
             await service.stopService()
         await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_exits_when_its_port_is_taken():
+    """A listener that cannot bind ends twistd with the error, not a deaf server."""
+    taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Protocol)
+    )
+    port = taken.getHost().port
+    server = spawn_twistd(
+        "tunnel-server",
+        f"--listen=tcp:{port}:interface=127.0.0.1",
+        "--vhost=app.localhost=some-identifier-1",
+    )
+    try:
+        await server.ended()
+        assert not server.running
+        assert server.reason.exitCode != 0, server.log
+        assert "Address already in use" in server.log
+        assert "some-identifier-1" not in server.log
+    finally:
+        await reap_all([server])
+        await taken.stopListening()

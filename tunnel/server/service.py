@@ -34,6 +34,10 @@ class TunnelServerService(MultiService):
     ) -> StreamServerEndpointService:
         """Serve ``factory`` (a TunnelSite, or ``server.tcp_factory()``) on ``endpoint``."""
         listener = StreamServerEndpointService(endpoint, factory)
+        # as twisted.application.strports.service() does: a port that cannot be
+        # bound fails the start (twistd exits with the error) rather than leaving
+        # a server running that does not listen
+        listener._raiseSynchronously = True
         listener.setServiceParent(self)
         return listener
 
