@@ -246,11 +246,12 @@ class Rig:
     @staticmethod
     async def _listens(server: Twistd, *ports: int) -> bool:
         """True once ``server`` listens on every port, False if one was taken
-        (twisted's own "<factory> starting on <port>" / CannotListenError lines)."""
+        (twisted's own "<factory> starting on <port>" line, or twistd ending
+        with the CannotListenError)."""
         for port in ports:
-            taken = rf"Couldn't listen on 127\.0\.0\.1:{port}:"
+            taken = r"Address already in use"
             line = await wait_for_line(server, rf"starting on {port}\n|{taken}")
-            if line[0].startswith("Couldn't"):
+            if not line[0].startswith("starting"):
                 return False
         return True
 
