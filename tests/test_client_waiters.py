@@ -1,0 +1,101 @@
+"""Every ``when_*()`` of a connection hands each caller a Deferred of its own.
+
+Regression: TunnelClientProtocol.when_ready()/when_lost() returned one shared
+Deferred, so once the service had chained its callbacks onto it, later
+callers got None (or whatever the service's callbacks returned).  They now
+use tunnel.observe.OneShot; these tests pin their documented results.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from tunnel.client import TunnelClientProtocol, TunnelServerError
+from tunnel.koding.wire import CONNECTED_REPLY, HANDSHAKE_RESPONSE
+from tunnel.yamux.frame import FLAG_ACK, TYPE_WINDOW_UPDATE
+
+from .helpers import data_frame, frame
+
+#: what a koding server sends a client that it accepts: the reply, the ACK of
+#: the control stream and ``controlOk``
+SERVER_ACCEPTS = (
+    CONNECTED_REPLY + frame(TYPE_WINDOW_UPDATE, FLAG_ACK, 1, 0) + data_frame(1, HANDSHAKE_RESPONSE)
+)
+
+
+def _refuse(stream, message) -> None:
+    stream.abortConnection()
+
+
+def client_protocol() -> tuple[TunnelClientProtocol, StringTransport, Clock]:
+    clock = Clock()
+    transport = StringTransport()
+    protocol = TunnelClientProtocol("ident", "server:80", _refuse, clock)
+    protocol.makeConnection(transport)
+    return protocol, transport, clock
+
+
+def results(d) -> list:
+    out: list = []
+    d.addBoth(out.append)
+    return out
+
+
+# -- TunnelClientProtocol ------------------------------------------------------------------
+
+
+def test_client_when_ready_gives_every_caller_the_protocol():
+    protocol, transport, clock = client_protocol()
+    first = protocol.when_ready()
+    first.addCallback(lambda _: "consumed by the service")
+    second = protocol.when_ready()
+    assert second is not first
+    protocol.dataReceived(SERVER_ACCEPTS)
+    assert results(second) == [protocol]
+    assert results(protocol.when_ready()) == [protocol]  # after the event: at once
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_when_lost_gives_every_caller_the_reason():
+    protocol, transport, clock = client_protocol()
+    protocol.dataReceived(SERVER_ACCEPTS)
+    first = protocol.when_lost()
+    first.addCallback(lambda _: None)
+    second = protocol.when_lost()
+    assert second is not first
+    protocol.connectionLost(Failure(ConnectionLost("gone")))
+    later = protocol.when_lost()
+    for d in (second, later):
+        [reason] = results(d)
+        assert isinstance(reason, ConnectionLost)  # a value, never a failure
+
+
+def test_client_when_ready_fails_for_every_caller_if_the_connection_fails_first():
+    protocol, transport, clock = client_protocol()
+    first = protocol.when_ready()
+    first.addErrback(lambda _: None)  # one caller handles its failure ...
+    second = protocol.when_ready()
+    protocol.dataReceived(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 4\r\n\r\nnope")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    # ... which leaves the others' failures alone
+    for d in (second, protocol.when_ready()):
+        [failure] = results(d)
+        assert failure.check(TunnelServerError) and "status=502" in str(failure.value)
+    [reason] = results(protocol.when_lost())
+    assert isinstance(reason, TunnelServerError)
+
+
+def test_client_cancelled_waiter_leaves_the_others():
+    protocol, transport, clock = client_protocol()
+    cancelled = protocol.when_ready()
+    kept = protocol.when_ready()
+    cancelled.cancel()
+    assert results(cancelled)[0].check(CancelledError)
+    protocol.dataReceived(SERVER_ACCEPTS)
+    assert results(kept) == [protocol]
+    protocol.connectionLost(Failure(ConnectionDone()))
