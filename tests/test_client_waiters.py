@@ -2,8 +2,9 @@
 
 Regression: TunnelClientProtocol.when_ready()/when_lost() returned one shared
 Deferred, so once the service had chained its callbacks onto it, later
-callers got None (or whatever the service's callbacks returned).  They now
-use tunnel.observe.OneShot; these tests pin their documented results.
+callers got None (or whatever the service's callbacks returned).  The same
+helper (tunnel.observe.OneShot) now backs the control stream's waiters;
+these tests pin their documented results.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from tunnel.client import TunnelClientProtocol, TunnelServerError
-from tunnel.koding.wire import CONNECTED_REPLY, HANDSHAKE_RESPONSE
+from tunnel.koding.control import ControlProtocol, HandshakeError
+from tunnel.koding.wire import CONNECTED_REPLY, HANDSHAKE_REQUEST, HANDSHAKE_RESPONSE
 from tunnel.yamux.frame import FLAG_ACK, TYPE_WINDOW_UPDATE
 
 from .helpers import data_frame, frame
@@ -98,4 +100,56 @@ def test_client_cancelled_waiter_leaves_the_others():
     assert results(cancelled)[0].check(CancelledError)
     protocol.dataReceived(SERVER_ACCEPTS)
     assert results(kept) == [protocol]
+    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+# -- ControlProtocol -------------------------------------------------------------------------
+
+
+def control(is_client: bool = True) -> tuple[ControlProtocol, StringTransport, Clock]:
+    clock = Clock()
+    transport = StringTransport()
+    protocol = ControlProtocol(is_client, clock)
+    protocol.makeConnection(transport)
+    return protocol, transport, clock
+
+
+def test_control_when_ready_and_when_lost_per_caller():
+    protocol, transport, clock = control()
+    first, second = protocol.when_ready(), protocol.when_ready()
+    lost_first, lost_second = protocol.when_lost(), protocol.when_lost()
+    assert first is not second and lost_first is not lost_second
+    first.addCallback(lambda _: "consumed")
+    lost_first.addCallback(lambda _: "consumed")
+    protocol.dataReceived(HANDSHAKE_RESPONSE)
+    assert results(second) == [protocol]
+    assert results(protocol.when_ready()) == [protocol]
+    protocol.connectionLost(Failure(ConnectionDone()))
+    [reason] = results(lost_second)
+    assert isinstance(reason, ConnectionDone)
+    [reason] = results(protocol.when_lost())
+    assert isinstance(reason, ConnectionDone)
+    assert clock.getDelayedCalls() == []
+
+
+def test_control_when_ready_fails_when_the_handshake_does():
+    protocol, transport, clock = control(is_client=False)
+    waiting = protocol.when_ready()
+    lost = protocol.when_lost()
+    clock.advance(protocol.timeout)  # no controlHandshake in time: aborted
+    assert transport.disconnecting or transport.disconnected or not waiting.called
+    protocol.connectionLost(Failure(ConnectionLost("aborted")))
+    for d in (waiting, protocol.when_ready()):
+        [failure] = results(d)
+        assert failure.check(HandshakeError)
+        assert "timeout getting session" in str(failure.value)
+    [reason] = results(lost)  # when_lost never errbacks
+    assert isinstance(reason, ConnectionLost)
+
+
+def test_control_server_side_answers_then_is_ready():
+    protocol, transport, clock = control(is_client=False)
+    protocol.dataReceived(HANDSHAKE_REQUEST)
+    assert transport.value() == HANDSHAKE_RESPONSE
+    assert results(protocol.when_ready()) == [protocol]
     protocol.connectionLost(Failure(ConnectionDone()))
