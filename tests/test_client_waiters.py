@@ -3,11 +3,14 @@
 Regression: TunnelClientProtocol.when_ready()/when_lost() returned one shared
 Deferred, so once the service had chained its callbacks onto it, later
 callers got None (or whatever the service's callbacks returned).  The same
-helper (tunnel.observe.OneShot) now backs the control stream's waiters;
-these tests pin their documented results.
+helper (tunnel.observe.OneShot) now backs the control stream's and the
+server registry's waiters; these tests pin their documented results.
 """
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -18,7 +21,9 @@ from twisted.python.failure import Failure
 from tunnel.client import TunnelClientProtocol, TunnelServerError
 from tunnel.koding.control import ControlProtocol, HandshakeError
 from tunnel.koding.wire import CONNECTED_REPLY, HANDSHAKE_REQUEST, HANDSHAKE_RESPONSE
-from tunnel.yamux.frame import FLAG_ACK, TYPE_WINDOW_UPDATE
+from tunnel.server import NoClientSession, TunnelServer
+from tunnel.yamux import YamuxSession
+from tunnel.yamux.frame import FLAG_ACK, FLAG_SYN, TYPE_WINDOW_UPDATE
 
 from .helpers import data_frame, frame
 
@@ -153,3 +158,83 @@ def test_control_server_side_answers_then_is_ready():
     assert transport.value() == HANDSHAKE_RESPONSE
     assert results(protocol.when_ready()) == [protocol]
     protocol.connectionLost(Failure(ConnectionDone()))
+
+
+# -- the server registry ---------------------------------------------------------------------
+
+
+def attach(server: TunnelServer, clock: Clock):
+    transport = StringTransport()
+    session = YamuxSession(False, clock=clock, quiet_until_peer_speaks=True)
+    connection = server.attach_session("ident", session)
+    session.makeConnection(transport)
+    return connection, session
+
+
+def handshake(session: YamuxSession) -> None:
+    session.dataReceived(
+        frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0) + data_frame(1, HANDSHAKE_REQUEST)
+    )
+
+
+def test_client_connection_when_ready_per_caller():
+    clock = Clock()
+    server = TunnelServer(clock=clock)
+    server.add_host("app.test", "ident")
+    connection, session = attach(server, clock)
+    first, second = connection.when_ready(), connection.when_ready()
+    assert first is not second
+    first.addCallback(lambda _: "consumed")
+    handshake(session)
+    assert results(second) == [connection]
+    assert results(connection.when_ready()) == [connection]
+    session.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_connection_when_ready_fails_if_the_session_ends_first():
+    clock = Clock()
+    server = TunnelServer(clock=clock)
+    server.add_host("app.test", "ident")
+    connection, session = attach(server, clock)
+    waiting = connection.when_ready()
+    session.connectionLost(Failure(ConnectionLost("gone")))
+    for d in (waiting, connection.when_ready()):
+        assert results(d)[0].check(NoClientSession)
+    assert clock.getDelayedCalls() == []
+
+
+def test_when_connected_per_caller_and_at_once_when_connected():
+    clock = Clock()
+    server = TunnelServer(clock=clock)
+    server.add_host("app.test", "ident")
+    first, second = server.when_connected("ident"), server.when_connected("ident")
+    assert first is not second
+    first.addCallback(lambda _: "consumed")
+    connection, session = attach(server, clock)
+    handshake(session)
+    assert results(second) == [None]
+    assert results(server.when_connected("ident")) == [None]
+    session.connectionLost(Failure(ConnectionDone()))
+    # after a disconnect it waits for the next connect
+    again = server.when_connected("ident")
+    assert not again.called
+    connection, session = attach(server, clock)
+    handshake(session)
+    assert results(again) == [None]
+    session.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelled_when_connected_is_forgotten():
+    """Regression: each when_connected() stayed in the on_connect table until
+    the identifier connected, cancelled or not: polling with a timeout for a
+    client that never came grew it without bound."""
+    server = TunnelServer(clock=Clock())
+    waiter = server.when_connected("never")
+    waiter.cancel()
+    assert results(waiter)[0].check(CancelledError)
+    gone = weakref.ref(waiter)
+    del waiter
+    gc.collect()
+    assert gone() is None
