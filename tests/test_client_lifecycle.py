@@ -429,3 +429,31 @@ def test_stop_before_start_does_nothing():
     assert results(client.service.stopService()) == [None]
     assert client.states() == []
     client.assert_quiet()
+
+
+@pytest.mark.parametrize("state", [S.STARTED, S.CONNECTING, S.CONNECTED])
+def test_a_state_observer_may_stop_the_service(state):
+    """Observers run synchronously, Connecting ones inside ClientService's dial,
+    where it cannot be stopped (automat refuses the re-entrant stop()): that
+    stop is taken on the next turn."""
+    client = Client()
+    stops: list = []
+
+    def stop_on(change) -> None:
+        if change.current == state and not stops:
+            stops.append(results(client.service.stopService()))
+
+    client.service.observe_states(stop_on)
+    client.service.startService()
+    if state == S.CONNECTED:
+        dial = client.dialler.last.connect()
+        dial.receive(SERVER_ACCEPTS)
+        assert dial.closing  # the drain found no tunnel open: closed at once
+        dial.lose()
+    client.clock.advance(0)
+    assert stops == [[None]]
+    assert client.service.state == S.CLOSED and not client.service.running
+    if state == S.CONNECTING:
+        assert client.dialler.last.cancelled
+    assert len(client.dialler.dials) == (0 if state == S.STARTED else 1)
+    client.assert_quiet()

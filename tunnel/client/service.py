@@ -21,6 +21,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -163,6 +164,8 @@ class TunnelClientService(Service):
         self._phase = _Phase.STOPPED
         self._attempt: _Attempt | None = None
         self._give_up_call: Any = None
+        #: True while ClientService is inside a dial (see stopService)
+        self._dialling = False
         self._stopped = OneShot()
         self._observers = Observers()
         self._loop = ClientService(
@@ -220,7 +223,10 @@ class TunnelClientService(Service):
             # stop ClientService once it is gone (it then stops at once)
             done = self._drain(attempt.protocol).addCallback(lambda _: self._loop.stopService())
         else:
-            waits = [self._loop.stopService()]  # cancels a dial, or the wait to retry
+            # this cancels a dial or the wait to retry; asked from inside a dial
+            # (a Connecting observer) ClientService can only take it on the next turn
+            stop = self._loop.stopService
+            waits = [deferLater(self.clock, 0, stop) if self._dialling else stop()]
             if attempt is not None and attempt.link is _Link.HANDSHAKE:
                 # ClientService cancels the handshake but leaves the connection
                 waits.append(attempt.protocol.when_lost())
@@ -238,7 +244,8 @@ class TunnelClientService(Service):
     def _start(self) -> None:
         self._phase = _Phase.RUNNING
         self._set_state(ClientState.STARTED)
-        self._loop.startService()
+        if self._phase is _Phase.RUNNING:  # an observer may have stopped it
+            self._loop.startService()
 
     def _new_protocol(self) -> TunnelClientProtocol:
         self.protocol = TunnelClientProtocol(
@@ -254,7 +261,11 @@ class TunnelClientService(Service):
     def _attempt_starts(self) -> None:
         """ClientService dials (the first time, or after a delay)."""
         self._attempt = None
-        self._set_state(ClientState.CONNECTING, self.last_error)
+        self._dialling = True
+        try:
+            self._set_state(ClientState.CONNECTING, self.last_error)
+        finally:
+            self._dialling = False
 
     def _connected(self, proxy: IProtocol) -> _Attempt:
         """The dial succeeded: ``proxy`` is ClientService's, around ``self.protocol``."""
