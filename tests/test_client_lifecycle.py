@@ -1,7 +1,7 @@
 """TunnelClientService's life, on a Clock with dials the test answers by hand.
 
 The reconnect loop is Twisted's ClientService; these tests pin what our thin
-layer adds or corrects (spec.md 2.8): ready only after the CONNECT and
+layer adds or corrects (spec.md 2.12): ready only after the CONNECT and
 control handshake, failed handshakes counted as failed attempts (without
 ClientService's NoTransition on their loss), the policy's delays and its
 give-up, and stopping in every phase: dialling, in the handshake, waiting to

@@ -5,7 +5,7 @@
 as made only once the CONNECT and control handshake are done (its
 ``prepareConnection`` hook), redials with the retry policy's delays and
 hands out ``when_ready()`` waiters.  A thin layer here keeps what it cannot
-express (spec.md 2.8): a graceful drain on stop, stopping an attempt in its
+express (spec.md 2.12): a graceful drain on stop, stopping an attempt in its
 handshake, a policy that gives up, koding's ClientState values and
 ``last_error``.
 """
