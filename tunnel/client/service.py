@@ -19,7 +19,12 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    ILoggingContext,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -54,7 +59,7 @@ class _Link(Enum):
     GONE = "gone"
 
 
-@implementer(IProtocol)
+@implementer(IProtocol, ILoggingContext)
 class _Attempt:
     """One connection to the server, between its transport and ClientService.
 
@@ -91,7 +96,7 @@ class _Attempt:
 class _AttemptFactory(Factory):
     noisy = False
 
-    def __init__(self, wrapped: Factory, service: TunnelClientService) -> None:
+    def __init__(self, wrapped: IProtocolFactory, service: TunnelClientService) -> None:
         self.wrapped = wrapped
         self.service = service
 
@@ -111,7 +116,7 @@ class _AttemptEndpoint:
     def __repr__(self) -> str:
         return repr(self.endpoint)
 
-    def connect(self, factory: Factory) -> Deferred:
+    def connect(self, factory: IProtocolFactory) -> Deferred:
         self.service._attempt_starts()
         d = self.endpoint.connect(_AttemptFactory(factory, self.service))
         return d.addCallbacks(lambda attempt: attempt.proxy, self.service._attempt_failed)
