@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from tunnel.client import TunnelClientService
 from tunnel.koding.states import ClientState
 
 from .tunnel_env import TunnelEnv, until
@@ -79,5 +83,46 @@ async def test_client_stop_finishes_in_flight_and_refuses_new_tunnels():
         await stopping
         assert env.client.state == ClientState.CLOSED
         await until(lambda: env.server.connection(env.IDENT) is None)
+    finally:
+        await env.stop()
+
+
+class Silent(Protocol):
+    """A "server" that accepts the connection and never answers the CONNECT."""
+
+    def connectionMade(self):
+        self.factory.live.append(self)
+
+    def connectionLost(self, reason):
+        self.factory.live.remove(self)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_stop_during_the_handshake_closes_the_connection():
+    """The attempt is in its handshake (ClientService's prepareConnection):
+    stopping aborts the connection, waits until it is gone and does not retry."""
+    env = await TunnelEnv().start(connect=False)
+    factory = Factory.forProtocol(Silent)
+    factory.live = []
+    port = (await env.listen(factory)).getHost().port
+    client = TunnelClientService(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+        env.IDENT,
+        lambda stream, message: stream.abortConnection(),
+        host=f"127.0.0.1:{port}",
+    )
+    states = []
+    client.observe_states(lambda change: states.append(change.current))
+    ready = client.when_ready()
+    try:
+        client.startService()
+        await until(lambda: len(factory.live) == 1 and client.protocol is not None)
+        assert client.protocol.transport is not None
+        await client.stopService()
+        assert client.protocol.transport.disconnected
+        assert states == [ClientState.STARTED, ClientState.CONNECTING, ClientState.CLOSED]
+        with pytest.raises(defer.CancelledError):
+            await ready
+        await until(lambda: not factory.live)  # the server saw it go
     finally:
         await env.stop()

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from .._version import __version__
 from ..koding.control import ControlProtocol
 from ..koding.wire import CONNECTED_STATUS, CONTROL_PATH, IDENTIFIER_HEADER, ControlMessage
+from ..observe import OneShot
 from ..timers import cancel
 from ..yamux import YamuxConfig, YamuxSession, YamuxStream
 
@@ -73,19 +74,21 @@ class TunnelClientProtocol(Protocol):
         self._head = b""
         self._error: TunnelServerError | None = None
         self._timer: Any = None
-        self._ready: Deferred = Deferred()
-        self._lost: Deferred = Deferred()
+        self._ready = OneShot()
+        self._lost = OneShot()
         self.failure: BaseException | None = None
         #: set while the service stops: new tunnels are refused
         self.draining = False
 
     def when_ready(self) -> Deferred:
-        """Fires when the control handshake is done; fails if this connection fails first."""
-        return self._ready
+        """Fires with this protocol when the control handshake is done; fails if
+        this connection fails first.  Each call gets a Deferred of its own."""
+        return self._ready.when()
 
     def when_lost(self) -> Deferred:
-        """Fires with the reason (an exception) when the connection is gone."""
-        return self._lost
+        """Fires with the reason (an exception) when the connection is gone;
+        never errbacks.  Each call gets a Deferred of its own."""
+        return self._lost.when()
 
     # -- Protocol ------------------------------------------------------------
 
@@ -126,9 +129,8 @@ class TunnelClientProtocol(Protocol):
         error = self.failure or self._error or reason.value
         if self._error is not None and self.failure is None:
             error = self._error_with_body()
-        if not self._ready.called:
-            self._ready.errback(Failure(error))
-        self._lost.callback(error)
+        self._ready.fail(error)  # nothing if the handshake was done
+        self._lost.fire(error)
 
     # -- internals -----------------------------------------------------------
 
@@ -161,8 +163,7 @@ class TunnelClientProtocol(Protocol):
 
     def _control_ready(self, control: ControlProtocol) -> None:
         self._cancel_timer()
-        if not self._ready.called:
-            self._ready.callback(self)
+        self._ready.fire(self)
 
     def _control_failed(self, failure: Failure) -> None:
         self._fail(failure.value)

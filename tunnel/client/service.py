@@ -1,32 +1,125 @@
 """The tunnel client as a twisted.application Service.
 
-``TunnelClientService`` keeps one tunnel to the server up: each attempt runs
-a ``TunnelClientProtocol``; lost connections are retried forever with
-exponential backoff and jitter (a policy may give up); the states are
-koding's ClientState values.  Stopping it drains: GoAway, open tunnels may
-finish, then the connection closes.
+``TunnelClientService`` keeps one tunnel to the server up.  Twisted's
+``ClientService`` runs the reconnect loop: it dials, treats the connection
+as made only once the CONNECT and control handshake are done (its
+``prepareConnection`` hook), redials with the retry policy's delays and
+hands out ``when_ready()`` waiters.  A thin layer here keeps what it cannot
+express (spec.md 2.12): a graceful drain on stop, stopping an attempt in its
+handshake, a policy that gives up, koding's ClientState values and
+``last_error``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
+from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.interfaces import (
+    ILoggingContext,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..koding.identifiers import redact
 from ..koding.states import ClientState, StateChange
-from ..observe import Observers
+from ..observe import Observers, OneShot
 from ..timers import cancel
 from ..yamux import YamuxConfig
 from .backoff import RetryPolicy, exponential_backoff
 from .protocol import Forwarder, TunnelClientProtocol
+
+#: the delay handed to ClientService when the policy gives up; never waited
+#: for, the give-up stops ClientService first (see ``_retry_delay``)
+_NEVER_WAITED_FOR = 1.0
+
+
+class _Phase(Enum):
+    """Where the service is in its own life (ClientState is the koding view)."""
+
+    STOPPED = "stopped"  # not started, or stopped
+    RUNNING = "running"  # ClientService keeps the tunnel up
+    GAVE_UP = "gave up"  # the retry policy said None; ClientService is stopped
+    STOPPING = "stopping"  # stopService: draining or closing
+
+
+class _Link(Enum):
+    HANDSHAKE = "handshake"  # connected, CONNECT or control handshake under way
+    READY = "ready"  # ClientService took it (prepareConnection succeeded)
+    GONE = "gone"
+
+
+@implementer(IProtocol, ILoggingContext)
+class _Attempt:
+    """One connection to the server, between its transport and ClientService.
+
+    Everything goes to ClientService's protocol proxy, except the loss of a
+    connection that never became ready: ClientService already counted that
+    attempt as failed (prepareConnection failed, or was cancelled by a stop)
+    and has no transition for its loss (its state machine raises
+    NoTransition), so that loss goes to our protocol alone.
+    """
+
+    def __init__(self, proxy: IProtocol, protocol: TunnelClientProtocol) -> None:
+        self.proxy = proxy
+        self.protocol = protocol
+        self.link = _Link.HANDSHAKE
+
+    def makeConnection(self, transport) -> None:
+        self.proxy.makeConnection(transport)
+
+    def connectionMade(self) -> None:
+        """Nothing: makeConnection() above already told the protocol."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.proxy.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        told = self.proxy if self.link is _Link.READY else self.protocol
+        self.link = _Link.GONE
+        told.connectionLost(reason)
+
+    def logPrefix(self) -> str:
+        return self.protocol.logPrefix()
+
+
+class _AttemptFactory(Factory):
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory, service: TunnelClientService) -> None:
+        self.wrapped = wrapped
+        self.service = service
+
+    def buildProtocol(self, addr) -> _Attempt | None:
+        proxy = self.wrapped.buildProtocol(addr)
+        return None if proxy is None else self.service._connected(proxy)
+
+
+@implementer(IStreamClientEndpoint)
+class _AttemptEndpoint:
+    """The endpoint ClientService dials: each connect() is one attempt."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, service: TunnelClientService) -> None:
+        self.endpoint = endpoint
+        self.service = service
+
+    def __repr__(self) -> str:
+        return repr(self.endpoint)
+
+    def connect(self, factory: IProtocolFactory) -> Deferred:
+        self.service._attempt_starts()
+        d = self.endpoint.connect(_AttemptFactory(factory, self.service))
+        return d.addCallbacks(lambda attempt: attempt.proxy, self.service._attempt_failed)
 
 
 class TunnelClientService(Service):
@@ -38,6 +131,7 @@ class TunnelClientService(Service):
     :param host: the Host header of the CONNECT request (Go sends the dialled
         ``ip:port``).
     :param retry: attempt number -> delay in seconds, or None to give up.
+    :param stop_timeout: seconds open tunnels may go on after stopService.
     """
 
     log = Logger()
@@ -69,79 +163,97 @@ class TunnelClientService(Service):
         self.handshake_timeout = handshake_timeout
         self.stop_timeout = stop_timeout
         self.state = ClientState.UNKNOWN
+        #: the connection of the current (or last) attempt
         self.protocol: TunnelClientProtocol | None = None
         self.last_error: BaseException | None = None
-        self._attempt = 0
-        self._pending: Any = None
-        self._retry_timer: Any = None
+        self._phase = _Phase.STOPPED
+        self._attempt: _Attempt | None = None
+        self._give_up_call: Any = None
+        #: True while ClientService is inside a dial (see stopService)
+        self._dialling = False
+        self._stopped = OneShot()
         self._observers = Observers()
-        self._ready_waiters: list[Deferred] = []
-        self._stopping = False
+        self._loop = ClientService(
+            _AttemptEndpoint(endpoint, self),
+            Factory.forProtocol(self._new_protocol),
+            retryPolicy=self._retry_delay,
+            clock=clock,
+            prepareConnection=self._prepare,
+        )
 
     # -- public API ------------------------------------------------------------
 
     def observe_states(self, callback: Callable[[StateChange], Any]) -> Callable[[], None]:
+        """Call ``callback(StateChange)`` on every change; returns a remover."""
         return self._observers.add(callback)
 
     def when_ready(self) -> Deferred:
-        """Fires with the connected protocol, at once if connected now."""
-        if self.state == ClientState.CONNECTED and self.protocol is not None:
-            return succeed(self.protocol)
-        d: Deferred = Deferred()
-        self._ready_waiters.append(d)
-        return d
+        """Fires with the connected protocol, at once if connected now.
+
+        Fails with the last error if the retry policy gives up, and with
+        CancelledError if the service is stopped first.
+        """
+        return self._loop.whenConnected().addErrback(self._not_ready)
 
     # -- Service ---------------------------------------------------------------
 
     def startService(self) -> None:
+        """Start connecting; during a stop, once the stop is done."""
+        if self._phase is _Phase.RUNNING:
+            return
         super().startService()
-        self._stopping = False
-        self._attempt = 0
-        self._set_state(ClientState.STARTED)
-        self._connect()
+        if self._phase is _Phase.STOPPING:
+            self._stopped.when().addCallback(self._start_after_stop)
+        else:
+            self._start()
 
     def stopService(self) -> Deferred:
-        """GoAway, let open tunnels finish (up to ``stop_timeout``), then close."""
+        """GoAway, let open tunnels finish (up to ``stop_timeout``), then close.
+
+        A draining client refuses new tunnels at once; an attempt still in
+        its handshake is aborted; a wait to retry is cancelled.
+        """
         super().stopService()
-        self._stopping = True
-        cancel(self._retry_timer)
-        self._retry_timer = None
-        if self._pending is not None:
-            self._pending.cancel()
-        protocol = self.protocol
-        done: Deferred
-        if protocol is not None and protocol.session is not None and not protocol.session.closed:
-            protocol.draining = True
-            session = protocol.session
-            session.go_away()
-            closed = session.when_closed()
-            timer = self.clock.callLater(self.stop_timeout, session.close)
-            session.when_idle(1).addCallback(lambda _: session.close())
-            closed.addCallback(lambda _: cancel(timer))
-            done = closed
-        elif (
-            protocol is not None
-            and protocol.transport is not None
-            and not protocol.when_lost().called
-        ):
-            protocol.transport.abortConnection()  # an attempt still in its handshake
-            done = protocol.when_lost()
+        if self._phase is _Phase.STOPPED:
+            return succeed(None)
+        if self._phase is _Phase.STOPPING:
+            return self._stopped.when()
+        self._phase = _Phase.STOPPING
+        self._stopped = OneShot()
+        cancel(self._give_up_call)
+        self._give_up_call = None
+        attempt = self._attempt
+        if attempt is not None and attempt.link is _Link.READY:
+            # ClientService would just drop the connection: drain it first, and
+            # stop ClientService once it is gone (it then stops at once)
+            done = self._drain(attempt.protocol).addCallback(lambda _: self._loop.stopService())
         else:
-            done = succeed(None)
-        return done.addCallback(lambda _: self._set_state(ClientState.CLOSED))
+            # this cancels a dial or the wait to retry; asked from inside a dial
+            # (a Connecting observer) ClientService can only take it on the next turn
+            stop = self._loop.stopService
+            waits = [deferLater(self.clock, 0, stop) if self._dialling else stop()]
+            if attempt is not None and attempt.link is _Link.HANDSHAKE:
+                # ClientService cancels the handshake but leaves the connection
+                waits.append(attempt.protocol.when_lost())
+                attempt.protocol.transport.abortConnection()
+            done = gatherResults(waits)
+        done.addCallback(self._stop_done)
+        return self._stopped.when()
 
-    # -- internals -------------------------------------------------------------
+    # -- the thin layer over ClientService ----------------------------------------
 
-    def _set_state(self, state: ClientState, error: BaseException | None = None) -> None:
-        previous, self.state = self.state, state
-        self._observers.notify(StateChange(self.identifier, previous, state, error))
+    def _start_after_stop(self, _: object) -> None:
+        if self.running and self._phase is _Phase.STOPPED:  # not stopped, or started, since
+            self._start()
 
-    def _connect(self) -> None:
-        self._retry_timer = None
-        if self._stopping:
-            return
-        self._set_state(ClientState.CONNECTING, self.last_error)
-        protocol = TunnelClientProtocol(
+    def _start(self) -> None:
+        self._phase = _Phase.RUNNING
+        self._set_state(ClientState.STARTED)
+        if self._phase is _Phase.RUNNING:  # an observer may have stopped it
+            self._loop.startService()
+
+    def _new_protocol(self) -> TunnelClientProtocol:
+        self.protocol = TunnelClientProtocol(
             self.identifier,
             self.host,
             self.forwarder,
@@ -149,48 +261,96 @@ class TunnelClientService(Service):
             self.yamux_config,
             self.handshake_timeout,
         )
-        self.protocol = protocol
-        self._pending = self.endpoint.connect(Factory.forProtocol(lambda: protocol))
-        self._pending.addCallback(lambda _: protocol.when_ready())
-        self._pending.addCallbacks(self._connected, self._attempt_failed)
+        return self.protocol
 
-    def _connected(self, protocol: TunnelClientProtocol) -> None:
-        self._pending = None
-        self._attempt = 0
+    def _attempt_starts(self) -> None:
+        """ClientService dials (the first time, or after a delay)."""
+        self._attempt = None
+        self._dialling = True
+        try:
+            self._set_state(ClientState.CONNECTING, self.last_error)
+        finally:
+            self._dialling = False
+
+    def _connected(self, proxy: IProtocol) -> _Attempt:
+        """The dial succeeded: ``proxy`` is ClientService's, around ``self.protocol``."""
+        self._attempt = _Attempt(proxy, self.protocol)
+        return self._attempt
+
+    def _prepare(self, proxy: IProtocol) -> Deferred:
+        """ClientService's prepareConnection: ready once the handshakes are done."""
+        attempt = self._attempt
+        ready = attempt.protocol.when_ready()
+        return ready.addCallbacks(self._ready, self._attempt_failed, callbackArgs=(attempt,))
+
+    def _ready(self, protocol: TunnelClientProtocol, attempt: _Attempt) -> TunnelClientProtocol:
+        attempt.link = _Link.READY
         self.last_error = None
         self.log.info("tunnel to the server is up ({ident})", ident=redact(self.identifier))
         self._set_state(ClientState.CONNECTED)
-        protocol.when_lost().addCallback(self._disconnected, protocol)
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.callback(protocol)
+        protocol.when_lost().addCallback(self._lost)
+        return protocol
 
-    def _disconnected(self, reason: BaseException, protocol: TunnelClientProtocol) -> None:
-        if self._stopping or protocol is not self.protocol:
-            return
+    def _lost(self, reason: BaseException) -> None:
+        """A ready connection is gone; ClientService waits, then redials."""
+        if self._phase is not _Phase.RUNNING:
+            return  # stopService takes it from here
         self.last_error = reason
         self.log.info("tunnel to the server lost: {why}", why=reason)
         self._set_state(ClientState.DISCONNECTED, reason)
-        self._schedule_retry()
 
-    def _attempt_failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self._stopping:
-            return
-        self.last_error = failure.value
-        self.log.info(
-            "connecting to the tunnel server failed: {why}", why=failure.getErrorMessage()
-        )
-        self._schedule_retry()
+    def _attempt_failed(self, failure: Failure) -> Failure:
+        """A dial or handshake failed (passed on: ClientService counts it)."""
+        if self._phase is _Phase.RUNNING:  # not a stop cancelling it
+            self.last_error = failure.value
+            self.log.info(
+                "connecting to the tunnel server failed: {why}", why=failure.getErrorMessage()
+            )
+        return failure
 
-    def _schedule_retry(self) -> None:
-        self._attempt += 1
-        delay = self.retry(self._attempt)
-        if delay is None:
-            self.log.warn("giving up reconnecting after {n} attempts", n=self._attempt)
-            self._set_state(ClientState.CLOSED, self.last_error)
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
-                d.errback(Failure(self.last_error or ConnectionDone("gave up")))
-            return
-        self._retry_timer = self.clock.callLater(delay, self._connect)
+    def _retry_delay(self, failures: int) -> float:
+        """ClientService's retryPolicy, from ours: ``failures`` counts the
+        attempts failed in a row (1 for the first retry).
+
+        ClientService always retries, and cannot be stopped from inside its
+        policy (it is mid-transition); so when ours gives up, ClientService is
+        stopped on the next turn, before the delay returned here runs out.
+        """
+        delay = self.retry(failures)
+        if delay is not None:
+            return delay
+        if self._phase is _Phase.RUNNING:
+            self.log.warn("giving up reconnecting after {n} attempts", n=failures)
+            self._give_up_call = self.clock.callLater(0, self._give_up)
+        return _NEVER_WAITED_FOR
+
+    def _give_up(self) -> None:
+        self._give_up_call = None
+        self._phase = _Phase.GAVE_UP
+        self._set_state(ClientState.CLOSED, self.last_error)
+        self._loop.stopService()  # fails the when_ready() waiters: see _not_ready
+
+    def _not_ready(self, failure: Failure) -> Failure:
+        if self._phase is _Phase.GAVE_UP and failure.check(CancelledError):
+            return Failure(self.last_error or CancelledError("the retry policy gave up"))
+        return failure
+
+    def _drain(self, protocol: TunnelClientProtocol) -> Deferred:
+        """GoAway, refuse new tunnels, close once idle or after stop_timeout;
+        fires when the connection is gone."""
+        protocol.draining = True
+        session = protocol.session
+        session.go_away()
+        timer = self.clock.callLater(self.stop_timeout, session.close)
+        session.when_idle(1).addCallback(lambda _: session.close())  # the control stream stays
+        return protocol.when_lost().addCallback(lambda _: cancel(timer))
+
+    def _stop_done(self, _: object) -> None:
+        self._phase = _Phase.STOPPED
+        if self.state != ClientState.CLOSED:
+            self._set_state(ClientState.CLOSED)
+        self._stopped.fire(None)
+
+    def _set_state(self, state: ClientState, error: BaseException | None = None) -> None:
+        previous, self.state = self.state, state
+        self._observers.notify(StateChange(self.identifier, previous, state, error))

@@ -17,6 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..observe import OneShot
 from ..timers import cancel
 from .wire import (
     HANDSHAKE_REQUEST,
@@ -62,29 +63,19 @@ class ControlProtocol(Protocol):
         self._buf = b""
         self._decoder = MessageDecoder()
         self._timer = None
-        self._ready_waiters: list[Deferred] = []
-        self._lost_waiters: list[Deferred] = []
-        self._lost: Failure | None = None
+        self._ready = OneShot()
+        self._lost = OneShot()
+        self._lost_reason: Failure | None = None
         self._error: Exception | None = None
 
     def when_ready(self) -> Deferred:
-        d: Deferred = Deferred()
-        if self.ready:
-            d.callback(self)
-        elif self._lost is not None:
-            d.errback(HandshakeError(self._describe_failure()))
-        else:
-            self._ready_waiters.append(d)
-        return d
+        """Fires with this protocol once the handshake is done; fails with
+        HandshakeError if the stream ends first."""
+        return self._ready.when()
 
     def when_lost(self) -> Deferred:
         """Fires with the exception that ended the stream; never errbacks."""
-        d: Deferred = Deferred()
-        if self._lost is not None:
-            d.callback(self._lost.value)
-        else:
-            self._lost_waiters.append(d)
-        return d
+        return self._lost.when()
 
     def send(self, message: ControlMessage) -> None:
         if not self.ready or self.transport is None:
@@ -115,9 +106,7 @@ class ControlProtocol(Protocol):
             if not self.is_client:
                 self.transport.write(HANDSHAKE_RESPONSE)
             self.ready = True
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
-                d.callback(self)
+            self._ready.fire(self)
             if not data or self.transport is None:
                 return
         try:
@@ -133,21 +122,18 @@ class ControlProtocol(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_timer()
-        self._lost = reason
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.errback(HandshakeError(self._describe_failure()))
-        lost, self._lost_waiters = self._lost_waiters, []
-        for d in lost:
-            d.callback(reason.value)
+        self._lost_reason = reason
+        if not self.ready:
+            self._ready.fail(HandshakeError(self._describe_failure()))
+        self._lost.fire(reason.value)
 
     # -- internals -----------------------------------------------------------
 
     def _describe_failure(self) -> str:
         if self._error is not None:
             return str(self._error)
-        if self._lost is not None:
-            return f"control stream closed: {self._lost.getErrorMessage()}"
+        if self._lost_reason is not None:
+            return f"control stream closed: {self._lost_reason.getErrorMessage()}"
         return "control handshake failed"
 
     def _timed_out(self) -> None:

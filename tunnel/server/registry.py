@@ -25,7 +25,7 @@ from ..koding.control import ControlProtocol
 from ..koding.identifiers import redact
 from ..koding.states import ClientState, StateChange
 from ..koding.wire import ControlMessage, TransportProtocol
-from ..observe import Observers
+from ..observe import Observers, OneShot
 from ..timers import cancel
 from ..yamux import YamuxConfig, YamuxSession, YamuxStream
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
@@ -56,7 +56,7 @@ class ClientConnection:
         self.closed = False
         self._waiters: deque[_Waiter] = deque()
         self._timer: Any = None
-        self._ready_d: Deferred = Deferred()
+        self._ready = OneShot()
 
     def __repr__(self) -> str:
         return f"<ClientConnection {redact(self.identifier)} ready={self.ready}>"
@@ -67,7 +67,12 @@ class ClientConnection:
         self._timer = clock.callLater(self.server.control_timeout, self._no_control_stream)
         self.session.set_stream_handler(self._stream_opened)
         self.session.when_closed().addCallback(self._session_closed)
-        return self._ready_d
+        return self.when_ready()
+
+    def when_ready(self) -> Deferred:
+        """Fires with this connection once its control handshake is done;
+        fails with NoClientSession if the session ends first."""
+        return self._ready.when()
 
     @property
     def pending(self) -> int:
@@ -139,7 +144,7 @@ class ClientConnection:
         if self.closed:
             return
         self.ready = True
-        self._ready_d.callback(self)
+        self._ready.fire(self)
 
     def _control_failed(self, failure: Failure) -> None:
         self.log.info(
@@ -172,8 +177,7 @@ class ClientConnection:
             d, waiter.deferred = waiter.deferred, None
             if d is not None and not waiter.cancelled:
                 d.errback(NoClientSession())
-        if not self._ready_d.called:
-            self._ready_d.errback(NoClientSession())
+        self._ready.fail(NoClientSession())  # nothing if it was ready
         self.server.connection_ended(self)
 
 
@@ -219,6 +223,7 @@ class TunnelServer:
         self._observers = Observers()
         self._on_connect: dict[str, list[Callable[[], Any]]] = {}
         self._on_disconnect: dict[str, list[Callable[[], Any]]] = {}
+        self._connected: dict[str, OneShot] = {}
         self._accepting = True
 
     # -- configuration ---------------------------------------------------------
@@ -260,12 +265,11 @@ class TunnelServer:
         self._on_disconnect.setdefault(identifier, []).append(callback)
 
     def when_connected(self, identifier: str) -> Deferred:
-        """Fires (once) when ``identifier`` is connected, at once if it already is."""
+        """Fires with None when ``identifier`` is connected, at once if it
+        already is, else at its next connect.  Cancelling it withdraws it."""
         if self.state(identifier) == ClientState.CONNECTED:
             return succeed(None)
-        d: Deferred = Deferred()
-        self.on_connect(identifier, lambda: d.callback(None))
-        return d
+        return self._connected.setdefault(identifier, OneShot()).when()
 
     def _set_state(self, identifier: str, state: ClientState, error=None) -> None:
         previous = self.state(identifier)
@@ -279,6 +283,10 @@ class TunnelServer:
                     callback()
                 except Exception:
                     self.log.failure("state callback for {ident} failed", ident=redact(identifier))
+        if state == ClientState.CONNECTED:
+            waiting = self._connected.pop(identifier, None)
+            if waiting is not None:
+                waiting.fire(None)
 
     # -- connections -------------------------------------------------------------
 
