@@ -254,7 +254,11 @@ class YamuxStream:
             self._deliver_buffered()
 
     def stopProducing(self) -> None:
-        self.loseConnection()
+        """The consumer is gone (e.g. its TCP connection was reset): abort, as H2Stream does.
+
+        A FIN here would make a truncated transfer look complete to the peer.
+        """
+        self.abortConnection()
 
     # -- called by the session -----------------------------------------------
 
