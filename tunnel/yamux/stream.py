@@ -6,7 +6,8 @@ Flow control follows ``twisted.web._http2.H2Stream`` and conch's
 * sending: bytes go out only within the peer's window; the rest waits in the
   stream's buffer and the registered producer is paused once that buffer
   passes ``write_buffer_size``.  ``loseConnection`` sends FIN only after the
-  buffer has drained.
+  buffer has drained.  A pull producer is driven as a push producer
+  (``producers.PullToPush``), as H2Stream does.
 * receiving: data reaches the protocol unless the stream is paused (or has no
   protocol yet); credit is returned to the peer only for bytes the protocol
   has consumed, so a consumer that stops reading stops the sender after one
@@ -38,6 +39,7 @@ from zope.interface import implementer
 from ..timers import cancel
 from .errors import StreamCloseTimeout, StreamOpenTimeout, StreamReset, UnexpectedFin
 from .frame import FLAG_FIN, INITIAL_WINDOW, TYPE_WINDOW_UPDATE, encode
+from .producers import PullToPush
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IProtocol
@@ -94,7 +96,6 @@ class YamuxStream:
         self._send_buffered = 0
         self._high_water = config.write_buffer_size
         self._producer: Any = None
-        self._streaming = True
         self._producer_paused = False
         self._fin_wanted = False
         self._fin_sent = False
@@ -178,7 +179,6 @@ class YamuxStream:
         if (
             self._send_buffered > self._high_water
             and self._producer is not None
-            and self._streaming
             and not self._producer_paused
         ):
             self._producer_paused = True
@@ -230,18 +230,22 @@ class YamuxStream:
         if self._ended is not None:
             producer.stopProducing()
             return
-        self._producer = producer
-        self._streaming = streaming
-        self._producer_paused = False
+        pull = None
         if not streaming:
-            producer.resumeProducing()
-        elif self._send_buffered > self._high_water:
+            producer = pull = PullToPush(producer, self, self.session.clock)
+        self._producer = producer
+        self._producer_paused = False
+        if self._send_buffered > self._high_water:
             self._producer_paused = True
             producer.pauseProducing()
+        if pull is not None:
+            pull.start()
 
     def unregisterProducer(self) -> None:
-        self._producer = None
+        producer, self._producer = self._producer, None
         self._producer_paused = False
+        if isinstance(producer, PullToPush):
+            producer.stop()
 
     # -- IPushProducer (the protocol's consumer controls our delivery) -------
 
@@ -362,12 +366,9 @@ class YamuxStream:
             self._send_fin()
             return
         producer = self._producer
-        if producer is not None:
-            if not self._streaming:
-                producer.resumeProducing()
-            elif self._producer_paused:
-                self._producer_paused = False
-                producer.resumeProducing()
+        if producer is not None and self._producer_paused:
+            self._producer_paused = False
+            producer.resumeProducing()
 
     # -- internals -----------------------------------------------------------
 
