@@ -51,6 +51,7 @@ from .frame import (
     MAX_STREAM_ID,
     TYPE_DATA,
     TYPE_GO_AWAY,
+    TYPE_NAMES,
     TYPE_PING,
     TYPE_WINDOW_UPDATE,
     FrameParser,
@@ -394,40 +395,22 @@ class YamuxSession(Protocol):
 
     def dataHeaderReceived(self, header: Header) -> Callable[[bytes], None] | None:
         self._heard()
-        sid = header.stream_id
-        if sid == 0:
-            raise InvalidStreamId("Data frame on stream 0")
-        flags = header.flags
-        if flags & FLAG_SYN:
-            stream = self._incoming(sid)
-        else:
-            stream = self._streams.get(sid)
-            if stream is None:
-                self.log.debug("Data for unknown stream {sid}, skipped", sid=sid)
-                return None
+        stream = self._process_flags(header)
         if stream is None:
-            return None
-        if flags & FLAG_ACK:
-            self._acked(stream)
-        if flags & FLAG_RST:
-            stream._reset_by_peer()
             return None
         if header.length > stream._recv_window:
             raise WindowExceeded(
-                f"stream {sid}: Data of {header.length} bytes exceeds the window"
+                f"stream {stream.id}: Data of {header.length} bytes exceeds the window"
                 f" of {stream._recv_window}"
             )
         if not stream._accepts_data():
             if header.length:
-                self.log.info("stream {sid}: Data after FIN dropped", sid=sid)
+                self.log.info("stream {sid}: Data after FIN dropped", sid=stream.id)
             return None
         return stream._data_received
 
     def dataFrameEnded(self, header: Header) -> None:
-        if header.flags & FLAG_FIN:
-            stream = self._streams.get(header.stream_id)
-            if stream is not None:
-                stream._fin_arrived()
+        self._process_fin(header)
 
     def controlFrameReceived(self, header: Header) -> None:
         self._heard()
@@ -442,27 +425,46 @@ class YamuxSession(Protocol):
     # -- frame handlers ------------------------------------------------------
 
     def _window_update(self, header: Header) -> None:
+        stream = self._process_flags(header)
+        if stream is None:
+            return
+        if header.length:
+            stream._credit(header.length)
+        self._process_fin(header)
+
+    def _process_flags(self, header: Header) -> YamuxStream | None:
+        """SYN, ACK and RST of a Data or WindowUpdate header (Go's processFlags).
+
+        Returns the stream the frame's payload (body or credit) is for, or
+        None to ignore it.  FIN is ``_process_fin``'s, once that payload is
+        in: a Data frame's FIN follows its body.
+        """
         sid, flags = header.stream_id, header.flags
         if sid == 0:
-            raise InvalidStreamId("WindowUpdate on stream 0")
+            raise InvalidStreamId(f"{TYPE_NAMES[header.type]} on stream 0")
         if flags & FLAG_SYN:
             stream = self._incoming(sid)
-            if stream is None:
-                return
         else:
             stream = self._streams.get(sid)
             if stream is None:
-                self.log.debug("WindowUpdate for unknown stream {sid} ignored", sid=sid)
-                return
+                self.log.debug(
+                    "{type} for unknown stream {sid} ignored", type=TYPE_NAMES[header.type], sid=sid
+                )
+        if stream is None:
+            return None
         if flags & FLAG_ACK:
             self._acked(stream)
         if flags & FLAG_RST:
             stream._reset_by_peer()
-            return
-        if header.length:
-            stream._credit(header.length)
-        if flags & FLAG_FIN:
-            stream._fin_arrived()
+            return None
+        return stream
+
+    def _process_fin(self, header: Header) -> None:
+        """FIN of a Data or WindowUpdate frame, after its payload."""
+        if header.flags & FLAG_FIN:
+            stream = self._streams.get(header.stream_id)
+            if stream is not None:
+                stream._fin_arrived()
 
     def _incoming(self, sid: int) -> YamuxStream | None:
         """The peer opened ``sid``: accept (ACK) it, or refuse it with RST."""
