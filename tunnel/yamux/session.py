@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..observe import OneShot
 from ..timers import cancel
 from .config import YamuxConfig
 from .errors import (
@@ -118,8 +119,9 @@ class YamuxSession(Protocol):
         self._closed: Failure | None = None
         self._close_reason: Failure | None = None
         self._close_timer: Any = None
-        self._close_waiters: list[Deferred] = []
-        self._idle_waiters: list[tuple[int, Deferred]] = []
+        self._closed_event = OneShot()
+        #: when_idle(n) waiters, one OneShot per threshold n
+        self._idle_events: dict[int, OneShot] = {}
         # pings
         self._ping_id = 0
         self._pings: dict[int, tuple[Deferred, float, Any]] = {}
@@ -273,33 +275,25 @@ class YamuxSession(Protocol):
         Its result is the exception that ended it (``ConnectionDone`` for a
         clean close); it never errbacks.
         """
-        if self._closed is not None:
-            d: Deferred = Deferred()
-            d.callback(self._closed.value)
-            return d
-        d = Deferred()
-        self._close_waiters.append(d)
-        return d
+        return self._closed_event.when()
 
     def when_idle(self, streams: int = 0) -> Deferred:
         """Fires once at most ``streams`` streams are open, or the session ended.
 
         For graceful shutdown: ``go_away()``, wait for this, then ``close()``.
         """
-        d: Deferred = Deferred()
         if len(self._streams) <= streams or self._closed is not None:
-            d.callback(None)
-        else:
-            self._idle_waiters.append((streams, d))
-        return d
+            return succeed(None)
+        event = self._idle_events.get(streams)
+        if event is None:
+            event = self._idle_events[streams] = OneShot()
+        return event.when()
 
     def _check_idle(self) -> None:
         count = len(self._streams)
-        ready = [w for w in self._idle_waiters if count <= w[0] or self._closed is not None]
-        if ready:
-            self._idle_waiters = [w for w in self._idle_waiters if w not in ready]
-            for _, d in ready:
-                d.callback(None)
+        closed = self._closed is not None
+        for streams in [n for n in self._idle_events if count <= n or closed]:
+            self._idle_events.pop(streams).fire(None)
 
     def ping(self, timeout: float | None = None) -> Deferred:
         """Send a ping; the Deferred fires with the round-trip time in seconds.
@@ -373,9 +367,7 @@ class YamuxSession(Protocol):
         self._backlog.clear()
         self._ready.clear()
         self._check_idle()
-        waiters, self._close_waiters = self._close_waiters, []
-        for d in waiters:
-            d.callback(reason.value)
+        self._closed_event.fire(reason.value)
 
     # -- IPushProducer (the transport tells us when its buffer is full) ------
 
@@ -655,7 +647,7 @@ class YamuxSession(Protocol):
                 self._pending_opens -= 1
                 if self._open_waiters and self._release_call is None:
                     self._release_call = self.clock.callLater(0, self._release_later)
-            if self._idle_waiters:
+            if self._idle_events:
                 self._check_idle()
         self._ready.pop(stream, None)
         if stream in self._backlog:
