@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..timers import cancel
-from .errors import StreamCloseTimeout, StreamOpenTimeout, StreamReset, UnexpectedFin
-from .frame import FLAG_FIN, INITIAL_WINDOW, TYPE_WINDOW_UPDATE, encode
+from .errors import (
+    StreamCloseTimeout,
+    StreamOpenTimeout,
+    StreamReset,
+    UnexpectedFin,
+    WindowExceeded,
+)
+from .frame import FLAG_FIN, FLAG_RST, INITIAL_WINDOW
 from .producers import PullToPush
 
 if TYPE_CHECKING:
@@ -87,7 +94,7 @@ class YamuxStream:
         self.protocol: IProtocol | None = None
         self.connected = False
         self.disconnecting = False
-        self._acked = False
+        self._acked = not outbound  # the session ACKs a peer's stream at once
         self._ended: Failure | None = None
         self._reset = False
         # sending
@@ -113,6 +120,8 @@ class YamuxStream:
         self._eof_delivered = False
         self._notified = False
         self._timer: Any = None
+        if outbound:  # the session sends our SYN right away
+            self._start_open_timer()
 
     def __repr__(self) -> str:
         return f"<YamuxStream {self.id} {self.state.value}>"
@@ -168,14 +177,14 @@ class YamuxStream:
     def write(self, data: bytes) -> None:
         if self._fin_wanted or self._ended is not None or not data:
             return
-        if not self._send_buffered:
-            data = self.session._send_now(self, data)
+        if not self._send_buffered and self.session.can_send_now():
+            data = self._send_now(data)
             if not data:
                 return
         self._send_buf.append(data)
         self._send_buffered += len(data)
         if self._send_window > 0:
-            self.session._schedule(self)
+            self.session.schedule_send(self)
         if (
             self._send_buffered > self._high_water
             and self._producer is not None
@@ -210,7 +219,7 @@ class YamuxStream:
         """Abort both directions at once with RST; queued data is dropped."""
         if self._ended is not None:
             return
-        self.session._send_reset(self.id)
+        self.session.send_window_update(self.id, FLAG_RST)
         self._end(Failure(ConnectionAborted("stream aborted")))
 
     def getPeer(self) -> StreamAddress:
@@ -264,25 +273,26 @@ class YamuxStream:
         """
         self.abortConnection()
 
-    # -- called by the session -----------------------------------------------
+    # -- the seam: what the session calls (see session.py's design comment) ----
 
-    def _acknowledged(self) -> None:
-        if self.outbound and not self._acked:
-            self._acked = True
-            self._cancel_timer()
-            if self._full_close and self._fin_sent and not self._fin_received:
-                self._start_close_timer()
-        else:
-            self.log.warn("unexpected ACK on stream {sid}", sid=self.id)
+    def data_header(self, length: int) -> Callable[[bytes], None] | None:
+        """A Data header for us: where its body goes, or None to skip it.
 
-    def _credit(self, delta: int) -> None:
-        had = self._send_window
-        self._send_window = had + delta
-        if had <= 0 and self._send_buffered:
-            self.session._schedule(self)
+        Raises WindowExceeded if ``length`` is more than we let the peer send.
+        """
+        if length > self._recv_window:
+            raise WindowExceeded(
+                f"stream {self.id}: Data of {length} bytes exceeds the window"
+                f" of {self._recv_window}"
+            )
+        if self._fin_received or self._ended is not None:
+            if length:
+                self.log.info("stream {sid}: Data after FIN dropped", sid=self.id)
+            return None
+        return self.data_received
 
-    def _data_received(self, data: bytes) -> None:
-        """A piece of a Data body (the header's length was checked already)."""
+    def data_received(self, data: bytes) -> None:
+        """A piece of a Data body (its header passed ``data_header``)."""
         n = len(data)
         self._recv_window -= n
         if self._ended is not None:
@@ -311,10 +321,22 @@ class YamuxStream:
         else:
             self._maybe_grant()
 
-    def _accepts_data(self) -> bool:
-        return not self._fin_received and self._ended is None
+    def window_received(self, delta: int) -> None:
+        """The peer granted ``delta`` more bytes of window (WindowUpdate, SYN or ACK)."""
+        had = self._send_window
+        self._send_window = had + delta
+        if had <= 0 and self._send_buffered:
+            self.session.schedule_send(self)
 
-    def _fin_arrived(self) -> None:
+    def ack_received(self) -> None:
+        """The peer acknowledged our SYN (the session calls this once, for our streams)."""
+        self._acked = True
+        self._cancel_timer()
+        if self._full_close and self._fin_sent and not self._fin_received:
+            self._start_close_timer()
+
+    def fin_received(self) -> None:
+        """The peer's FIN, after the frame's payload; a second one is a protocol error."""
         if self._fin_received:
             raise UnexpectedFin(f"second FIN on stream {self.id}")
         self._fin_received = True
@@ -327,13 +349,24 @@ class YamuxStream:
         if not self._recv_buf and not self._delivering:
             self._deliver_eof()
 
-    def _reset_by_peer(self) -> None:
+    def reset_received(self) -> None:
+        """The peer sent RST."""
         if self._ended is None:
             self._reset = True
             self._end(Failure(StreamReset(f"stream {self.id} reset by peer")))
 
-    def _session_lost(self, reason: Failure) -> None:
+    def session_lost(self, reason: Failure) -> None:
+        """The session ended with the stream still open."""
         self._end(reason)
+
+    def send_frame(self, budget: int) -> bool:
+        """The session's turn for us: send one frame of at most ``budget`` bytes.
+
+        Returns True if more could go (data queued and window left).
+        """
+        if self._ended is not None or not self._send_buffered or self._send_window <= 0:
+            return False
+        return self._send_some(budget)
 
     def _send_some(self, budget: int) -> bool:
         """Send one frame of at most ``budget`` bytes; return True if more can go."""
@@ -354,7 +387,7 @@ class YamuxStream:
             chunk = view[:size].tobytes()
         self._send_window = window - size
         self._send_buffered -= size
-        self.session._write_data(self.id, chunk)
+        self.session.write_data(self.id, chunk)
         if not self._send_buffered:
             self._drained()
             return False
@@ -371,6 +404,26 @@ class YamuxStream:
             producer.resumeProducing()
 
     # -- internals -----------------------------------------------------------
+
+    def _send_now(self, data: bytes) -> bytes | memoryview:
+        """Write what the window and the socket allow now; return the rest."""
+        size = len(data)
+        window = self._send_window
+        limit = self.session.config.max_frame_size
+        if size <= window and size <= limit:
+            self._send_window = window - size
+            self.session.write_data(self.id, data)
+            return b""
+        view = memoryview(data)
+        offset = 0
+        writable = True
+        while offset < size and window > 0 and writable:
+            n = min(size - offset, window, limit)
+            writable = self.session.write_data(self.id, view[offset : offset + n].tobytes())
+            offset += n
+            window -= n
+        self._send_window = window
+        return view[offset:] if offset < size else b""
 
     def _deliver_buffered(self) -> None:
         if self._delivering or self._ended is not None:
@@ -401,7 +454,7 @@ class YamuxStream:
         delta = self._max_window - self._recv_buffered - self._recv_window
         if delta >= self._half_window:
             self._recv_window += delta
-            self.session._send_control(encode(TYPE_WINDOW_UPDATE, 0, self.id, delta))
+            self.session.send_window_update(self.id, 0, delta)
 
     def _deliver_eof(self) -> None:
         if self._eof_delivered:
@@ -433,7 +486,7 @@ class YamuxStream:
         if self._fin_sent or self._ended is not None:
             return
         self._fin_sent = True
-        self.session._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_FIN, self.id, 0))
+        self.session.send_window_update(self.id, FLAG_FIN)
         if self._full_close:
             self._after_full_close()
             return
@@ -468,7 +521,7 @@ class YamuxStream:
     def _close_timed_out(self) -> None:
         self._timer = None
         self.log.info("stream {sid}: no FIN from the peer in time, resetting", sid=self.id)
-        self.session._send_reset(self.id)
+        self.session.send_window_update(self.id, FLAG_RST)
         self._reset = True
         self._end(Failure(StreamCloseTimeout(f"stream {self.id}: no FIN from the peer")))
 
@@ -480,7 +533,7 @@ class YamuxStream:
     def _open_timed_out(self) -> None:
         self._timer = None
         self.log.info("stream {sid}: no ACK from the peer in time, resetting", sid=self.id)
-        self.session._send_reset(self.id)
+        self.session.send_window_update(self.id, FLAG_RST)
         self._reset = True
         self._end(Failure(StreamOpenTimeout(f"stream {self.id} was not acknowledged")))
 
@@ -502,7 +555,7 @@ class YamuxStream:
         self._send_buffered = 0
         self._recv_buf.clear()
         self._recv_buffered = 0
-        self.session._forget(self)
+        self.session.stream_ended(self)
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
