@@ -12,7 +12,15 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from tunnel.yamux import StreamState, YamuxConfig
-from tunnel.yamux.frame import FLAG_ACK, FLAG_FIN, FLAG_SYN, TYPE_WINDOW_UPDATE
+from tunnel.yamux.errors import UnexpectedFin
+from tunnel.yamux.frame import (
+    FLAG_ACK,
+    FLAG_FIN,
+    FLAG_SYN,
+    GOAWAY_PROTOCOL_ERROR,
+    TYPE_GO_AWAY,
+    TYPE_WINDOW_UPDATE,
+)
 from tunnel.yamux.stream import Phase
 
 from .helpers import Wire, data_frame, frame
@@ -130,3 +138,21 @@ def test_fin_before_ack_lingers_and_the_ack_starts_the_close_timer():
     w.feed(fin(stream.id))
     assert stream.phase is Phase.CLOSED and w.clock.getDelayedCalls() == []
     w.lose()
+
+
+def test_a_second_fin_is_rejected_at_the_header_before_its_credit_is_used():
+    """Go's order: the flags are checked before the window grows.  The credit
+    here would have let our queued data and FIN out, ending the stream before
+    its FIN was looked at."""
+    w = wire()
+    stream = w.session.open_stream()
+    stream.attach(Protocol())  # not half-closeable: the peer's FIN closes our side
+    w.feed(frame(TYPE_WINDOW_UPDATE, FLAG_ACK, stream.id, 0))
+    stream.write(b"x" * (256 * 1024 + 10))
+    w.feed(fin(stream.id))
+    assert stream.phase is Phase.READ_CLOSED and stream.buffered[0] == 10
+    w.sent()
+    w.feed(frame(TYPE_WINDOW_UPDATE, FLAG_FIN, stream.id, 10))
+    assert [(h.type, h.length) for h, _ in w.sent()] == [(TYPE_GO_AWAY, GOAWAY_PROTOCOL_ERROR)]
+    w.lose()
+    assert isinstance(w.session.close_reason, UnexpectedFin)

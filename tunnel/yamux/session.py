@@ -29,8 +29,8 @@ The session calls on a stream (frame events, already routed by stream id):
 - ``window_received(delta)``: send credit from WindowUpdate, SYN or ACK;
 - ``ack_received()``: the peer ACKed our SYN (once; the session counts
   pending opens itself);
-- ``fin_received()``, ``reset_received()``: the peer's FIN (after the
-  frame's payload) and RST;
+- ``check_fin()`` at the header (a second FIN is a protocol error), then
+  ``fin_received()`` after the frame's payload; ``reset_received()``: RST;
 - ``session_lost(reason)``: the connection ended under the stream;
 - ``send_frame(budget)``: the stream's round-robin turn to send one frame.
 
@@ -453,11 +453,13 @@ class YamuxSession(Protocol):
         self._process_fin(header)
 
     def _process_flags(self, header: Header) -> YamuxStream | None:
-        """SYN, ACK and RST of a Data or WindowUpdate header (Go's processFlags).
+        """The flags of a Data or WindowUpdate header (Go's processFlags).
 
-        Returns the stream the frame's payload (body or credit) is for, or
-        None to ignore it.  FIN is ``_process_fin``'s, once that payload is
-        in: a Data frame's FIN follows its body.
+        SYN, ACK and RST take effect here, and a second FIN is rejected here,
+        as in Go, before any of the frame's payload (body or credit) is used.
+        Returns the stream that payload is for, or None to ignore it.  A
+        valid FIN takes effect in ``_process_fin``, once the payload is in: a
+        Data frame's FIN follows its body.
         """
         sid, flags = header.stream_id, header.flags
         if sid == 0:
@@ -477,6 +479,8 @@ class YamuxSession(Protocol):
         if flags & FLAG_RST:
             stream.reset_received()
             return None
+        if flags & FLAG_FIN:
+            stream.check_fin()
         return stream
 
     def _process_fin(self, header: Header) -> None:

@@ -439,12 +439,15 @@ class YamuxStream:
         if self._phase is Phase.LINGERING:
             self._start_close_timer()
 
+    def check_fin(self) -> None:
+        """A frame for us carries FIN: raise UnexpectedFin if the peer's FIN came already."""
+        if self._phase not in _READING and self._phase not in _OVER:
+            raise UnexpectedFin(f"second FIN on stream {self.id}")
+
     def fin_received(self) -> None:
-        """The peer's FIN, after the frame's payload; a second one is a protocol error."""
+        """The peer's FIN (``check_fin`` passed at the header), after the frame's payload."""
         if self._phase in _OVER:
             return
-        if self._phase not in _READING:
-            raise UnexpectedFin(f"second FIN on stream {self.id}")
         self._move(_Event.FIN_RECEIVED)
         if self._phase is Phase.CLOSING:
             # we were lingering: this FIN completes the close
