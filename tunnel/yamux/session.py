@@ -16,7 +16,7 @@ As with twisted.web's H2Connection and H2Stream, the two classes talk only
 through a small set of public methods; neither touches the other's
 underscore attributes.  The session owns the connection, the frame codec,
 the stream table and the fair send queue; a stream owns its windows, its
-buffers, its lifecycle (``StreamState``) and its protocol.
+buffers, its lifecycle (``Phase``, see ``stream.py``) and its protocol.
 
 The session calls on a stream (frame events, already routed by stream id):
 
@@ -430,7 +430,8 @@ class YamuxSession(Protocol):
         return stream.data_header(header.length)
 
     def dataFrameEnded(self, header: Header) -> None:
-        self._process_fin(header)
+        if header.flags & FLAG_FIN:
+            self._process_fin(header.stream_id)
 
     def controlFrameReceived(self, header: Header) -> None:
         self._heard()
@@ -450,7 +451,8 @@ class YamuxSession(Protocol):
             return
         if header.length:
             stream.window_received(header.length)
-        self._process_fin(header)
+        if header.flags & FLAG_FIN:
+            self._process_fin(header.stream_id)
 
     def _process_flags(self, header: Header) -> YamuxStream | None:
         """The flags of a Data or WindowUpdate header (Go's processFlags).
@@ -483,12 +485,11 @@ class YamuxSession(Protocol):
             stream.check_fin()
         return stream
 
-    def _process_fin(self, header: Header) -> None:
-        """FIN of a Data or WindowUpdate frame, after its payload."""
-        if header.flags & FLAG_FIN:
-            stream = self._streams.get(header.stream_id)
-            if stream is not None:
-                stream.fin_received()
+    def _process_fin(self, sid: int) -> None:
+        """The FIN of a Data or WindowUpdate frame for ``sid``, after its payload."""
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.fin_received()
 
     def _incoming(self, sid: int) -> YamuxStream | None:
         """The peer opened ``sid``: accept (ACK) it, or refuse it with RST."""

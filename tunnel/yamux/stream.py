@@ -41,9 +41,9 @@ byte before it.  DETACHED: after loseConnection, with our FIN out, the
 protocol is done (connectionLost); we drop what the peer still sends and
 wait for its FIN, up to ``stream_close_timeout``.
 
-Besides the phase, ``_closing`` records what the protocol asked for
-(nothing, a half-close or a full close), since the FIN it asked for may wait
-behind queued data; ``_paused``, ``_delivering``, ``_producer_paused`` and
+Besides the phase, ``_closing`` records what the protocol asked for (None,
+a half-close or a full close), since the FIN it asked for may wait behind
+queued data; ``_paused``, ``_delivering``, ``_producer_paused`` and
 ``_notified`` are flow control and callback bookkeeping, not lifecycle.
 """
 
@@ -111,6 +111,9 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # over (cleanly, by abort, or by the session's end)
     RESET = "reset"  # over by RST, received or sent on a timeout
 
+    # members are singletons: identity hashing keeps ``phase in _OVER`` cheap
+    __hash__ = object.__hash__
+
 
 class _Event(enum.Enum):
     FIN_SENT = enum.auto()
@@ -136,6 +139,8 @@ _OVER = frozenset({Phase.CLOSED, Phase.RESET})
 _WRITING = frozenset({Phase.OPEN, Phase.READ_CLOSING, Phase.READ_CLOSED})
 #: phases before the peer's FIN came in
 _READING = frozenset({Phase.OPEN, Phase.WRITE_CLOSED, Phase.LINGERING})
+#: data from the peer reaches the protocol (a body never spans the peer's FIN)
+_DELIVERING = frozenset({Phase.OPEN, Phase.WRITE_CLOSED})
 #: the peer's FIN is in but not yet told to the protocol
 _EOF_PENDING = frozenset({Phase.READ_CLOSING, Phase.DRAINING})
 
@@ -154,7 +159,6 @@ _PUBLIC = {
 class Closing(enum.Enum):
     """What the protocol asked for; the FIN it implies may wait for queued data."""
 
-    NONE = "none"
     WRITE = "write"  # loseWriteConnection: FIN, keep reading
     FULL = "full"  # loseConnection: FIN, and the protocol is done
 
@@ -189,7 +193,7 @@ class YamuxStream:
         self._phase = Phase.OPEN
         self._reason: Failure | None = None  # why it ended, once over
         self._awaiting_ack = outbound  # the session ACKs a peer's stream at once
-        self._closing = Closing.NONE
+        self._closing: Closing | None = None
         # sending
         self._send_window = INITIAL_WINDOW
         self._send_buf: deque[bytes] = deque()
@@ -278,7 +282,7 @@ class YamuxStream:
     # -- ITransport ----------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._closing is not Closing.NONE or self._phase in _OVER or not data:
+        if self._closing is not None or self._phase in _OVER or not data:
             return
         if not self._send_buffered and self.session.can_send_now():
             data = self._send_now(data)
@@ -312,7 +316,7 @@ class YamuxStream:
 
     def loseWriteConnection(self) -> None:
         """Half-close: send FIN once queued data has gone out; keep reading."""
-        if self._phase in _OVER or self._closing is not Closing.NONE:
+        if self._phase in _OVER or self._closing is not None:
             return
         self._closing = Closing.WRITE
         if not self._send_buffered:
@@ -399,12 +403,11 @@ class YamuxStream:
         n = len(data)
         self._recv_window -= n
         phase = self._phase
-        if phase in _OVER:
-            return
-        if phase is Phase.LINGERING:
-            # the protocol is gone; keep the peer moving until it sends FIN
-            self._maybe_grant()
-            return
+        if phase not in _DELIVERING:
+            if phase is Phase.LINGERING:
+                # the protocol is gone; keep the peer moving until it sends FIN
+                self._maybe_grant()
+            return  # else over
         if self._paused or self.protocol is None or self._recv_buf or self._delivering:
             self._recv_buf.append(data)
             self._recv_buffered += n
@@ -499,7 +502,7 @@ class YamuxStream:
 
     def _drained(self) -> None:
         """The send buffer just became empty."""
-        if self._closing is not Closing.NONE:
+        if self._closing is not None:
             self._send_fin()
             return
         producer = self._producer
