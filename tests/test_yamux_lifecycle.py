@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from tunnel.yamux import StreamState, YamuxConfig
+from tunnel.yamux import Phase, StreamState, YamuxConfig
 from tunnel.yamux.errors import UnexpectedFin
 from tunnel.yamux.frame import (
     FLAG_ACK,
@@ -21,7 +21,6 @@ from tunnel.yamux.frame import (
     TYPE_GO_AWAY,
     TYPE_WINDOW_UPDATE,
 )
-from tunnel.yamux.stream import Phase
 
 from .helpers import Wire, data_frame, frame
 

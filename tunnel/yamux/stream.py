@@ -35,11 +35,12 @@ apart from its state: our FIN may go out before the peer's ACK comes in.
 
 FIN_SENT: our FIN went out (after the queued data; loseWriteConnection or
 loseConnection asked for it).  FIN_RECEIVED: the peer's FIN arrived; a
-second one is a protocol error.  EOF_DELIVERED: the protocol was told of
-that FIN (readConnectionLost, or nothing after loseConnection), after every
-byte before it.  DETACHED: after loseConnection, with our FIN out, the
-protocol is done (connectionLost); we drop what the peer still sends and
-wait for its FIN, up to ``stream_close_timeout``.
+second one is a protocol error (``check_fin``, at the header).
+EOF_DELIVERED: the protocol was told of that FIN (readConnectionLost, or
+nothing after loseConnection), after every byte before it.  DETACHED:
+after loseConnection, with our FIN out, the protocol is done
+(connectionLost); we drop what the peer still sends and wait for its FIN,
+up to ``stream_close_timeout``.
 
 Besides the phase, ``_closing`` records what the protocol asked for (None,
 a half-close or a full close), since the FIN it asked for may wait behind
