@@ -15,10 +15,11 @@ from .errors import (
     YamuxError,
 )
 from .session import YamuxSession
-from .stream import StreamAddress, StreamState, YamuxStream
+from .stream import Phase, StreamAddress, StreamState, YamuxStream
 
 __all__ = [
     "KeepAliveTimeout",
+    "Phase",
     "PingTimeout",
     "ProtocolError",
     "RemoteGoAway",

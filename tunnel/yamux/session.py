@@ -9,6 +9,44 @@ Sending is fair: while the socket accepts data a stream's writes go straight
 out (within its window, in frames of at most ``max_frame_size``); once the
 transport pauses us, streams queue and are drained round-robin, one frame
 each, when it resumes.
+
+The seam between session and stream
+-----------------------------------
+As with twisted.web's H2Connection and H2Stream, the two classes talk only
+through a small set of public methods; neither touches the other's
+underscore attributes.  The session owns the connection, the frame codec,
+the stream table and the fair send queue; a stream owns its windows, its
+buffers, its lifecycle (``Phase``, see ``stream.py``) and its protocol.
+
+The session calls on a stream (frame events, already routed by stream id):
+
+- ``YamuxStream(session, id, outbound=...)``: a stream we open (its SYN goes
+  out next) or one the peer opened (ACKed at once);
+- ``data_header(length)``: a Data header arrived; the stream checks it
+  against its receive window and returns the sink for the body
+  (``data_received``) or None to skip it;
+- ``data_received(data)``: a piece of that body;
+- ``window_received(delta)``: send credit from WindowUpdate, SYN or ACK;
+- ``ack_received()``: the peer ACKed our SYN (once; the session counts
+  pending opens itself);
+- ``check_fin()`` at the header (a second FIN is a protocol error), then
+  ``fin_received()`` after the frame's payload; ``reset_received()``: RST;
+- ``session_lost(reason)``: the connection ended under the stream;
+- ``send_frame(budget)``: the stream's round-robin turn to send one frame.
+
+A stream calls on its session (what it needs from the connection):
+
+- ``config``, ``clock``, ``peer_address``, ``host_address``: attributes;
+- ``can_send_now()`` and ``write_data(id, data)``: write Data straight out
+  while the socket takes it and no stream is queued (fairness);
+- ``schedule_send(stream)``: queue the stream for the round-robin drain;
+- ``send_window_update(id, flags, delta)``: credit, FIN or RST (control
+  frames are never queued behind data);
+- ``stream_ended(stream)``: the stream is over; forget it.
+
+Frame routing, stream ids, accept/refuse, and the SYN/ACK frames stay with
+the session (they decide whether a stream exists at all); everything that
+depends on one stream's state stays with the stream.
 """
 
 from __future__ import annotations
@@ -25,6 +63,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..observe import OneShot
 from ..timers import cancel
 from .config import YamuxConfig
 from .errors import (
@@ -37,7 +76,6 @@ from .errors import (
     SessionClosed,
     SessionLost,
     TooManyStreams,
-    WindowExceeded,
     YamuxError,
 )
 from .frame import (
@@ -51,6 +89,7 @@ from .frame import (
     MAX_STREAM_ID,
     TYPE_DATA,
     TYPE_GO_AWAY,
+    TYPE_NAMES,
     TYPE_PING,
     TYPE_WINDOW_UPDATE,
     FrameParser,
@@ -97,7 +136,8 @@ class YamuxSession(Protocol):
         self._streams: dict[int, YamuxStream] = {}
         self._handler = on_stream
         self._backlog: list[YamuxStream] = []
-        self._pending_opens = 0
+        #: ids of our streams whose SYN awaits an ACK (bounded by max_pending_opens)
+        self._unacked: set[int] = set()
         self._open_waiters: deque[Deferred] = deque()
         self._release_call: Any = None
         self._parser = FrameParser(self)
@@ -117,8 +157,9 @@ class YamuxSession(Protocol):
         self._closed: Failure | None = None
         self._close_reason: Failure | None = None
         self._close_timer: Any = None
-        self._close_waiters: list[Deferred] = []
-        self._idle_waiters: list[tuple[int, Deferred]] = []
+        self._closed_event = OneShot()
+        #: when_idle(n) waiters, one OneShot per threshold n
+        self._idle_events: dict[int, OneShot] = {}
         # pings
         self._ping_id = 0
         self._pings: dict[int, tuple[Deferred, float, Any]] = {}
@@ -154,8 +195,8 @@ class YamuxSession(Protocol):
         refusal = self._cannot_open()
         if refusal is not None:
             raise refusal
-        if self._pending_opens >= self.config.max_pending_opens:
-            raise TooManyStreams(f"{self._pending_opens} opens already await an ACK")
+        if len(self._unacked) >= self.config.max_pending_opens:
+            raise TooManyStreams(f"{len(self._unacked)} opens already await an ACK")
         if len(self._streams) >= self.config.max_streams:
             raise TooManyStreams(f"{len(self._streams)} streams are open")
         sid = self._next_id
@@ -164,9 +205,8 @@ class YamuxSession(Protocol):
         self._next_id = sid + 2
         stream = YamuxStream(self, sid, outbound=True)
         self._streams[sid] = stream
-        self._pending_opens += 1
-        self._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_SYN, sid, self._window_delta))
-        stream._start_open_timer()
+        self._unacked.add(sid)
+        self.send_window_update(sid, FLAG_SYN, self._window_delta)
         return stream
 
     def request_stream(self) -> Deferred:
@@ -177,7 +217,7 @@ class YamuxSession(Protocol):
         session ends or the peer sends GoAway first.  Cancelling it withdraws
         the request.
         """
-        if not self._open_waiters and self._pending_opens < self.config.max_pending_opens:
+        if not self._open_waiters and len(self._unacked) < self.config.max_pending_opens:
             try:
                 return succeed(self.open_stream())
             except Exception as e:
@@ -199,7 +239,7 @@ class YamuxSession(Protocol):
 
     def _release_open_waiters(self) -> None:
         waiters = self._open_waiters
-        while waiters and self._pending_opens < self.config.max_pending_opens:
+        while waiters and len(self._unacked) < self.config.max_pending_opens:
             d = waiters.popleft()
             try:
                 stream = self.open_stream()
@@ -226,7 +266,7 @@ class YamuxSession(Protocol):
         self._handler = handler
         while handler is not None and self._backlog and self._handler is handler:
             stream = self._backlog.pop(0)
-            if stream._ended is None:
+            if self._streams.get(stream.id) is stream:  # still open
                 self._hand_over(handler, stream)
 
     def go_away(self, code: int = GOAWAY_NORMAL) -> None:
@@ -272,33 +312,25 @@ class YamuxSession(Protocol):
         Its result is the exception that ended it (``ConnectionDone`` for a
         clean close); it never errbacks.
         """
-        if self._closed is not None:
-            d: Deferred = Deferred()
-            d.callback(self._closed.value)
-            return d
-        d = Deferred()
-        self._close_waiters.append(d)
-        return d
+        return self._closed_event.when()
 
     def when_idle(self, streams: int = 0) -> Deferred:
         """Fires once at most ``streams`` streams are open, or the session ended.
 
         For graceful shutdown: ``go_away()``, wait for this, then ``close()``.
         """
-        d: Deferred = Deferred()
         if len(self._streams) <= streams or self._closed is not None:
-            d.callback(None)
-        else:
-            self._idle_waiters.append((streams, d))
-        return d
+            return succeed(None)
+        event = self._idle_events.get(streams)
+        if event is None:
+            event = self._idle_events[streams] = OneShot()
+        return event.when()
 
     def _check_idle(self) -> None:
         count = len(self._streams)
-        ready = [w for w in self._idle_waiters if count <= w[0] or self._closed is not None]
-        if ready:
-            self._idle_waiters = [w for w in self._idle_waiters if w not in ready]
-            for _, d in ready:
-                d.callback(None)
+        closed = self._closed is not None
+        for streams in [n for n in self._idle_events if count <= n or closed]:
+            self._idle_events.pop(streams).fire(None)
 
     def ping(self, timeout: float | None = None) -> Deferred:
         """Send a ping; the Deferred fires with the round-trip time in seconds.
@@ -367,14 +399,12 @@ class YamuxSession(Protocol):
         self._fail_open_waiters(SessionClosed("the session ended"))
         lost = Failure(SessionLost(f"the session ended: {reason.getErrorMessage()}"))
         for stream in list(self._streams.values()) + self._backlog:
-            stream._session_lost(lost)
+            stream.session_lost(lost)
         self._streams.clear()
         self._backlog.clear()
         self._ready.clear()
         self._check_idle()
-        waiters, self._close_waiters = self._close_waiters, []
-        for d in waiters:
-            d.callback(reason.value)
+        self._closed_event.fire(reason.value)
 
     # -- IPushProducer (the transport tells us when its buffer is full) ------
 
@@ -394,40 +424,14 @@ class YamuxSession(Protocol):
 
     def dataHeaderReceived(self, header: Header) -> Callable[[bytes], None] | None:
         self._heard()
-        sid = header.stream_id
-        if sid == 0:
-            raise InvalidStreamId("Data frame on stream 0")
-        flags = header.flags
-        if flags & FLAG_SYN:
-            stream = self._incoming(sid)
-        else:
-            stream = self._streams.get(sid)
-            if stream is None:
-                self.log.debug("Data for unknown stream {sid}, skipped", sid=sid)
-                return None
+        stream = self._process_flags(header)
         if stream is None:
             return None
-        if flags & FLAG_ACK:
-            self._acked(stream)
-        if flags & FLAG_RST:
-            stream._reset_by_peer()
-            return None
-        if header.length > stream._recv_window:
-            raise WindowExceeded(
-                f"stream {sid}: Data of {header.length} bytes exceeds the window"
-                f" of {stream._recv_window}"
-            )
-        if not stream._accepts_data():
-            if header.length:
-                self.log.info("stream {sid}: Data after FIN dropped", sid=sid)
-            return None
-        return stream._data_received
+        return stream.data_header(header.length)
 
     def dataFrameEnded(self, header: Header) -> None:
         if header.flags & FLAG_FIN:
-            stream = self._streams.get(header.stream_id)
-            if stream is not None:
-                stream._fin_arrived()
+            self._process_fin(header.stream_id)
 
     def controlFrameReceived(self, header: Header) -> None:
         self._heard()
@@ -442,27 +446,50 @@ class YamuxSession(Protocol):
     # -- frame handlers ------------------------------------------------------
 
     def _window_update(self, header: Header) -> None:
+        stream = self._process_flags(header)
+        if stream is None:
+            return
+        if header.length:
+            stream.window_received(header.length)
+        if header.flags & FLAG_FIN:
+            self._process_fin(header.stream_id)
+
+    def _process_flags(self, header: Header) -> YamuxStream | None:
+        """The flags of a Data or WindowUpdate header (Go's processFlags).
+
+        SYN, ACK and RST take effect here, and a second FIN is rejected here,
+        as in Go, before any of the frame's payload (body or credit) is used.
+        Returns the stream that payload is for, or None to ignore it.  A
+        valid FIN takes effect in ``_process_fin``, once the payload is in: a
+        Data frame's FIN follows its body.
+        """
         sid, flags = header.stream_id, header.flags
         if sid == 0:
-            raise InvalidStreamId("WindowUpdate on stream 0")
+            raise InvalidStreamId(f"{TYPE_NAMES[header.type]} on stream 0")
         if flags & FLAG_SYN:
             stream = self._incoming(sid)
-            if stream is None:
-                return
         else:
             stream = self._streams.get(sid)
             if stream is None:
-                self.log.debug("WindowUpdate for unknown stream {sid} ignored", sid=sid)
-                return
+                self.log.debug(
+                    "{type} for unknown stream {sid} ignored", type=TYPE_NAMES[header.type], sid=sid
+                )
+        if stream is None:
+            return None
         if flags & FLAG_ACK:
             self._acked(stream)
         if flags & FLAG_RST:
-            stream._reset_by_peer()
-            return
-        if header.length:
-            stream._credit(header.length)
+            stream.reset_received()
+            return None
         if flags & FLAG_FIN:
-            stream._fin_arrived()
+            stream.check_fin()
+        return stream
+
+    def _process_fin(self, sid: int) -> None:
+        """The FIN of a Data or WindowUpdate frame for ``sid``, after its payload."""
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.fin_received()
 
     def _incoming(self, sid: int) -> YamuxStream | None:
         """The peer opened ``sid``: accept (ACK) it, or refuse it with RST."""
@@ -481,18 +508,17 @@ class YamuxSession(Protocol):
             refusal = "overflows the accept backlog"
         if refusal is not None:
             self.log.info("refusing stream {sid}: the SYN {why}", sid=sid, why=refusal)
-            self._send_reset(sid)
+            self.send_window_update(sid, FLAG_RST)
             return None
         self._last_remote_id = sid
         stream = YamuxStream(self, sid, outbound=False)
-        stream._acked = True
         self._streams[sid] = stream
-        self._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, self._window_delta))
+        self.send_window_update(sid, FLAG_ACK, self._window_delta)
         if self._handler is not None:
             self._hand_over(self._handler, stream)
         else:
             self._backlog.append(stream)
-        return stream if stream._ended is None else None
+        return stream if self._streams.get(sid) is stream else None
 
     def _hand_over(self, handler: StreamHandler, stream: YamuxStream) -> None:
         """Give a new stream to the application; its failure costs that stream only."""
@@ -503,13 +529,13 @@ class YamuxSession(Protocol):
             stream.abortConnection()
 
     def _acked(self, stream: YamuxStream) -> None:
-        if stream.outbound and not stream._acked:
-            self._pending_opens -= 1
-            stream._acknowledged()
-            if self._open_waiters:
-                self._release_open_waiters()
-        else:
-            stream._acknowledged()
+        if stream.id not in self._unacked:
+            self.log.warn("unexpected ACK on stream {sid}", sid=stream.id)
+            return
+        self._unacked.discard(stream.id)
+        stream.ack_received()
+        if self._open_waiters:
+            self._release_open_waiters()
 
     def _ping_received(self, header: Header) -> None:
         if header.flags & FLAG_SYN:
@@ -596,40 +622,6 @@ class YamuxSession(Protocol):
                 )
                 self.abort(SessionLost("the peer stopped reading"))
 
-    def _send_reset(self, sid: int) -> None:
-        self._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
-
-    def _write_data(self, sid: int, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and self._closed is None:
-            transport.writeSequence((encode(TYPE_DATA, 0, sid, len(data)), data))
-
-    def _send_now(self, stream: YamuxStream, data: bytes) -> bytes | memoryview:
-        """Write what the window and the socket allow now; return the rest."""
-        if self._write_paused or self._ready or self.transport is None:
-            return data
-        size = len(data)
-        window = stream._send_window
-        limit = self._max_frame
-        if size <= window and size <= limit:
-            stream._send_window = window - size
-            self._write_data(stream.id, data)
-            return b""
-        view = memoryview(data)
-        offset = 0
-        while offset < size and window > 0 and not self._write_paused:
-            n = min(size - offset, window, limit)
-            self._write_data(stream.id, view[offset : offset + n].tobytes())
-            offset += n
-            window -= n
-        stream._send_window = window
-        return view[offset:] if offset < size else b""
-
-    def _schedule(self, stream: YamuxStream) -> None:
-        self._ready[stream] = None
-        if not self._write_paused:
-            self._drain()
-
     def _drain(self) -> None:
         if self._draining:
             return
@@ -640,20 +632,43 @@ class YamuxSession(Protocol):
             while ready and not self._write_paused and self._closed is None:
                 stream = next(iter(ready))
                 del ready[stream]
-                if stream._ended is None and stream._send_buffered and stream._send_window > 0:
-                    if stream._send_some(limit):
-                        ready[stream] = None
+                if stream.send_frame(limit):
+                    ready[stream] = None
         finally:
             self._draining = False
 
-    def _forget(self, stream: YamuxStream) -> None:
+    # -- the seam: what streams call (see the design comment at the top) -----
+
+    def can_send_now(self) -> bool:
+        """May a stream write straight out (the socket takes data, no stream queued)?"""
+        return not self._write_paused and not self._ready and self.transport is not None
+
+    def write_data(self, stream_id: int, data: bytes) -> bool:
+        """Write one Data frame (within the stream's window); True while the socket takes more."""
+        transport = self.transport
+        if transport is not None and self._closed is None:
+            transport.writeSequence((encode(TYPE_DATA, 0, stream_id, len(data)), data))
+        return not self._write_paused
+
+    def send_window_update(self, stream_id: int, flags: int, delta: int = 0) -> None:
+        """Send a WindowUpdate: credit, or SYN/ACK/FIN/RST (control: never queued)."""
+        self._send_control(encode(TYPE_WINDOW_UPDATE, flags, stream_id, delta))
+
+    def schedule_send(self, stream: YamuxStream) -> None:
+        """``stream`` has queued data and window: send it when the socket allows."""
+        self._ready[stream] = None
+        if not self._write_paused:
+            self._drain()
+
+    def stream_ended(self, stream: YamuxStream) -> None:
+        """``stream`` is over: forget it (its id is not reused)."""
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
-            if stream.outbound and not stream._acked:
-                self._pending_opens -= 1
+            if stream.id in self._unacked:
+                self._unacked.discard(stream.id)
                 if self._open_waiters and self._release_call is None:
                     self._release_call = self.clock.callLater(0, self._release_later)
-            if self._idle_waiters:
+            if self._idle_events:
                 self._check_idle()
         self._ready.pop(stream, None)
         if stream in self._backlog:

@@ -6,20 +6,53 @@ Flow control follows ``twisted.web._http2.H2Stream`` and conch's
 * sending: bytes go out only within the peer's window; the rest waits in the
   stream's buffer and the registered producer is paused once that buffer
   passes ``write_buffer_size``.  ``loseConnection`` sends FIN only after the
-  buffer has drained.
+  buffer has drained.  A pull producer is driven as a push producer
+  (``producers.PullToPush``), as H2Stream does.
 * receiving: data reaches the protocol unless the stream is paused (or has no
   protocol yet); credit is returned to the peer only for bytes the protocol
   has consumed, so a consumer that stops reading stops the sender after one
   window.
 
-State (``StreamState``) is derived from four facts: who opened the stream,
-whether it was acknowledged, which FINs have passed, and whether it ended.
+Lifecycle: a stream is in one ``Phase`` at a time and moves only along the
+transition table below (``_move``); the public ``StreamState`` is derived
+from the phase and from whether our SYN still awaits its ACK.  That
+handshake is kept apart (``_awaiting_ack``), as Go keeps ``establishCh``
+apart from its state: our FIN may go out before the peer's ACK comes in.
+
+    phase          FIN_SENT      FIN_RECEIVED   EOF_DELIVERED   DETACHED
+    OPEN           WRITE_CLOSED  READ_CLOSING   .               .
+    WRITE_CLOSED   .             DRAINING       .               LINGERING
+    LINGERING      .             CLOSING        .               .
+    READ_CLOSING   DRAINING      (error)        READ_CLOSED     .
+    READ_CLOSED    CLOSING       (error)        .               .
+    DRAINING       .             (error)        CLOSING         .
+    CLOSING        .             (error)        .               .
+
+    any phase but CLOSED/RESET -> CLOSED: nothing left to do (a CLOSING
+        stream at once; a DRAINING one without a protocol; loseConnection
+        once both FINs passed), abortConnection, the session's end;
+    any phase but CLOSED/RESET -> RESET: RST received, or sent on a timeout.
+
+FIN_SENT: our FIN went out (after the queued data; loseWriteConnection or
+loseConnection asked for it).  FIN_RECEIVED: the peer's FIN arrived; a
+second one is a protocol error (``check_fin``, at the header).
+EOF_DELIVERED: the protocol was told of that FIN (readConnectionLost, or
+nothing after loseConnection), after every byte before it.  DETACHED:
+after loseConnection, with our FIN out, the protocol is done
+(connectionLost); we drop what the peer still sends and wait for its FIN,
+up to ``stream_close_timeout``.
+
+Besides the phase, ``_closing`` records what the protocol asked for (None,
+a half-close or a full close), since the FIN it asked for may wait behind
+queued data; ``_paused``, ``_delivering``, ``_producer_paused`` and
+``_notified`` are flow control and callback bookkeeping, not lifecycle.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +69,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..timers import cancel
-from .errors import StreamCloseTimeout, StreamOpenTimeout, StreamReset, UnexpectedFin
-from .frame import FLAG_FIN, INITIAL_WINDOW, TYPE_WINDOW_UPDATE, encode
+from .errors import (
+    StreamCloseTimeout,
+    StreamOpenTimeout,
+    StreamReset,
+    UnexpectedFin,
+    WindowExceeded,
+)
+from .frame import FLAG_FIN, FLAG_RST, INITIAL_WINDOW
+from .producers import PullToPush
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IProtocol
@@ -46,6 +86,9 @@ if TYPE_CHECKING:
 
 
 class StreamState(enum.Enum):
+    """Go's stream states (INIT and SYN_RECEIVED are never seen here: the
+    session sends our SYN, and its ACK of the peer's, as it creates a stream)."""
+
     INIT = "Init"
     SYN_SENT = "SYNSent"
     SYN_RECEIVED = "SYNReceived"
@@ -54,6 +97,71 @@ class StreamState(enum.Enum):
     REMOTE_CLOSE = "RemoteClose"
     CLOSED = "Closed"
     RESET = "Reset"
+
+
+class Phase(enum.Enum):
+    """Where a stream is in its life; see the module docstring for the table."""
+
+    OPEN = "open"  # both directions open
+    WRITE_CLOSED = "write closed"  # our FIN is out; we still read
+    LINGERING = "lingering"  # loseConnection, our FIN out: protocol gone, awaiting peer FIN
+    READ_CLOSING = "read closing"  # the peer's FIN is in, not yet told to the protocol
+    READ_CLOSED = "read closed"  # the peer's FIN is in and told; we still write
+    DRAINING = "draining"  # both FINs passed; data and EOF still to deliver
+    CLOSING = "closing"  # both FINs passed and told: over once the callback returns
+    CLOSED = "closed"  # over (cleanly, by abort, or by the session's end)
+    RESET = "reset"  # over by RST, received or sent on a timeout
+
+    # members are singletons: identity hashing keeps ``phase in _OVER`` cheap
+    __hash__ = object.__hash__
+
+
+class _Event(enum.Enum):
+    FIN_SENT = enum.auto()
+    FIN_RECEIVED = enum.auto()
+    EOF_DELIVERED = enum.auto()
+    DETACHED = enum.auto()
+
+
+_TRANSITIONS: dict[tuple[Phase, _Event], Phase] = {
+    (Phase.OPEN, _Event.FIN_SENT): Phase.WRITE_CLOSED,
+    (Phase.OPEN, _Event.FIN_RECEIVED): Phase.READ_CLOSING,
+    (Phase.WRITE_CLOSED, _Event.FIN_RECEIVED): Phase.DRAINING,
+    (Phase.WRITE_CLOSED, _Event.DETACHED): Phase.LINGERING,
+    (Phase.LINGERING, _Event.FIN_RECEIVED): Phase.CLOSING,
+    (Phase.READ_CLOSING, _Event.FIN_SENT): Phase.DRAINING,
+    (Phase.READ_CLOSING, _Event.EOF_DELIVERED): Phase.READ_CLOSED,
+    (Phase.READ_CLOSED, _Event.FIN_SENT): Phase.CLOSING,
+    (Phase.DRAINING, _Event.EOF_DELIVERED): Phase.CLOSING,
+}
+
+_OVER = frozenset({Phase.CLOSED, Phase.RESET})
+#: phases before our FIN went out
+_WRITING = frozenset({Phase.OPEN, Phase.READ_CLOSING, Phase.READ_CLOSED})
+#: phases before the peer's FIN came in
+_READING = frozenset({Phase.OPEN, Phase.WRITE_CLOSED, Phase.LINGERING})
+#: data from the peer reaches the protocol (a body never spans the peer's FIN)
+_DELIVERING = frozenset({Phase.OPEN, Phase.WRITE_CLOSED})
+#: the peer's FIN is in but not yet told to the protocol
+_EOF_PENDING = frozenset({Phase.READ_CLOSING, Phase.DRAINING})
+
+_PUBLIC = {
+    Phase.WRITE_CLOSED: StreamState.LOCAL_CLOSE,
+    Phase.LINGERING: StreamState.LOCAL_CLOSE,
+    Phase.READ_CLOSING: StreamState.REMOTE_CLOSE,
+    Phase.READ_CLOSED: StreamState.REMOTE_CLOSE,
+    Phase.DRAINING: StreamState.CLOSED,
+    Phase.CLOSING: StreamState.CLOSED,
+    Phase.CLOSED: StreamState.CLOSED,
+    Phase.RESET: StreamState.RESET,
+}
+
+
+class Closing(enum.Enum):
+    """What the protocol asked for; the FIN it implies may wait for queued data."""
+
+    WRITE = "write"  # loseWriteConnection: FIN, keep reading
+    FULL = "full"  # loseConnection: FIN, and the protocol is done
 
 
 @implementer(IAddress)
@@ -83,22 +191,17 @@ class YamuxStream:
         self.id = stream_id
         self.outbound = outbound
         self.protocol: IProtocol | None = None
-        self.connected = False
-        self.disconnecting = False
-        self._acked = False
-        self._ended: Failure | None = None
-        self._reset = False
+        self._phase = Phase.OPEN
+        self._reason: Failure | None = None  # why it ended, once over
+        self._awaiting_ack = outbound  # the session ACKs a peer's stream at once
+        self._closing: Closing | None = None
         # sending
         self._send_window = INITIAL_WINDOW
         self._send_buf: deque[bytes] = deque()
         self._send_buffered = 0
         self._high_water = config.write_buffer_size
         self._producer: Any = None
-        self._streaming = True
         self._producer_paused = False
-        self._fin_wanted = False
-        self._fin_sent = False
-        self._full_close = False
         # receiving
         self._max_window = config.max_stream_window
         self._half_window = config.max_stream_window // 2
@@ -108,10 +211,10 @@ class YamuxStream:
         self._paused = False
         self._delivering = False
         self._late_reason: Failure | None = None
-        self._fin_received = False
-        self._eof_delivered = False
         self._notified = False
         self._timer: Any = None
+        if outbound:  # the session sends our SYN right away
+            self._start_open_timer()
 
     def __repr__(self) -> str:
         return f"<YamuxStream {self.id} {self.state.value}>"
@@ -120,17 +223,33 @@ class YamuxStream:
 
     @property
     def state(self) -> StreamState:
-        if self._reset:
-            return StreamState.RESET
-        if self._fin_sent and self._fin_received or self._ended is not None:
-            return StreamState.CLOSED
-        if self._fin_sent:
-            return StreamState.LOCAL_CLOSE
-        if self._fin_received:
-            return StreamState.REMOTE_CLOSE
-        if self._acked:
-            return StreamState.ESTABLISHED
-        return StreamState.SYN_SENT if self.outbound else StreamState.SYN_RECEIVED
+        phase = self._phase
+        if phase is Phase.OPEN:
+            return StreamState.SYN_SENT if self._awaiting_ack else StreamState.ESTABLISHED
+        return _PUBLIC[phase]
+
+    @property
+    def phase(self) -> Phase:
+        """The lifecycle phase (finer than ``state``)."""
+        return self._phase
+
+    @property
+    def connected(self) -> bool:
+        """ITransport: a protocol is attached and has not been told the end."""
+        return self.protocol is not None and not self._notified and self._phase not in _OVER
+
+    @property
+    def disconnecting(self) -> bool:
+        """ITransport: loseConnection was called and the stream is not over yet."""
+        return self._closing is Closing.FULL and self._phase not in _OVER
+
+    def _move(self, event: _Event) -> None:
+        try:
+            self._phase = _TRANSITIONS[self._phase, event]
+        except KeyError:
+            raise AssertionError(
+                f"stream {self.id}: no transition from {self._phase.name} on {event.name}"
+            ) from None
 
     @property
     def send_window(self) -> int:
@@ -154,10 +273,9 @@ class YamuxStream:
         if self.protocol is not None:
             raise RuntimeError(f"{self!r} already has a protocol")
         self.protocol = protocol
-        self.connected = self._ended is None
         protocol.makeConnection(self)
-        if self._ended is not None:
-            self._notify(self._ended)
+        if self._phase in _OVER:
+            self._notify(self._reason)
             return
         if not self._paused:
             self._deliver_buffered()
@@ -165,20 +283,19 @@ class YamuxStream:
     # -- ITransport ----------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._fin_wanted or self._ended is not None or not data:
+        if self._closing is not None or self._phase in _OVER or not data:
             return
-        if not self._send_buffered:
-            data = self.session._send_now(self, data)
+        if not self._send_buffered and self.session.can_send_now():
+            data = self._send_now(data)
             if not data:
                 return
         self._send_buf.append(data)
         self._send_buffered += len(data)
         if self._send_window > 0:
-            self.session._schedule(self)
+            self.session.schedule_send(self)
         if (
             self._send_buffered > self._high_water
             and self._producer is not None
-            and self._streaming
             and not self._producer_paused
         ):
             self._producer_paused = True
@@ -189,28 +306,28 @@ class YamuxStream:
 
     def loseConnection(self) -> None:
         """Send FIN once queued data has gone out; the protocol is then done."""
-        if self._ended is not None or self._full_close:
+        if self._phase in _OVER or self._closing is Closing.FULL:
             return
-        self._full_close = True
-        self.disconnecting = True
-        if self._fin_sent:
+        fin_asked = self._closing is Closing.WRITE
+        self._closing = Closing.FULL
+        if self._phase not in _WRITING:
             self._after_full_close()
-        else:
-            self.loseWriteConnection()
+        elif not fin_asked and not self._send_buffered:
+            self._send_fin()
 
     def loseWriteConnection(self) -> None:
         """Half-close: send FIN once queued data has gone out; keep reading."""
-        if self._ended is not None or self._fin_wanted:
+        if self._phase in _OVER or self._closing is not None:
             return
-        self._fin_wanted = True
+        self._closing = Closing.WRITE
         if not self._send_buffered:
             self._send_fin()
 
     def abortConnection(self) -> None:
         """Abort both directions at once with RST; queued data is dropped."""
-        if self._ended is not None:
+        if self._phase in _OVER:
             return
-        self.session._send_reset(self.id)
+        self.session.send_window_update(self.id, FLAG_RST)
         self._end(Failure(ConnectionAborted("stream aborted")))
 
     def getPeer(self) -> StreamAddress:
@@ -227,21 +344,25 @@ class YamuxStream:
                 f"Cannot register producer {producer!r}, because producer "
                 f"{self._producer!r} was never unregistered."
             )
-        if self._ended is not None:
+        if self._phase in _OVER:
             producer.stopProducing()
             return
-        self._producer = producer
-        self._streaming = streaming
-        self._producer_paused = False
+        pull = None
         if not streaming:
-            producer.resumeProducing()
-        elif self._send_buffered > self._high_water:
+            producer = pull = PullToPush(producer, self, self.session.clock)
+        self._producer = producer
+        self._producer_paused = False
+        if self._send_buffered > self._high_water:
             self._producer_paused = True
             producer.pauseProducing()
+        if pull is not None:
+            pull.start()
 
     def unregisterProducer(self) -> None:
-        self._producer = None
+        producer, self._producer = self._producer, None
         self._producer_paused = False
+        if isinstance(producer, PullToPush):
+            producer.stop()
 
     # -- IPushProducer (the protocol's consumer controls our delivery) -------
 
@@ -254,35 +375,40 @@ class YamuxStream:
             self._deliver_buffered()
 
     def stopProducing(self) -> None:
-        self.loseConnection()
+        """The consumer is gone (e.g. its TCP connection was reset): abort, as H2Stream does.
 
-    # -- called by the session -----------------------------------------------
+        A FIN here would make a truncated transfer look complete to the peer.
+        """
+        self.abortConnection()
 
-    def _acknowledged(self) -> None:
-        if self.outbound and not self._acked:
-            self._acked = True
-            self._cancel_timer()
-            if self._full_close and self._fin_sent and not self._fin_received:
-                self._start_close_timer()
-        else:
-            self.log.warn("unexpected ACK on stream {sid}", sid=self.id)
+    # -- the seam: what the session calls (see session.py's design comment) ----
 
-    def _credit(self, delta: int) -> None:
-        had = self._send_window
-        self._send_window = had + delta
-        if had <= 0 and self._send_buffered:
-            self.session._schedule(self)
+    def data_header(self, length: int) -> Callable[[bytes], None] | None:
+        """A Data header for us: where its body goes, or None to skip it.
 
-    def _data_received(self, data: bytes) -> None:
-        """A piece of a Data body (the header's length was checked already)."""
+        Raises WindowExceeded if ``length`` is more than we let the peer send.
+        """
+        if length > self._recv_window:
+            raise WindowExceeded(
+                f"stream {self.id}: Data of {length} bytes exceeds the window"
+                f" of {self._recv_window}"
+            )
+        if self._phase not in _READING:
+            if length:
+                self.log.info("stream {sid}: Data after FIN dropped", sid=self.id)
+            return None
+        return self.data_received
+
+    def data_received(self, data: bytes) -> None:
+        """A piece of a Data body (its header passed ``data_header``)."""
         n = len(data)
         self._recv_window -= n
-        if self._ended is not None:
-            return
-        if self._fin_wanted and self._full_close and self._fin_sent:
-            # the protocol is gone; keep the peer moving until it sends FIN
-            self._maybe_grant()
-            return
+        phase = self._phase
+        if phase not in _DELIVERING:
+            if phase is Phase.LINGERING:
+                # the protocol is gone; keep the peer moving until it sends FIN
+                self._maybe_grant()
+            return  # else over
         if self._paused or self.protocol is None or self._recv_buf or self._delivering:
             self._recv_buf.append(data)
             self._recv_buffered += n
@@ -296,36 +422,59 @@ class YamuxStream:
             self.abortConnection()
             return
         self._delivered()
-        if self._ended is not None:
+        if self._phase in _OVER:
             return
         if self._recv_buf and not self._paused:
             self._deliver_buffered()
         else:
             self._maybe_grant()
 
-    def _accepts_data(self) -> bool:
-        return not self._fin_received and self._ended is None
+    def window_received(self, delta: int) -> None:
+        """The peer granted ``delta`` more bytes of window (WindowUpdate, SYN or ACK)."""
+        had = self._send_window
+        self._send_window = had + delta
+        if had <= 0 and self._send_buffered:
+            self.session.schedule_send(self)
 
-    def _fin_arrived(self) -> None:
-        if self._fin_received:
+    def ack_received(self) -> None:
+        """The peer acknowledged our SYN (the session calls this once, for our streams)."""
+        self._awaiting_ack = False
+        self._cancel_timer()  # the open timer
+        if self._phase is Phase.LINGERING:
+            self._start_close_timer()
+
+    def check_fin(self) -> None:
+        """A frame for us carries FIN: raise UnexpectedFin if the peer's FIN came already."""
+        if self._phase not in _READING and self._phase not in _OVER:
             raise UnexpectedFin(f"second FIN on stream {self.id}")
-        self._fin_received = True
-        if self._ended is not None:
+
+    def fin_received(self) -> None:
+        """The peer's FIN (``check_fin`` passed at the header), after the frame's payload."""
+        if self._phase in _OVER:
             return
-        if self._full_close and self._fin_sent:
-            # the protocol (if any) is done with us: this FIN completes the close
+        self._move(_Event.FIN_RECEIVED)
+        if self._phase is Phase.CLOSING:
+            # we were lingering: this FIN completes the close
             self._end(None)
-            return
-        if not self._recv_buf and not self._delivering:
+        elif not self._recv_buf and not self._delivering:
             self._deliver_eof()
 
-    def _reset_by_peer(self) -> None:
-        if self._ended is None:
-            self._reset = True
-            self._end(Failure(StreamReset(f"stream {self.id} reset by peer")))
+    def reset_received(self) -> None:
+        """The peer sent RST."""
+        self._end(Failure(StreamReset(f"stream {self.id} reset by peer")), reset=True)
 
-    def _session_lost(self, reason: Failure) -> None:
+    def session_lost(self, reason: Failure) -> None:
+        """The session ended with the stream still open."""
         self._end(reason)
+
+    def send_frame(self, budget: int) -> bool:
+        """The session's turn for us: send one frame of at most ``budget`` bytes.
+
+        Returns True if more could go (data queued and window left).
+        """
+        if self._phase in _OVER or not self._send_buffered or self._send_window <= 0:
+            return False
+        return self._send_some(budget)
 
     def _send_some(self, budget: int) -> bool:
         """Send one frame of at most ``budget`` bytes; return True if more can go."""
@@ -346,7 +495,7 @@ class YamuxStream:
             chunk = view[:size].tobytes()
         self._send_window = window - size
         self._send_buffered -= size
-        self.session._write_data(self.id, chunk)
+        self.session.write_data(self.id, chunk)
         if not self._send_buffered:
             self._drained()
             return False
@@ -354,27 +503,44 @@ class YamuxStream:
 
     def _drained(self) -> None:
         """The send buffer just became empty."""
-        if self._fin_wanted:
+        if self._closing is not None:
             self._send_fin()
             return
         producer = self._producer
-        if producer is not None:
-            if not self._streaming:
-                producer.resumeProducing()
-            elif self._producer_paused:
-                self._producer_paused = False
-                producer.resumeProducing()
+        if producer is not None and self._producer_paused:
+            self._producer_paused = False
+            producer.resumeProducing()
 
     # -- internals -----------------------------------------------------------
 
+    def _send_now(self, data: bytes) -> bytes | memoryview:
+        """Write what the window and the socket allow now; return the rest."""
+        size = len(data)
+        window = self._send_window
+        limit = self.session.config.max_frame_size
+        if size <= window and size <= limit:
+            self._send_window = window - size
+            self.session.write_data(self.id, data)
+            return b""
+        view = memoryview(data)
+        offset = 0
+        writable = True
+        while offset < size and window > 0 and writable:
+            n = min(size - offset, window, limit)
+            writable = self.session.write_data(self.id, view[offset : offset + n].tobytes())
+            offset += n
+            window -= n
+        self._send_window = window
+        return view[offset:] if offset < size else b""
+
     def _deliver_buffered(self) -> None:
-        if self._delivering or self._ended is not None:
+        if self._delivering or self._phase in _OVER:
             return
         buf = self._recv_buf
         protocol = self.protocol
         self._delivering = True
         try:
-            while buf and not self._paused and self._ended is None:
+            while buf and not self._paused and self._phase not in _OVER:
                 data = buf.popleft()
                 self._recv_buffered -= len(data)
                 protocol.dataReceived(data)
@@ -384,31 +550,33 @@ class YamuxStream:
             self.abortConnection()
             return
         self._delivered()
-        if self._ended is not None:
+        if self._phase in _OVER:
             return
         self._maybe_grant()
-        if not buf and self._fin_received:
+        if not buf:
             self._deliver_eof()
 
     def _maybe_grant(self) -> None:
-        if self._fin_received or self._ended is not None:
+        if self._phase not in _READING:
             return
         delta = self._max_window - self._recv_buffered - self._recv_window
         if delta >= self._half_window:
             self._recv_window += delta
-            self.session._send_control(encode(TYPE_WINDOW_UPDATE, 0, self.id, delta))
+            self.session.send_window_update(self.id, 0, delta)
 
     def _deliver_eof(self) -> None:
-        if self._eof_delivered:
+        """Tell the protocol of the peer's FIN, if it is in and not told yet."""
+        if self._phase not in _EOF_PENDING:
             return
         if self.protocol is None:
             # nobody to tell yet (attach delivers it); both FINs: it is over
-            if self._fin_sent:
+            if self._phase is Phase.DRAINING:
                 self._end(None)
             return
-        self._eof_delivered = True
-        if self._full_close:
-            if self._fin_sent:
+        self._move(_Event.EOF_DELIVERED)
+        if self._closing is Closing.FULL:
+            # the protocol asked to close: nothing to tell it
+            if self._phase is Phase.CLOSING:
                 self._end(None)
             return
         half = IHalfCloseableProtocol(self.protocol, None)
@@ -419,17 +587,17 @@ class YamuxStream:
                 self.log.failure("stream {sid}: readConnectionLost failed", sid=self.id)
                 self.abortConnection()
                 return
-        if self._fin_sent:
+        if self._phase is Phase.CLOSING:
             self._end(None)
         elif half is None:
             self.loseConnection()
 
     def _send_fin(self) -> None:
-        if self._fin_sent or self._ended is not None:
+        if self._phase not in _WRITING:
             return
-        self._fin_sent = True
-        self.session._send_control(encode(TYPE_WINDOW_UPDATE, FLAG_FIN, self.id, 0))
-        if self._full_close:
+        self._move(_Event.FIN_SENT)
+        self.session.send_window_update(self.id, FLAG_FIN)
+        if self._closing is Closing.FULL:
             self._after_full_close()
             return
         half = IHalfCloseableProtocol(self.protocol, None)
@@ -440,32 +608,36 @@ class YamuxStream:
                 self.log.failure("stream {sid}: writeConnectionLost failed", sid=self.id)
                 self.abortConnection()
                 return
-        if self._fin_received and (self._eof_delivered or self.protocol is None):
+        phase = self._phase
+        if phase is Phase.CLOSING or (phase is Phase.DRAINING and self.protocol is None):
             self._end(None)
 
     def _after_full_close(self) -> None:
         """Our FIN is out after loseConnection: the protocol is done with us."""
-        if self._fin_received:
+        if self._phase is not Phase.WRITE_CLOSED:
+            # the peer's FIN is in too: nothing is left to do
             self._end(None)
             return
+        self._move(_Event.DETACHED)
         self._notify(None)
         self._recv_buf.clear()
         self._recv_buffered = 0
         self._maybe_grant()
-        if self._acked or not self.outbound:
+        if not self._awaiting_ack:  # else the ACK starts it
             self._start_close_timer()
 
     def _start_close_timer(self) -> None:
         timeout = self.session.config.stream_close_timeout
-        if timeout is not None and self._timer is None and self._ended is None:
+        if timeout is not None and self._timer is None and self._phase not in _OVER:
             self._timer = self.session.clock.callLater(timeout, self._close_timed_out)
 
     def _close_timed_out(self) -> None:
         self._timer = None
         self.log.info("stream {sid}: no FIN from the peer in time, resetting", sid=self.id)
-        self.session._send_reset(self.id)
-        self._reset = True
-        self._end(Failure(StreamCloseTimeout(f"stream {self.id}: no FIN from the peer")))
+        self.session.send_window_update(self.id, FLAG_RST)
+        self._end(
+            Failure(StreamCloseTimeout(f"stream {self.id}: no FIN from the peer")), reset=True
+        )
 
     def _start_open_timer(self) -> None:
         timeout = self.session.config.stream_open_timeout
@@ -475,29 +647,27 @@ class YamuxStream:
     def _open_timed_out(self) -> None:
         self._timer = None
         self.log.info("stream {sid}: no ACK from the peer in time, resetting", sid=self.id)
-        self.session._send_reset(self.id)
-        self._reset = True
-        self._end(Failure(StreamOpenTimeout(f"stream {self.id} was not acknowledged")))
+        self.session.send_window_update(self.id, FLAG_RST)
+        self._end(Failure(StreamOpenTimeout(f"stream {self.id} was not acknowledged")), reset=True)
 
     def _cancel_timer(self) -> None:
         cancel(self._timer)
         self._timer = None
 
-    def _end(self, reason: Failure | None) -> None:
-        """The stream is over (both FINs, RST, abort or session loss)."""
-        if self._ended is not None:
+    def _end(self, reason: Failure | None, reset: bool = False) -> None:
+        """The stream is over (both FINs, RST, abort or session loss): CLOSED or RESET."""
+        if self._phase in _OVER:
             return
         if reason is None:
             reason = Failure(ConnectionDone("stream closed"))
-        self._ended = reason
-        self.connected = False
-        self.disconnecting = False
+        self._phase = Phase.RESET if reset else Phase.CLOSED
+        self._reason = reason
         self._cancel_timer()
         self._send_buf.clear()
         self._send_buffered = 0
         self._recv_buf.clear()
         self._recv_buffered = 0
-        self.session._forget(self)
+        self.session.stream_ended(self)
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
@@ -522,7 +692,6 @@ class YamuxStream:
                 self._late_reason = reason or Failure(ConnectionDone("stream closed"))
             return
         self._notified = True
-        self.connected = False
         protocol = self.protocol
         try:
             protocol.connectionLost(reason or Failure(ConnectionDone("stream closed")))
