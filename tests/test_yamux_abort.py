@@ -18,7 +18,14 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 
-from tunnel import LocalForwarder, LocalTargets, TunnelClientService, TunnelServer, TunnelSite
+from tunnel import (
+    LocalForwarder,
+    LocalTargets,
+    TunnelClientService,
+    TunnelResource,
+    TunnelServer,
+    TunnelSite,
+)
 from tunnel.splice import SpliceProtocol
 from tunnel.yamux import YamuxConfig, YamuxSession
 from tunnel.yamux.frame import FLAG_ACK, FLAG_RST, TYPE_WINDOW_UPDATE
@@ -162,7 +169,7 @@ class TCPTunnel:
         )
         self.server = TunnelServer()
         self.server.add_host("app.localhost", IDENT)
-        control_port = await listen(TunnelSite(self.server.resource()), self.ports)
+        control_port = await listen(TunnelSite(TunnelResource(self.server)), self.ports)
         self.public_port = await listen(self.server.tcp_factory(), self.ports)
         self.server.add_addr(IDENT, port=self.public_port)
         targets = LocalTargets(
