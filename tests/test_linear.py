@@ -1,0 +1,107 @@
+"""Every place that reads a head in pieces does work linear in its length.
+
+Each test feeds a large head byte by byte to the real protocol object and
+counts the bytes its HeadScanner examined (``examined``, kept by the scanner
+itself); before the fix these places searched the whole buffer on every
+piece, about n * n / 2 bytes for an n-byte head.  Each place also gets a
+property: any split of the input ends the same way as one piece.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from unittest.mock import patch
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+
+from tunnel.server import forward_http
+from tunnel.server.forward_http import MAX_RESPONSE_HEAD, _HeadGuard
+
+SETTINGS = settings(max_examples=200, deadline=None)
+KiB = 1024
+
+
+def big_head(size: int, status: bytes = b"200 OK") -> bytes:
+    """A response head of exactly ``size`` bytes, in 62-byte header lines."""
+    line = b"X-Filler: " + b"f" * 50 + b"\r\n"
+    head = b"HTTP/1.1 " + status + b"\r\n" + line * (size // len(line) + 1)
+    return head[: size - 4] + b"\r\n\r\n"
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+# -- forward_http._HeadGuard ---------------------------------------------------------------------
+
+
+class Inner(Protocol):
+    """Stands in for twisted.web's HTTP client protocol: records what passes the guard."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def guard_run(pieces: list[bytes]) -> tuple[_HeadGuard, Inner, StringTransport]:
+    inner = Inner()
+    guard = _HeadGuard(inner, SimpleNamespace(head_too_big=False))
+    transport = StringTransport()
+    guard.makeConnection(transport)
+    for piece in pieces:
+        if transport.disconnected:
+            break
+        guard.dataReceived(piece)
+    return guard, inner, transport
+
+
+def test_head_guard_reads_a_64k_head_byte_by_byte_in_linear_work():
+    response = big_head(MAX_RESPONSE_HEAD) + b"body"
+    guard, inner, transport = guard_run(bytewise(response))
+    assert not transport.disconnected and not guard.forward.head_too_big
+    assert bytes(inner.received) == response
+    assert guard.heads.examined <= 8 * len(response)
+
+
+def test_head_guard_refuses_an_oversized_head_byte_by_byte_in_linear_work():
+    response = big_head(MAX_RESPONSE_HEAD + 2)
+    guard, _, transport = guard_run(bytewise(response))
+    assert transport.disconnected and guard.forward.head_too_big
+    assert guard.heads.examined <= 8 * len(response)
+
+
+interim = st.sampled_from(
+    [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"]
+)
+header = st.sampled_from([b"A: b\r\n", b"X-Long: " + b"l" * 40 + b"\r\n", b"Content-Length: 2\r\n"])
+
+
+@SETTINGS
+@given(
+    interims=st.lists(interim, max_size=3),
+    headers=st.lists(header, max_size=6),
+    body=st.binary(max_size=20),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+    limit=st.integers(20, 300),
+    line=st.integers(10, 60),
+)
+def test_head_guard_any_split_ends_as_one_piece(interims, headers, body, cuts, limit, line):
+    response = b"".join(interims) + b"HTTP/1.1 200 OK\r\n" + b"".join(headers) + b"\r\n" + body
+    # small bounds, so that some of these heads are too large
+    with patch.multiple(forward_http, MAX_RESPONSE_HEAD=limit, MAX_HEADER_LINE=line):
+        whole_guard, whole_inner, whole_transport = guard_run([response])
+        guard, inner, transport = guard_run(split(response, cuts))
+    assert transport.disconnected == whole_transport.disconnected
+    assert guard.forward.head_too_big == whole_guard.forward.head_too_big
+    if not transport.disconnected:
+        assert inner.received == whole_inner.received == response
