@@ -9,6 +9,7 @@ property: any split of the input ends the same way as one piece.
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -16,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
+from twisted.web.test.requesthelper import DummyRequest
 
-from tunnel.server import forward_http
+from tunnel.server import forward_http, forward_ws
 from tunnel.server.forward_http import MAX_RESPONSE_HEAD, _HeadGuard
+from tunnel.server.forward_ws import MAX_HEAD, OriginSide, UpgradeForward
 
 SETTINGS = settings(max_examples=200, deadline=None)
 KiB = 1024
@@ -105,3 +108,71 @@ def test_head_guard_any_split_ends_as_one_piece(interims, headers, body, cuts, l
     assert guard.forward.head_too_big == whole_guard.forward.head_too_big
     if not transport.disconnected:
         assert inner.received == whole_inner.received == response
+
+
+# -- forward_ws.OriginSide -----------------------------------------------------------------------
+
+
+class Forward(UpgradeForward):
+    """A real UpgradeForward on a DummyRequest; a 101 is recorded instead of taken over."""
+
+    def __init__(self) -> None:
+        request = DummyRequest([b"ws"])
+        request.content = io.BytesIO()
+        super().__init__(None, request, "id", 80, [])
+        self.switch: tuple[bytes, bytes] | None = None
+
+    def switched(self, origin, head: bytes, rest: bytes) -> None:
+        self.switch = (head, rest)
+
+
+def origin_run(pieces: list[bytes]) -> tuple[OriginSide, tuple]:
+    """Feeds the origin's answer; returns the protocol and what the public side got."""
+    forward = Forward()
+    origin = OriginSide(forward)
+    transport = StringTransport()
+    origin.makeConnection(transport)
+    for piece in pieces:
+        if transport.disconnected or transport.disconnecting:
+            break
+        origin.dataReceived(piece)
+    if forward.switch is not None:
+        head, rest = forward.switch
+        return origin, ("101", head, rest + b"".join(origin._early))
+    request = forward.request
+    headers = sorted(request.responseHeaders.getAllRawHeaders())
+    return origin, (request.responseCode, headers, b"".join(request.written), request.finished)
+
+
+def test_origin_side_reads_a_64k_head_byte_by_byte_in_linear_work():
+    length = b"Content-Length: 2\r\n\r\n"
+    answer = big_head(MAX_HEAD + 2 - len(length), b"404 Not Found")[:-2] + length + b"no"
+    origin, (code, _, body, finished) = origin_run(bytewise(answer))
+    assert (code, body, finished) == (404, b"no", 1)
+    assert origin.heads.examined <= 8 * len(answer)
+
+
+def test_origin_side_refuses_an_oversized_head_byte_by_byte_in_linear_work():
+    answer = big_head(MAX_HEAD + 2, b"101 Switching Protocols")
+    origin, (code, _, body, _) = origin_run(bytewise(answer))
+    assert code == 502 and b"response head too long" in body
+    assert origin.heads.examined <= 8 * len(answer)
+
+
+statuses = st.sampled_from([b"101 Switching Protocols", b"200 OK", b"404 Not Found"])
+
+
+@SETTINGS
+@given(
+    status=statuses,
+    headers=st.lists(header, max_size=6),
+    body=st.binary(min_size=2, max_size=20),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+    limit=st.integers(20, 300),
+)
+def test_origin_side_any_split_ends_as_one_piece(status, headers, body, cuts, limit):
+    answer = b"HTTP/1.1 " + status + b"\r\n" + b"".join(headers) + b"\r\n" + body
+    with patch.object(forward_ws, "MAX_HEAD", limit):
+        _, whole = origin_run([answer])
+        _, pieces = origin_run(split(answer, cuts))
+    assert pieces == whole

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
+from ..heads import HeadScanner, HeadTooLarge
 from ..koding.identifiers import redact
 from ..koding.wire import TransportProtocol
 from ..splice import SpliceProtocol
@@ -85,7 +86,7 @@ class OriginSide(SpliceProtocol):
     def __init__(self, forward: UpgradeForward) -> None:
         super().__init__()
         self.forward = forward
-        self._buf = b""
+        self.heads = HeadScanner(MAX_HEAD)
         self._mode = "head"
         self._decoder = None
 
@@ -97,27 +98,32 @@ class OriginSide(SpliceProtocol):
         if self._mode == "splice":
             super().dataReceived(data)
         elif self._mode == "head":
-            self._buf += data
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > MAX_HEAD:
-                    self._bad("response head too long")
-                return
-            raw, rest = self._buf[: end + 4], self._buf[end + 4 :]
-            self._buf = b""
-            try:
-                head = _Head(raw[:-4])
-            except ValueError as e:
-                self._bad(str(e))
-                return
-            if head.code == 101:
-                self._mode = "splice"
-                self.forward.switched(self, raw, rest)
-            else:
-                self._mode = "body"
-                self._start_body(head, rest)
+            self._read_head(data)
         elif self._mode == "body":
             self._body(data)
+
+    def _read_head(self, data: bytes) -> None:
+        """Reads the origin's answer head; MAX_HEAD bounds it."""
+        try:
+            found = self.heads.feed(data)
+        except HeadTooLarge:
+            self._bad("response head too long")
+            return
+        if found is None:
+            return
+        raw, end = found
+        try:
+            head = _Head(raw[:-4])
+        except ValueError as e:
+            self._bad(str(e))
+            return
+        rest = data[end:]
+        if head.code == 101:
+            self._mode = "splice"
+            self.forward.switched(self, raw, rest)
+        else:
+            self._mode = "body"
+            self._start_body(head, rest)
 
     def readConnectionLost(self) -> None:
         if self._mode == "splice":
