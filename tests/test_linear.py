@@ -16,9 +16,11 @@ from unittest.mock import patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 
+from tunnel.client.protocol import MAX_REPLY, TunnelClientProtocol
 from tunnel.server import forward_http, forward_ws
 from tunnel.server.forward_http import MAX_RESPONSE_HEAD, _HeadGuard
 from tunnel.server.forward_ws import MAX_HEAD, OriginSide, UpgradeForward
@@ -27,11 +29,14 @@ SETTINGS = settings(max_examples=200, deadline=None)
 KiB = 1024
 
 
-def big_head(size: int, status: bytes = b"200 OK") -> bytes:
-    """A response head of exactly ``size`` bytes, in 62-byte header lines."""
+def big_head(size: int, status: bytes = b"200 OK", last: bytes = b"") -> bytes:
+    """A response head of exactly ``size`` bytes: 62-byte header lines, then ``last``."""
+    start = b"HTTP/1.1 " + status + b"\r\n"
     line = b"X-Filler: " + b"f" * 50 + b"\r\n"
-    head = b"HTTP/1.1 " + status + b"\r\n" + line * (size // len(line) + 1)
-    return head[: size - 4] + b"\r\n\r\n"
+    count, pad = divmod(size - len(start) - len(last) - 2, len(line))
+    head = start + line * (count - 1) + line[:-2] + b"f" * pad + b"\r\n" + last + b"\r\n"
+    assert len(head) == size
+    return head
 
 
 def bytewise(data: bytes) -> list[bytes]:
@@ -69,7 +74,7 @@ def guard_run(pieces: list[bytes]) -> tuple[_HeadGuard, Inner, StringTransport]:
 
 
 def test_head_guard_reads_a_64k_head_byte_by_byte_in_linear_work():
-    response = big_head(MAX_RESPONSE_HEAD) + b"body"
+    response = big_head(MAX_RESPONSE_HEAD + 1) + b"body"
     guard, inner, transport = guard_run(bytewise(response))
     assert not transport.disconnected and not guard.forward.head_too_big
     assert bytes(inner.received) == response
@@ -145,8 +150,7 @@ def origin_run(pieces: list[bytes]) -> tuple[OriginSide, tuple]:
 
 
 def test_origin_side_reads_a_64k_head_byte_by_byte_in_linear_work():
-    length = b"Content-Length: 2\r\n\r\n"
-    answer = big_head(MAX_HEAD + 2 - len(length), b"404 Not Found")[:-2] + length + b"no"
+    answer = big_head(MAX_HEAD + 1, b"404 Not Found", b"Content-Length: 2\r\n") + b"no"
     origin, (code, _, body, finished) = origin_run(bytewise(answer))
     assert (code, body, finished) == (404, b"no", 1)
     assert origin.heads.examined <= 8 * len(answer)
@@ -176,3 +180,38 @@ def test_origin_side_any_split_ends_as_one_piece(status, headers, body, cuts, li
         _, whole = origin_run([answer])
         _, pieces = origin_run(split(answer, cuts))
     assert pieces == whole
+
+
+# -- client.protocol.TunnelClientProtocol: the server's reply to CONNECT ------------------------
+
+
+def client_run(pieces: list[bytes]) -> tuple[TunnelClientProtocol, tuple]:
+    """Feeds the server's reply; returns the protocol and how the attempt stands."""
+    protocol = TunnelClientProtocol("ident", "example.com:80", lambda *_: None, Clock())
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    for piece in pieces:
+        if transport.disconnected or transport.disconnecting:
+            break
+        protocol.dataReceived(piece)
+    refused = protocol._error_with_body() if protocol._error is not None else None
+    return protocol, (
+        protocol.session is not None,
+        str(refused),
+        str(protocol.failure),
+        transport.disconnected or transport.disconnecting,
+    )
+
+
+def test_client_reads_a_16k_reply_byte_by_byte_in_linear_work():
+    reply = big_head(MAX_REPLY + 1, b"502 Bad Gateway", b"Content-Length: 2\r\n") + b"no"
+    protocol, (_, refused, failure, closing) = client_run(bytewise(reply))
+    assert refused == failure == "tunnel server error: status=502, body=no" and closing
+    assert protocol._reply.examined <= 8 * len(reply)
+
+
+def test_client_refuses_an_oversized_reply_byte_by_byte_in_linear_work():
+    reply = big_head(MAX_REPLY + 2, b"200 Connected to Tunnel")
+    protocol, (started, _, failure, closing) = client_run(bytewise(reply))
+    assert not started and closing and failure == "tunnel server reply head too long"
+    assert protocol._reply.examined <= 8 * len(reply)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel.client.protocol import _content_length, _head_end
+from tunnel.client.protocol import MAX_REPLY, _content_length
+from tunnel.heads import HeadScanner
 from tunnel.koding.wire import ControlMessage, ControlMessageError, MessageDecoder
 from tunnel.server.forward_ws import _Head
 from tunnel.server.vhosts import normalize_host, split_host
@@ -111,10 +112,13 @@ def test_response_head_parser_raises_only_value_error(raw):
 @given(head=st.binary(max_size=120), rest=st.binary(max_size=40))
 def test_connect_reply_end_is_the_first_blank_line(head, rest):
     data = head + b"\n\n" + rest
-    end = _head_end(data)
-    assert end is not None and end <= len(head) + 2
-    assert data[:end].endswith((b"\n\n", b"\r\n\r\n"))
-    _content_length(data[:end])  # never raises
+    found = HeadScanner(MAX_REPLY, bare_lf=True).feed(data)
+    assert found is not None
+    reply, end = found
+    assert end <= len(head) + 2 and reply == data[:end]
+    assert reply.endswith((b"\n\n", b"\r\n\r\n"))
+    assert b"\n\n" not in reply[:-1] and b"\r\n\r\n" not in reply[:-1]
+    _content_length(reply)  # never raises
 
 
 @SETTINGS

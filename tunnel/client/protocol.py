@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._version import __version__
+from ..heads import HeadScanner, HeadTooLarge
 from ..koding.control import ControlProtocol
 from ..koding.wire import CONNECTED_STATUS, CONTROL_PATH, IDENTIFIER_HEADER, ControlMessage
 from ..timers import cancel
@@ -52,6 +53,9 @@ class TunnelClientProtocol(Protocol):
     """One connection to the server: CONNECT, then yamux and the control stream."""
 
     log = Logger()
+
+    #: reads the reply head (``\n\n`` or ``\r\n\r\n``) in linear time; made on first use
+    _reply: HeadScanner | None = None
 
     def __init__(
         self,
@@ -97,17 +101,21 @@ class TunnelClientProtocol(Protocol):
         if self.session is not None:
             self.session.dataReceived(data)
             return
-        self._head += data
         if self._error is not None:
+            self._head += data[: MAX_REPLY + 1 - len(self._head)]
             self._error_body()
             return
-        end = _head_end(self._head)
-        if end is None:
-            if len(self._head) > MAX_REPLY:
-                self._fail(TunnelServerError("tunnel server reply head too long"))
+        if self._reply is None:
+            self._reply = HeadScanner(MAX_REPLY, bare_lf=True)
+        try:
+            found = self._reply.feed(data)
+        except HeadTooLarge:
+            self._fail(TunnelServerError("tunnel server reply head too long"))
             return
-        head, rest = self._head[:end], self._head[end:]
-        self._head = b""
+        if found is None:
+            return
+        head, end = found
+        rest = data[end:]
         status_line = head.split(b"\n", 1)[0].rstrip(b"\r")
         version, _, status = status_line.partition(b" ")
         if version.startswith(b"HTTP/1.") and status == CONNECTED_STATUS:
@@ -115,7 +123,7 @@ class TunnelClientProtocol(Protocol):
             return
         self._error = TunnelServerError(status.decode("latin-1", "replace"))
         self._content_length = _content_length(head)
-        self._head = rest
+        self._head = bytearray(rest[: MAX_REPLY + 1])
         self._error_body()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
@@ -205,11 +213,6 @@ class TunnelClientProtocol(Protocol):
     def _cancel_timer(self) -> None:
         cancel(self._timer)
         self._timer = None
-
-
-def _head_end(data: bytes) -> int | None:
-    ends = [i + n for i, n in ((data.find(b"\r\n\r\n"), 4), (data.find(b"\n\n"), 2)) if i >= 0]
-    return min(ends) if ends else None
 
 
 def _content_length(head: bytes) -> int | None:
