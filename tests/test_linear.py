@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 
+from tunnel.client import protocol as client_protocol
 from tunnel.client.protocol import MAX_REPLY, TunnelClientProtocol
 from tunnel.server import forward_http, forward_ws
 from tunnel.server.forward_http import MAX_RESPONSE_HEAD, _HeadGuard
@@ -215,3 +216,26 @@ def test_client_refuses_an_oversized_reply_byte_by_byte_in_linear_work():
     protocol, (started, _, failure, closing) = client_run(bytewise(reply))
     assert not started and closing and failure == "tunnel server reply head too long"
     assert protocol._reply.examined <= 8 * len(reply)
+
+
+reply_header = st.sampled_from([b"A: b", b"Content-Length: 5", b"X: " + b"x" * 30])
+
+
+@SETTINGS
+@given(
+    status=st.sampled_from([b"200 Connected to Tunnel", b"502 Bad Gateway", b"200 OK"]),
+    headers=st.lists(
+        st.sampled_from([b"A: b", b"Content-Length: 5", b"X: " + b"x" * 30]), max_size=4
+    ),
+    newline=st.sampled_from([b"\n", b"\r\n"]),
+    body=st.sampled_from([b"", b"refused", b"no"]),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+    limit=st.integers(20, 200),
+)
+def test_client_reply_any_split_ends_as_one_piece(status, headers, newline, body, cuts, limit):
+    lines = [b"HTTP/1.1 " + status, *headers, b"", b""]
+    reply = newline.join(lines) + (body if not status.endswith(b"Tunnel") else b"")
+    with patch.object(client_protocol, "MAX_REPLY", limit):
+        _, whole = client_run([reply])
+        _, pieces = client_run(split(reply, cuts))
+    assert pieces == whole

@@ -102,8 +102,7 @@ class TunnelClientProtocol(Protocol):
             self.session.dataReceived(data)
             return
         if self._error is not None:
-            self._head += data[: MAX_REPLY + 1 - len(self._head)]
-            self._error_body()
+            self._error_body(data)
             return
         if self._reply is None:
             self._reply = HeadScanner(MAX_REPLY, bare_lf=True)
@@ -123,8 +122,8 @@ class TunnelClientProtocol(Protocol):
             return
         self._error = TunnelServerError(status.decode("latin-1", "replace"))
         self._content_length = _content_length(head)
-        self._head = bytearray(rest[: MAX_REPLY + 1])
-        self._error_body()
+        self._head = bytearray()
+        self._error_body(rest)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self._cancel_timer()
@@ -140,8 +139,14 @@ class TunnelClientProtocol(Protocol):
 
     # -- internals -----------------------------------------------------------
 
-    def _error_body(self) -> None:
+    def _error_body(self, data: bytes) -> None:
+        """Collects a refusal's body: up to its Content-Length, and at most MAX_REPLY.
+
+        Bytes past the Content-Length are not part of it, however they arrive.
+        """
         length = self._content_length
+        keep = MAX_REPLY + 1 if length is None else min(length, MAX_REPLY + 1)
+        self._head += data[: max(0, keep - len(self._head))]
         if length is not None and len(self._head) >= min(length, MAX_REPLY):
             self.failure = self._error_with_body()
             self.transport.loseConnection()
