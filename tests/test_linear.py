@@ -13,6 +13,7 @@ import io
 from types import SimpleNamespace
 from unittest.mock import patch
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.protocol import Protocol
@@ -22,6 +23,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from tunnel.client import protocol as client_protocol
 from tunnel.client.protocol import MAX_REPLY, TunnelClientProtocol
+from tunnel.koding.wire import MAX_MESSAGE_SIZE, MessageDecoder
 from tunnel.server import forward_http, forward_ws
 from tunnel.server.forward_http import MAX_RESPONSE_HEAD, _HeadGuard
 from tunnel.server.forward_ws import MAX_HEAD, OriginSide, UpgradeForward
@@ -239,3 +241,36 @@ def test_client_reply_any_split_ends_as_one_piece(status, headers, newline, body
         _, whole = client_run([reply])
         _, pieces = client_run(split(reply, cuts))
     assert pieces == whole
+
+
+# -- koding.wire.MessageDecoder ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b'{"action":1,"x":"' + b"a" * (MAX_MESSAGE_SIZE - 19) + b'"}',
+        b'{"action":1,"x":[' + b"[1e5,-2.5,true,null]," * 3000 + b'{"k":"\\u00e9\\n"}]}',
+        b'{"x":"' + "é".encode() * (MAX_MESSAGE_SIZE // 2 - 4) + b'"}',
+    ],
+    ids=["long-string", "many-values", "utf-8"],
+)
+def test_message_decoder_reads_a_64k_message_byte_by_byte_in_linear_work(message):
+    """The old decoder ran json over the whole unfinished message on every piece."""
+    assert len(message) <= MAX_MESSAGE_SIZE + 1
+    decoder = MessageDecoder()
+    out = []
+    for piece in bytewise(message):
+        out += decoder.feed(piece)
+    assert decoder.error is None and len(out) == 1
+    assert decoder.examined <= 4 * len(message)
+
+
+def test_message_decoder_refuses_an_endless_message_in_linear_work():
+    decoder = MessageDecoder()
+    for piece in bytewise(b'{"x":"' + b"a" * MAX_MESSAGE_SIZE):
+        if decoder.error is not None:
+            break
+        decoder.feed(piece)
+    assert str(decoder.error) == f"control message longer than {MAX_MESSAGE_SIZE} bytes"
+    assert decoder.examined <= 4 * MAX_MESSAGE_SIZE
