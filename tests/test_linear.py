@@ -166,23 +166,39 @@ def test_origin_side_refuses_an_oversized_head_byte_by_byte_in_linear_work():
     assert origin.heads.examined <= 8 * len(answer)
 
 
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 statuses = st.sampled_from([b"101 Switching Protocols", b"200 OK", b"404 Not Found"])
 
 
 @SETTINGS
 @given(
+    interims=st.lists(interim, max_size=3),
     status=statuses,
     headers=st.lists(header, max_size=6),
     body=st.binary(min_size=2, max_size=20),
     cuts=st.lists(st.integers(0, 10_000), max_size=8),
     limit=st.integers(20, 300),
 )
-def test_origin_side_any_split_ends_as_one_piece(status, headers, body, cuts, limit):
-    answer = b"HTTP/1.1 " + status + b"\r\n" + b"".join(headers) + b"\r\n" + body
+def test_origin_side_any_split_ends_as_one_piece(interims, status, headers, body, cuts, limit):
+    final = b"HTTP/1.1 " + status + b"\r\n" + b"".join(headers) + b"\r\n"
+    answer = b"".join(interims) + final + body
     with patch.object(forward_ws, "MAX_HEAD", limit):
         _, whole = origin_run([answer])
         _, pieces = origin_run(split(answer, cuts))
     assert pieces == whole
+    if whole[0] == "101":  # interim heads are dropped: the public client gets the 101 head
+        assert whole[1:] == (final, body)
+
+
+def test_origin_side_bounds_all_interim_heads_together():
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    count = (MAX_HEAD + 1 - len(SWITCHING)) // len(interim)
+    fits = interim * count
+    _, outcome = origin_run([fits + SWITCHING])
+    assert outcome[0] == "101"
+    assert len(fits + SWITCHING) <= MAX_HEAD + 1
+    _, outcome = origin_run([interim * (count + 1) + SWITCHING])
+    assert outcome[0] == 502 and b"response head too long" in outcome[2]
 
 
 # -- client.protocol.TunnelClientProtocol: the server's reply to CONNECT ------------------------

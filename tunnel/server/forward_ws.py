@@ -7,6 +7,8 @@ The public request head is written into a WebSocket stream as it came
   from twisted.web; the 101 head and anything after it go to the public
   client and the two connections are spliced (half-close and abort pass
   through).
+* an interim ``1xx`` (``100 Continue``, ``103 Early Hints``): dropped; the
+  final response that follows is the answer.
 * anything else: the response is returned as an ordinary HTTP response
   through twisted.web (body framed by Content-Length, chunked encoding or
   the end of the stream) and the public connection stays with twisted.web.
@@ -103,20 +105,30 @@ class OriginSide(SpliceProtocol):
             self._body(data)
 
     def _read_head(self, data: bytes) -> None:
-        """Reads the origin's answer head; MAX_HEAD bounds it."""
-        try:
-            found = self.heads.feed(data)
-        except HeadTooLarge:
-            self._bad("response head too long")
-            return
-        if found is None:
-            return
-        raw, end = found
-        try:
-            head = _Head(raw[:-4])
-        except ValueError as e:
-            self._bad(str(e))
-            return
+        """Reads the origin's answer: interim 1xx heads are skipped, the final one decides.
+
+        An interim response (``100 Continue``, ``103 Early Hints``: RFC 9110
+        15.2) is not the answer to the upgrade.  twisted.web cannot send one
+        ahead of the final response, so it is dropped; MAX_HEAD bounds all
+        the heads together.
+        """
+        end = 0
+        while True:
+            try:
+                found = self.heads.feed(data, end)
+            except HeadTooLarge:
+                self._bad("response head too long")
+                return
+            if found is None:
+                return
+            raw, end = found
+            try:
+                head = _Head(raw[:-4])
+            except ValueError as e:
+                self._bad(str(e))
+                return
+            if not (100 <= head.code < 200 and head.code != 101):
+                break
         rest = data[end:]
         if head.code == 101:
             self._mode = "splice"
