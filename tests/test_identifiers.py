@@ -16,7 +16,13 @@ def test_redact_is_the_digest_fingerprint() -> None:
     assert digest(ident) == hashlib.sha256(ident.encode()).digest()
 
 
-@given(st.text(alphabet=st.characters(min_codepoint=0x100), min_size=1, max_size=64))
+@given(
+    st.text(
+        alphabet=st.characters(min_codepoint=0x100, exclude_categories=("Cs",)),
+        min_size=1,
+        max_size=64,
+    )
+)
 def test_redact_shows_no_character_of_the_identifier(ident: str) -> None:
     # non-ASCII identifiers: no character of theirs can appear in hex digits
     shown = redact(ident)

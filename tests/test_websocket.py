@@ -10,12 +10,13 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.websocket import WebSocketClientEndpoint, WebSocketResource
 from zope.interface import implementer
 
-from .tunnel_env import TunnelEnv, raw_exchange
+from .tunnel_env import TunnelEnv, raw_exchange, until
 
 MiB = 1024 * 1024
 
@@ -223,5 +224,94 @@ async def test_upgrade_without_a_connected_client_gets_502(origin_with_ws):
         assert whole.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
         assert whole.endswith(b"\r\n\r\nno client session established\n")
         proto.transport.loseConnection()
+    finally:
+        await env.stop()
+
+
+# -- interim 1xx answers from the origin (RFC 9110 15.2) ----------------------------------------
+
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: app.localhost\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+SWITCHING = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+class ScriptedOrigin(Protocol):
+    """A raw origin: answers the upgrade request with ``answer``, then echoes what follows."""
+
+    def __init__(self, answer: bytes, live: set) -> None:
+        self.answer = answer
+        self.live = live
+        self.buf = b""
+        self.answered = False
+
+    def connectionMade(self) -> None:
+        self.live.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered:
+            self.transport.write(data)
+            return
+        self.buf += data
+        if b"\r\n\r\n" in self.buf:
+            self.answered = True
+            self.transport.write(self.answer)
+
+    def connectionLost(self, reason) -> None:
+        self.live.discard(self)
+
+
+async def scripted_env(answer: bytes, live: set) -> TunnelEnv:
+    """A tunnel whose local server is a ScriptedOrigin."""
+    env = await TunnelEnv().start(connect=False)
+    factory = ServerFactory.forProtocol(lambda: ScriptedOrigin(answer, live))
+    origin = await env.listen(factory)
+    env.client = env.make_client(local=f"tcp:127.0.0.1:{origin.getHost().port}")
+    env.client.startService()
+    await env.client.when_ready()
+    await env.server.when_connected(env.IDENT)
+    return env
+
+
+@pytest_twisted.ensureDeferred
+async def test_early_hints_then_101_switches_and_splices():
+    """Before the fix the 103 was taken as the answer and the 101 was lost."""
+    live: set[ScriptedOrigin] = set()
+    env = await scripted_env(EARLY_HINTS + SWITCHING, live)
+    try:
+
+        def talk(client):
+            if client.buf == SWITCHING:  # switched: now speak through the splice
+                client.transport.write(b"through the splice")
+
+        proto, whole = await raw_exchange(
+            env, UPGRADE, until=lambda buf: buf.endswith(b"through the splice"), on_data=talk
+        )
+        assert whole == SWITCHING + b"through the splice"  # no 103, the origin's 101 as sent
+        proto.transport.loseConnection()
+        await until(lambda: not live)  # the splice passed the close on
+    finally:
+        await env.stop()
+
+
+@pytest.mark.parametrize("interim", [EARLY_HINTS, b"HTTP/1.1 100 Continue\r\n\r\n" * 3])
+@pytest_twisted.ensureDeferred
+async def test_interim_then_404_is_an_ordinary_404(interim):
+    live: set[ScriptedOrigin] = set()
+    answer = b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found"
+    env = await scripted_env(interim + answer, live)
+    try:
+        proto, whole = await raw_exchange(env, UPGRADE, until=lambda buf: buf.endswith(b"found"))
+        assert whole.startswith(b"HTTP/1.1 404 Not Found\r\n")
+        assert whole.endswith(b"\r\n\r\nnot found")
+        assert b" 103 " not in whole and b" 100 " not in whole
+        proto.transport.loseConnection()
+        await until(lambda: not live)
     finally:
         await env.stop()

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._version import __version__
+from ..heads import HeadScanner, HeadTooLarge
 from ..koding.control import ControlProtocol
 from ..koding.wire import CONNECTED_STATUS, CONTROL_PATH, IDENTIFIER_HEADER, ControlMessage
 from ..observe import OneShot
@@ -53,6 +54,9 @@ class TunnelClientProtocol(Protocol):
     """One connection to the server: CONNECT, then yamux and the control stream."""
 
     log = Logger()
+
+    #: reads the reply head (``\n\n`` or ``\r\n\r\n``) in linear time; made on first use
+    _reply: HeadScanner | None = None
 
     def __init__(
         self,
@@ -100,17 +104,20 @@ class TunnelClientProtocol(Protocol):
         if self.session is not None:
             self.session.dataReceived(data)
             return
-        self._head += data
         if self._error is not None:
-            self._error_body()
+            self._error_body(data)
             return
-        end = _head_end(self._head)
-        if end is None:
-            if len(self._head) > MAX_REPLY:
-                self._fail(TunnelServerError("tunnel server reply head too long"))
+        if self._reply is None:
+            self._reply = HeadScanner(MAX_REPLY, bare_lf=True)
+        try:
+            found = self._reply.feed(data)
+        except HeadTooLarge:
+            self._fail(TunnelServerError("tunnel server reply head too long"))
             return
-        head, rest = self._head[:end], self._head[end:]
-        self._head = b""
+        if found is None:
+            return
+        head, end = found
+        rest = data[end:]
         status_line = head.split(b"\n", 1)[0].rstrip(b"\r")
         version, _, status = status_line.partition(b" ")
         if version.startswith(b"HTTP/1.") and status == CONNECTED_STATUS:
@@ -118,8 +125,8 @@ class TunnelClientProtocol(Protocol):
             return
         self._error = TunnelServerError(status.decode("latin-1", "replace"))
         self._content_length = _content_length(head)
-        self._head = rest
-        self._error_body()
+        self._head = bytearray()
+        self._error_body(rest)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self._cancel_timer()
@@ -134,8 +141,14 @@ class TunnelClientProtocol(Protocol):
 
     # -- internals -----------------------------------------------------------
 
-    def _error_body(self) -> None:
+    def _error_body(self, data: bytes) -> None:
+        """Collects a refusal's body: up to its Content-Length, and at most MAX_REPLY.
+
+        Bytes past the Content-Length are not part of it, however they arrive.
+        """
         length = self._content_length
+        keep = MAX_REPLY + 1 if length is None else min(length, MAX_REPLY + 1)
+        self._head += data[: max(0, keep - len(self._head))]
         if length is not None and len(self._head) >= min(length, MAX_REPLY):
             self.failure = self._error_with_body()
             self.transport.loseConnection()
@@ -206,11 +219,6 @@ class TunnelClientProtocol(Protocol):
     def _cancel_timer(self) -> None:
         cancel(self._timer)
         self._timer = None
-
-
-def _head_end(data: bytes) -> int | None:
-    ends = [i + n for i, n in ((data.find(b"\r\n\r\n"), 4), (data.find(b"\n\n"), 2)) if i >= 0]
-    return min(ends) if ends else None
 
 
 def _content_length(head: bytes) -> int | None:

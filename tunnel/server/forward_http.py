@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .registry import TunnelServer
 
+from ..heads import HeadScanner, HeadTooLarge
 from ..koding.identifiers import redact
 from ..koding.wire import TransportProtocol
 from .errors import TunnelError
@@ -101,14 +102,15 @@ class _HeadGuard(Protocol):
 
     The HTTP client would buffer any number of header lines; a head larger
     than MAX_RESPONSE_HEAD (or a line longer than MAX_HEADER_LINE) resets
-    the stream, and the public client gets a 502 that says so.
+    the stream, and the public client gets a 502 that says so.  Interim 1xx
+    heads count towards the same bound.  A HeadScanner does the reading, so
+    the work is linear in the head however the origin splits it.
     """
 
     def __init__(self, inner, forward: HTTPForward) -> None:
         self.inner = inner
         self.forward = forward
-        self._head = b""
-        self._total = 0
+        self.heads = HeadScanner(MAX_RESPONSE_HEAD, max_line=MAX_HEADER_LINE)
         self._done = False
 
     def makeConnection(self, transport) -> None:
@@ -121,23 +123,18 @@ class _HeadGuard(Protocol):
         self.inner.dataReceived(data)
 
     def _check(self, data: bytes) -> bool:
-        buf = self._head + data
-        self._total += len(data)
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            if buf[9:10] != b"1" or buf[9:12] == b"101":
-                self._done = True  # the final head: the rest is body
-                self._head = b""
-                return True
-            buf = buf[end + 4 :]  # an interim 1xx head; the bound covers them all
-        line = len(buf) - (buf.rfind(b"\n") + 1)
-        if self._total > MAX_RESPONSE_HEAD or line > MAX_HEADER_LINE:
+        end = 0
+        try:
+            while (found := self.heads.feed(data, end)) is not None:
+                head, end = found
+                if head[9:10] != b"1" or head[9:12] == b"101":
+                    self._done = True  # the final head: the rest is body
+                    return True
+                # an interim 1xx head: the client skips it; the bound covers them all
+        except HeadTooLarge:
             self.forward.head_too_big = True
             self.transport.abortConnection()
             return False
-        self._head = buf
         return True
 
     def connectionLost(self, reason) -> None:

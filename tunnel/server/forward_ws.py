@@ -7,6 +7,8 @@ The public request head is written into a WebSocket stream as it came
   from twisted.web; the 101 head and anything after it go to the public
   client and the two connections are spliced (half-close and abort pass
   through).
+* an interim ``1xx`` (``100 Continue``, ``103 Early Hints``): dropped; the
+  final response that follows is the answer.
 * anything else: the response is returned as an ordinary HTTP response
   through twisted.web (body framed by Content-Length, chunked encoding or
   the end of the stream) and the public connection stays with twisted.web.
@@ -21,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
+from ..heads import HeadScanner, HeadTooLarge
 from ..koding.identifiers import redact
 from ..koding.wire import TransportProtocol
 from ..splice import SpliceProtocol
@@ -85,7 +88,7 @@ class OriginSide(SpliceProtocol):
     def __init__(self, forward: UpgradeForward) -> None:
         super().__init__()
         self.forward = forward
-        self._buf = b""
+        self.heads = HeadScanner(MAX_HEAD)
         self._mode = "head"
         self._decoder = None
 
@@ -97,27 +100,42 @@ class OriginSide(SpliceProtocol):
         if self._mode == "splice":
             super().dataReceived(data)
         elif self._mode == "head":
-            self._buf += data
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > MAX_HEAD:
-                    self._bad("response head too long")
+            self._read_head(data)
+        elif self._mode == "body":
+            self._body(data)
+
+    def _read_head(self, data: bytes) -> None:
+        """Reads the origin's answer: interim 1xx heads are skipped, the final one decides.
+
+        An interim response (``100 Continue``, ``103 Early Hints``: RFC 9110
+        15.2) is not the answer to the upgrade.  twisted.web cannot send one
+        ahead of the final response, so it is dropped; MAX_HEAD bounds all
+        the heads together.
+        """
+        end = 0
+        while True:
+            try:
+                found = self.heads.feed(data, end)
+            except HeadTooLarge:
+                self._bad("response head too long")
                 return
-            raw, rest = self._buf[: end + 4], self._buf[end + 4 :]
-            self._buf = b""
+            if found is None:
+                return
+            raw, end = found
             try:
                 head = _Head(raw[:-4])
             except ValueError as e:
                 self._bad(str(e))
                 return
-            if head.code == 101:
-                self._mode = "splice"
-                self.forward.switched(self, raw, rest)
-            else:
-                self._mode = "body"
-                self._start_body(head, rest)
-        elif self._mode == "body":
-            self._body(data)
+            if not (100 <= head.code < 200 and head.code != 101):
+                break
+        rest = data[end:]
+        if head.code == 101:
+            self._mode = "splice"
+            self.forward.switched(self, raw, rest)
+        else:
+            self._mode = "body"
+            self._start_body(head, rest)
 
     def readConnectionLost(self) -> None:
         if self._mode == "splice":
