@@ -461,20 +461,6 @@ async def test_expect_100_continue_body_reaches_the_go_client(tmp_path):
     await with_rig(tmp_path, OURS_GO, check)
 
 
-REFUSED_UPGRADE_DUPLICATES_HEADERS = (
-    "our server relays a non-101 answer to an upgrade (tunnel/upgrade.py _start_body)"
-    " with addRawHeader on top of twisted.web's default Server and Date headers, so"
-    " the public client gets two Date headers and a Server header the origin never"
-    " sent; the plain HTTP path (tunnel/resource.py) starts from empty Headers(), and"
-    " the Go server relays the origin's head as it is"
-)
-
-
-class HeadersDiffer(AssertionError):
-    """The one failure the xfail below expects (anything else is a real failure)."""
-
-
-@pytest.mark.xfail(strict=True, raises=HeadersDiffer, reason=REFUSED_UPGRADE_DUPLICATES_HEADERS)
 @pytest_twisted.ensureDeferred
 async def test_refused_websocket_upgrade_is_relayed_as_the_origin_sent_it(tmp_path):
     """An upgrade request the origin answers with a plain 200 (reforigin's
@@ -491,7 +477,8 @@ async def test_refused_websocket_upgrade_is_relayed_as_the_origin_sent_it(tmp_pa
         _, expected, _ = await raw_request(rig.origin_port, head.format(host=rig.host).encode())
         _, final, body = await raw_request(rig.http_port, head.format(host=rig.host).encode())
         assert final.startswith(b"HTTP/1.1 200 ") and body == b"hello", final
-        if header_names(final) != header_names(expected):
-            raise HeadersDiffer(f"origin sent:\n{expected.decode()}relayed:\n{final.decode()}")
+        assert header_names(final) == header_names(expected), (
+            f"origin sent:\n{expected.decode()}relayed:\n{final.decode()}"
+        )
 
     await with_rig(tmp_path, OURS_GO, check)

@@ -315,3 +315,24 @@ async def test_interim_then_404_is_an_ordinary_404(interim):
         await until(lambda: not live)
     finally:
         await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_upgrade_carries_the_origins_fields_only():
+    """A non-101 answer is relayed with the origin's header fields, not with
+    twisted.web's Server and Date beside them (RFC 9110: one Date)."""
+    live: set[ScriptedOrigin] = set()
+    answer = (
+        b"HTTP/1.1 200 OK\r\nDate: Mon, 30 Nov 2026 08:00:00 GMT\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    env = await scripted_env(answer, live)
+    try:
+        proto, whole = await raw_exchange(env, UPGRADE, until=lambda buf: buf.endswith(b"hello"))
+        head = whole.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+        names = sorted(line.split(b":", 1)[0] for line in head[1:])
+        assert names == [b"content-length", b"date"], whole
+        assert b"date: mon, 30 nov 2026 08:00:00 gmt" in head
+        proto.transport.loseConnection()
+        await until(lambda: not live)
+    finally:
+        await env.stop()

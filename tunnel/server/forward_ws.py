@@ -22,6 +22,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
+from twisted.web.http_headers import Headers
 
 from ..heads import HeadScanner, HeadTooLarge
 from ..koding.identifiers import redact
@@ -154,6 +155,9 @@ class OriginSide(SpliceProtocol):
     def _start_body(self, head: _Head, rest: bytes) -> None:
         request = self.forward.request
         request.setResponseCode(head.code, head.phrase)
+        # the origin's fields only: no Server or Date of twisted.web's beside its own
+        request.responseHeaders = Headers()
+        request.defaultContentType = None
         skip = HOP_BY_HOP | connection_tokens(head.get(b"connection"))
         for name, value in head.headers:
             if name.lower() not in skip:
