@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from .._version import __version__
 from ..heads import HeadScanner, HeadTooLarge
 from ..koding.control import ControlProtocol
+from ..koding.identifiers import redact
 from ..koding.wire import CONNECTED_STATUS, CONTROL_PATH, IDENTIFIER_HEADER, ControlMessage
 from ..observe import OneShot
 from ..timers import cancel
@@ -157,9 +158,12 @@ class TunnelClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def _error_with_body(self) -> TunnelServerError:
+        """The refusal as an error that may be logged: the server's text (Go's
+        names the identifier) shows our identifier as its fingerprint only."""
         status = str(self._error)
         code = status.split(" ", 1)[0]
         body = self._head[:MAX_REPLY].decode("utf-8", "replace").strip()
+        body = body.replace(self.identifier, redact(self.identifier))
         return TunnelServerError(f"tunnel server error: status={code}, body={body}")
 
     def _start_session(self, leftover: bytes) -> None:
