@@ -18,6 +18,8 @@ from tunnel.client.backoff import exponential_backoff
 from tunnel.client.local import LocalForwarder, LocalTargets
 from tunnel.server import TunnelResource, TunnelServer
 
+from .live import until as until  # re-exported: tests import it from here
+
 BLOCK = hashlib.sha256(b"seed").digest() * 32768  # 1 MiB, deterministic
 
 
@@ -191,15 +193,6 @@ class TunnelEnv:
         await self.server.stop(grace=1.0)
         for port in self.ports:
             await port.stopListening()
-
-
-async def until(predicate, timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll until predicate() holds (bounded), yielding to the reactor."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        await task.deferLater(reactor, interval, lambda: None)
 
 
 def gather(coroutines):
