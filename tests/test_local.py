@@ -1,16 +1,23 @@
 """Which local endpoint a control message reaches: the public Host header
-must not pick an arbitrary local port unless that is asked for."""
+must not pick an arbitrary local port unless that is asked for.
+
+The routing table on its own, the forwarder on a hand-driven session, and
+whole public requests through the in-memory tunnel (tests/memory.py)."""
 
 from __future__ import annotations
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.server import Site
 
 from tunnel.client.local import LocalForwarder, LocalTargets
 from tunnel.koding.wire import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
 from tunnel.yamux.frame import FLAG_FIN, TYPE_DATA, TYPE_WINDOW_UPDATE
 
 from .helpers import Wire
+from .memory import ClockRequest, MemoryTunnel
+from .tunnel_env import Origin
 
 HTTP, TCP, WS = TransportProtocol.HTTP, TransportProtocol.TCP, TransportProtocol.WS
 
@@ -73,3 +80,35 @@ def test_no_endpoint_answers_like_go(protocol):
     assert body == (b"" if protocol == TCP else NO_LOCAL_SERVER)
     assert (frames[-1][0].type, frames[-1][0].flags) == (TYPE_WINDOW_UPDATE, FLAG_FIN)
     wire.lose()
+
+
+def test_public_host_ports_reach_only_configured_local_servers():
+    env = MemoryTunnel().start(connect=False)
+    mapped = Origin(clock=env.clock)
+    env.listen(Site(mapped, requestFactory=ClockRequest, reactor=env.clock), 9080)
+    trapped = []  # a local service on 127.0.0.1:22 that no public request may reach
+    env.listen(Factory.forProtocol(lambda: trapped.append(1) or Protocol()), 22)
+    env.client = env.make_client(ports={8080: "tcp:127.0.0.1:9080"})
+    env.client.startService()
+    with env:
+        response = env.get(b"/echo?echo=mapped", host=b"app.localhost:8080")
+        assert (response.code, response.body) == (200, b"mapped")
+        assert len(mapped.seen) == 1 and env.origin.seen == []
+        for forged in (b"app.localhost:22", b"app.localhost", b"app.localhost:0"):
+            response = env.get(b"/echo?echo=default", host=forged)
+            assert (response.code, response.body) == (200, b"default")
+        assert len(env.origin.seen) == 3 and len(mapped.seen) == 1
+        assert trapped == []
+
+
+@pytest.mark.parametrize("local", ["tcp:127.0.0.1:9999", None], ids=["refused", "unset"])
+def test_no_local_server_reaches_the_public_client_as_go_s_503(local):
+    env = MemoryTunnel().start(connect=False)
+    env.client = env.make_client(local=local)
+    if local is None:
+        env.client.forwarder = LocalForwarder(lambda message: None)
+    env.client.startService()
+    with env:
+        raw = env.request(b"GET /echo HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        assert raw == NO_LOCAL_SERVER  # the client's answer, relayed byte for byte
+        assert env.client.state.name == "CONNECTED"  # the tunnel is unharmed

@@ -1,16 +1,15 @@
 """TunnelServer's API: director, one-shot callbacks, run-time hosts, the FIFO
-of waiting tunnels (bounds, timeouts, cancellation)."""
+of waiting tunnels (bounds, timeouts, cancellation).
+
+End to end on the in-memory network (tests/memory.py), or with frames written
+by hand to a session on a StringTransport."""
 
 from __future__ import annotations
 
-import pytest
-import pytest_twisted
-import treq
-from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from tunnel.koding.states import ClientState
 from tunnel.server import NoClientSession, TooManyPendingTunnels, TunnelServer, TunnelTimeout
@@ -18,74 +17,70 @@ from tunnel.yamux import YamuxSession
 from tunnel.yamux.frame import FLAG_RST, FLAG_SYN, TYPE_DATA, TYPE_WINDOW_UPDATE
 
 from .helpers import data_frame, frame, split_frames
-from .tunnel_env import TunnelEnv
+from .memory import SERVER, MemoryTunnel
 
 
-@pytest.fixture
-def http():
-    return treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
+def get(env, host: str, path: bytes = b"/echo?echo=hi"):
+    response = env.get(path, host=host.encode())
+    return response.code, response.body
 
 
-async def get(http, env, host, path="/echo?echo=hi"):
-    response = await http.get(env.url + path, headers={"Host": host})
-    return response.code, await response.content()
-
-
-@pytest_twisted.ensureDeferred
-async def test_director_can_rewrite_the_request_before_routing(http):
+def test_director_can_rewrite_the_request_before_routing():
     def director(request):
         if request.getHeader(b"host") == b"alias.test":
-            request.requestHeaders.setRawHeaders(b"host", [TunnelEnv.HOST.encode()])
+            request.requestHeaders.setRawHeaders(b"host", [MemoryTunnel.HOST.encode()])
 
-    env = await TunnelEnv(resource_kwargs={"director": director}).start()
-    try:
-        assert await get(http, env, "alias.test") == (200, b"hi")
-        assert env.origin.seen[-1].getHeader(b"host") == TunnelEnv.HOST.encode()
-    finally:
-        await env.stop()
+    with MemoryTunnel(resource_kwargs={"director": director}) as env:
+        assert get(env, "alias.test") == (200, b"hi")
+        assert env.origin.seen[-1].getHeader(b"host") == env.HOST.encode()
+        assert env.public_requests[-1].getHeader(b"host") == env.HOST.encode()
 
 
-@pytest_twisted.ensureDeferred
-async def test_hosts_change_at_run_time(http):
-    env = await TunnelEnv().start()
-    try:
+def test_hosts_change_at_run_time():
+    with MemoryTunnel() as env:
         env.server.add_host("Second.Test.", env.IDENT)
-        assert await get(http, env, "second.test") == (200, b"hi")
+        assert get(env, "second.test") == (200, b"hi")
         env.server.delete_host("second.test")
-        assert await get(http, env, "second.test") == (
-            502,
-            b'no virtual host available for "second.test"\n',
+        raw = env.request(b"GET /echo?echo=hi HTTP/1.1\r\nHost: second.test\r\n\r\n")
+        body = b'no virtual host available for "second.test"\n'
+        assert raw == (
+            b"HTTP/1.1 502 Bad Gateway\r\n"
+            b"Server: " + SERVER + b"\r\n"
+            b"Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"X-Content-Type-Options: nosniff\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
         )
-        assert await get(http, env, env.HOST) == (200, b"hi")
-    finally:
-        await env.stop()
+        assert get(env, env.HOST) == (200, b"hi")
+        assert len(env.origin.seen) == 2  # the refused request never left the server
 
 
-@pytest_twisted.ensureDeferred
-async def test_connect_and_disconnect_callbacks_run_once():
-    env = await TunnelEnv().start(connect=False)
+def test_connect_and_disconnect_callbacks_run_once():
+    env = MemoryTunnel().start(connect=False)
     calls = []
     env.server.on_connect(env.IDENT, lambda: calls.append("connect"))
     env.server.on_disconnect(env.IDENT, lambda: calls.append("disconnect"))
     changes = []
-    env.server.observe_states(changes.append)
-    try:
+    env.server.observe_states(lambda change: changes.append((env.now, change.current)))
+    with env:
         env.client = env.make_client()
         env.client.startService()
-        await env.server.when_connected(env.IDENT)
+        env.flush()
         first = env.server.connection(env.IDENT)
         first.session.transport.abortConnection()
-        await env.client.when_ready()  # reconnected
-        await env.server.when_connected(env.IDENT)
+        env.flush()
+        assert env.client.state == ClientState.DISCONNECTED
+        assert isinstance(env.client.last_error, ConnectionLost)  # reset by the server
+        # reconnected after exactly the first backoff delay (no jitter here)
+        assert env.run_until(lambda: env.client.state == ClientState.CONNECTED) == 0.05
         assert calls == ["connect", "disconnect"]  # one-shot: not again
-        assert [c.current for c in changes] == [
-            ClientState.CONNECTED,
-            ClientState.CLOSED,
-            ClientState.CONNECTED,
+        assert changes == [
+            (0.0, ClientState.CONNECTED),
+            (0.0, ClientState.CLOSED),
+            (0.05, ClientState.CONNECTED),
         ]
         assert env.server.state(env.IDENT) == ClientState.CONNECTED
-    finally:
-        await env.stop()
+        assert env.server.connection(env.IDENT) is not first
 
 
 def connected_server(**kwargs):

@@ -1,109 +1,84 @@
 """Slow clients on the public port and the control path are dropped; others
-are unaffected."""
+are unaffected.  In memory on one Clock (tests/memory.py), so every deadline
+is checked to the instant it falls on."""
 
 from __future__ import annotations
 
-import pytest_twisted
-from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.error import ConnectionLost
 
-from tunnel.server import TunnelResource, TunnelServer
-from tunnel.server.site import TunnelSite
+from .memory import MemoryTunnel, parse_response
 
-from .tunnel_env import TunnelEnv
+HEAD = b"GET /echo?echo=x HTTP/1.1\r\nHost: app.localhost\r\nX-Pad: "
 
 
-class Trickle(Protocol):
-    def __init__(self):
-        self.lost = defer.Deferred()
-        self.buf = b""
-
-    def dataReceived(self, data):
-        self.buf += data
-
-    def connectionLost(self, reason):
-        self.lost.callback(reason.value)
-
-
-def channel_on(site, clock):
-    channel = site.buildProtocol(None)
-    channel.callLater = clock.callLater
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    return channel, transport
+def site(head_timeout: float, idle_timeout: float = 60) -> dict:
+    return {"site_kwargs": {"head_timeout": head_timeout, "idle_timeout": idle_timeout}}
 
 
 def test_head_trickled_forever_is_dropped_at_the_deadline():
-    clock = Clock()
-    server = TunnelServer(clock=clock)
-    site = TunnelSite(TunnelResource(server), head_timeout=5, idle_timeout=60, reactor=clock)
-    channel, transport = channel_on(site, clock)
-    # one byte a second: the idle timer is reset every time, the deadline is not
-    for i, byte in enumerate(b"GET / HTTP/1.1\r\nHost: slow"):
-        clock.advance(1 if i else 0)
-        if transport.disconnecting or getattr(transport, "aborted", False):
-            break
-        channel.dataReceived(bytes([byte]))
-    assert clock.seconds() <= 6
-    assert getattr(transport, "disconnected", False) or transport.disconnecting
-    channel.connectionLost(None)
-    assert [c for c in clock.getDelayedCalls() if c.active()] == []
+    with MemoryTunnel(**site(head_timeout=5, idle_timeout=2)) as env:
+        slow = env.connect()
+        # one byte a second: the 2 s idle timer is reset every time, the deadline is not
+        for second, byte in enumerate(HEAD[:5]):
+            env.advance_to(second)
+            slow.send(bytes([byte]))
+        env.advance_to(4.999)
+        assert slow.open
+        env.advance_to(5)
+        assert slow.closed_at == 5.0
+        assert slow.reason.check(ConnectionLost)  # aborted: a reset, no answer
+        assert slow.received == b""
+        assert env.origin.seen == []
 
 
 def test_a_complete_head_disarms_the_deadline_and_keep_alive_rearms_it():
-    clock = Clock()
-    server = TunnelServer(clock=clock)
-    site = TunnelSite(TunnelResource(server), head_timeout=5, idle_timeout=60, reactor=clock)
-    channel, transport = channel_on(site, clock)
-    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: nosuch.test\r\n\r\n")
-    assert b"502 Bad Gateway" in transport.value()  # answered (no such vhost)
-    clock.advance(4.9)
-    assert not transport.disconnecting
-    clock.advance(0.2)  # the next head was due 5 s after the response
-    assert getattr(transport, "disconnected", False) or transport.disconnecting
-    channel.connectionLost(None)
+    with MemoryTunnel(**site(head_timeout=5)) as env:
+        client = env.connect()
+        client.send(b"GET / HTTP/1.1\r\nHost: nosuch.test\r\n\r\n")
+        env.flush()
+        assert parse_response(client.take()).code == 502  # answered (no such vhost)
+        env.advance_to(4.999)
+        assert client.open
+        env.advance_to(5)  # the next head was due 5 s after the response
+        assert client.closed_at == 5.0
+        # a head that is complete is not cut off while its answer takes long
+        client = env.connect()
+        client.send(b"GET /delay?n=8 HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        env.advance_to(12.999)
+        assert client.open and client.received == b""
+        env.advance_to(13)
+        response = parse_response(client.take())
+        assert (response.code, response.body) == (200, b"late")
+        env.advance_to(17.999)  # rearmed at the end of the response
+        assert client.open
+        env.advance_to(18)
+        assert client.closed_at == 18.0
 
 
-@pytest_twisted.ensureDeferred
-async def test_slowloris_on_real_sockets_leaves_other_clients_alone():
-    env = TunnelEnv()
-    await env.start()
-    server = env.server
-    slow_site = TunnelSite(TunnelResource(server), head_timeout=0.5, idle_timeout=30)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(slow_site)
-    env.ports.append(port)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-    try:
-        slow = await connectProtocol(endpoint, Trickle())
-        control = await connectProtocol(endpoint, Trickle())
-        control.transport.write(b"CONNECT /_controlPath/ HTTP/1.1\r\nHost: x\r\n")  # no end
-        started = reactor.seconds()
-        stop = False
-
-        async def trickle():
-            for byte in b"GET /echo?echo=x HTTP/1.1\r\nHost: app.localhost\r\nX-Pad: ":
-                if stop:
-                    return
-                slow.transport.write(bytes([byte]))
-                await task.deferLater(reactor, 0.05, lambda: None)
-
-        trickling = defer.ensureDeferred(trickle())
-        # a normal client is served meanwhile
-        fast = await connectProtocol(endpoint, Trickle())
-        fast.transport.write(
-            b"GET /echo?echo=fast HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n"
-        )
-        await fast.lost
-        assert fast.buf.startswith(b"HTTP/1.1 200 OK") and fast.buf.endswith(b"fast")
-        await slow.lost
-        await control.lost
-        elapsed = reactor.seconds() - started
-        stop = True
-        await trickling
-        assert 0.4 <= elapsed < 5
-        assert slow.buf == b"" and control.buf == b""
-    finally:
-        await env.stop()
+def test_slowloris_leaves_other_clients_alone():
+    with MemoryTunnel(**site(head_timeout=0.5, idle_timeout=30)) as env:
+        slow = env.connect()
+        control = env.connect()
+        control.send(b"CONNECT /_controlPath/ HTTP/1.1\r\nHost: x\r\n")  # no end
+        fast = None
+        for i, byte in enumerate(HEAD):  # a byte every 50 ms
+            env.advance_to(i * 0.05)
+            if slow.closed:
+                break
+            slow.send(bytes([byte]))
+            if i == 2:  # a normal client is served meanwhile
+                fast = env.connect()
+                fast.send(
+                    b"GET /echo?echo=fast HTTP/1.1\r\nHost: app.localhost\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                env.flush()
+                assert fast.closed and fast.clean
+                response = parse_response(fast.received)
+                assert (response.code, response.body) == (200, b"fast")
+        # both were dropped at the deadline, at once, and told nothing
+        assert slow.closed_at == control.closed_at == 0.5
+        assert slow.received == b"" and control.received == b""
+        assert slow.reason.check(ConnectionLost) and control.reason.check(ConnectionLost)
+        assert fast is not None and len(env.origin.seen) == 1
+        assert env.client.state.name == "CONNECTED"  # the tunnel itself is untouched

@@ -1,120 +1,127 @@
-"""TCP tunnels end to end on 127.0.0.1: routing by local port, half-close,
-concurrency and a big transfer."""
+"""TCP tunnels end to end, in memory: routing by local port, half-close,
+concurrency and a big transfer (tests/memory.py; no sockets, no real time)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory
 
 from .loopback import BoundedEcho, Sender
-from .tunnel_env import TunnelEnv, until
+from .memory import MemoryTunnel
 
 MiB = 1024 * 1024
 BLOCK = random.Random(9).randbytes(4 * MiB)
+TCP_PORT = 2222
+ECHO_PORT = 7000
 
 
-async def tcp_env():
-    env = TunnelEnv()
-    await env.start(connect=False)
-    echo = await env.listen(Factory.forProtocol(BoundedEcho))
-    public = await env.listen(env.server.tcp_factory())
-    env.server.add_addr(env.IDENT, port=public.getHost().port)
-    env.client = env.make_client(
-        tcp={public.getHost().port: f"tcp:127.0.0.1:{echo.getHost().port}"}
+class TCPEcho(BoundedEcho):
+    """BoundedEcho that also closes its socket once both directions are done
+    (a TCP transport, unlike a yamux stream, stays open until told)."""
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+
+def tcp_env() -> MemoryTunnel:
+    env = MemoryTunnel().start(connect=False)
+    env.echoes = []  # the local side of each tunnel
+    env.listen(
+        Factory.forProtocol(lambda: env.echoes.append(TCPEcho()) or env.echoes[-1]), ECHO_PORT
     )
+    env.listen(env.server.tcp_factory(), TCP_PORT, interface="")
+    env.server.add_addr(env.IDENT, port=TCP_PORT)
+    env.client = env.make_client(tcp={TCP_PORT: f"tcp:127.0.0.1:{ECHO_PORT}"})
     env.client.startService()
-    await env.client.when_ready()
-    env.tcp_port = public.getHost().port
+    env.flush()
     return env
 
 
-async def send_through(env, size: int, offset: int = 0):
-    sender = Sender(BLOCK, offset, size)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.tcp_port)
-    await connectProtocol(endpoint, sender)
-    received, digest, reason = await sender.finished
-    return received, digest, sender.sent.result, reason
-
-
-@pytest_twisted.ensureDeferred
-async def test_hundred_concurrent_echo_connections_with_half_close():
-    env = await tcp_env()
+def test_hundred_concurrent_echo_connections_with_half_close():
     rng = random.Random(3)
-    try:
-        sizes = [rng.randrange(0, 300_000) for _ in range(100)]
-        results = await defer.gatherResults(
-            [defer.ensureDeferred(send_through(env, n, i * 7919)) for i, n in enumerate(sizes)]
-        )
-        for size, (received, digest, sent, reason) in zip(sizes, results, strict=True):
-            assert received == size and digest == sent
+    sizes = [rng.randrange(0, 300_000) for _ in range(100)]
+    with tcp_env() as env:
+        senders = [Sender(BLOCK, i * 7919, n) for i, n in enumerate(sizes)]
+        for sender in senders:  # all connect before any byte moves
+            env.net.connect(TCP_PORT, protocol=sender, settle=False)
+        env.flush()
+        assert env.now == 0  # no time passed: it is all bytes
+        for size, sender in zip(sizes, senders, strict=True):
+            received, digest, reason = env.result(sender.finished)
+            assert received == size and digest == sender.sent.result
             assert reason.check(ConnectionDone)  # EOF came back: half-close passed through
         connection = env.server.connection(env.IDENT)
-        await until(lambda: len(connection.session.streams) == 1)
-    finally:
-        await env.stop()
+        assert len(connection.session.streams) == 1  # only the control stream is left
+        assert len(env.net.open_connections()) == 1  # the tunnel; every echo closed
 
 
 @pytest.mark.slow
-@pytest_twisted.ensureDeferred
-async def test_64_mib_transfer_sha256():
-    env = await tcp_env()
-    try:
-        received, digest, sent, reason = await send_through(env, 64 * MiB)
-        assert received == 64 * MiB and digest == sent
-    finally:
-        await env.stop()
+def test_64_mib_transfer_sha256():
+    with tcp_env() as env:
+        sender = env.net.connect(TCP_PORT, protocol=Sender(BLOCK, 0, 64 * MiB))
+        received, digest, reason = env.result(sender.finished)
+        assert received == 64 * MiB and digest == sender.sent.result
+        assert reason.check(ConnectionDone)
 
 
-@pytest_twisted.ensureDeferred
-async def test_mapping_changes_at_run_time_leave_open_connections_alone():
-    env = await tcp_env()
-    lost = defer.Deferred()
+def test_mapping_changes_at_run_time_leave_open_connections_alone():
+    with tcp_env() as env:
+        open_one = env.connect(TCP_PORT)
+        open_one.send(b"before")
+        env.flush()
+        assert open_one.take() == b"before"
+        env.server.delete_addr(port=TCP_PORT)
+        refused = env.connect(TCP_PORT)
+        # aborted at once: no tunnel for this port (a reset, not an EOF)
+        assert refused.closed and refused.reason.check(ConnectionLost)
+        assert refused.received == b""
+        open_one.send(b"still works")
+        env.flush()
+        assert open_one.take() == b"still works"
+        env.server.add_addr(env.IDENT, port=TCP_PORT)
+        again = env.connect(TCP_PORT)
+        again.send(b"back")
+        env.flush()
+        assert again.take() == b"back"
+        again.close()
+        open_one.close()
+        env.flush()
+        assert open_one.clean and again.clean
+        assert env.now == 0
 
-    class Chat(Protocol):
-        def __init__(self):
-            self.buf = b""
-            self.got = None
 
-        def dataReceived(self, data):
-            self.buf += data
-            if self.got is not None and len(self.buf) >= self.want:
-                d, self.got = self.got, None
-                d.callback(self.buf)
+#: why an abort reaches the other side as a clean EOF (found with this harness,
+#: the same on real sockets; see tunnel/splice.py)
+ABORT_BECOMES_FIN = (
+    "Twisted's TCP transport calls its producer's stopProducing() before the"
+    " protocol's connectionLost(); the splice made the yamux stream that producer,"
+    " and YamuxStream.stopProducing() is a graceful loseConnection(): a FIN goes"
+    " out and the splice's abortConnection() comes too late"
+)
 
-        def say(self, data):
-            self.buf = b""
-            self.want = len(data)
-            self.got = defer.Deferred()
-            self.transport.write(data)
-            return self.got
 
-        def connectionLost(self, reason):
-            if not lost.called:
-                lost.callback(reason.value)
+@pytest.mark.xfail(strict=True, reason=ABORT_BECOMES_FIN)
+def test_an_abort_by_the_local_server_resets_the_public_connection():
+    with tcp_env() as env:
+        client = env.connect(TCP_PORT)
+        client.send(b"hello")
+        env.flush()
+        assert client.take() == b"hello"
+        env.echoes[0].transport.abortConnection()
+        env.flush()
+        assert client.reason.check(ConnectionLost)  # a reset, not an EOF
 
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.tcp_port)
-    try:
-        open_one = await connectProtocol(endpoint, Chat())
-        assert await open_one.say(b"before") == b"before"
-        env.server.delete_addr(port=env.tcp_port)
-        refused = Chat()
-        refused_lost = defer.Deferred()
-        refused.connectionLost = lambda reason: refused_lost.callback(reason.value)
-        await connectProtocol(endpoint, refused)
-        reason = await refused_lost
-        assert not isinstance(reason, ConnectionDone)  # aborted: no tunnel for this port
-        assert await open_one.say(b"still works") == b"still works"
-        env.server.add_addr(env.IDENT, port=env.tcp_port)
-        again = await connectProtocol(endpoint, Chat())
-        assert await again.say(b"back") == b"back"
-        again.transport.loseConnection()
-        open_one.transport.loseConnection()
-        await lost
-    finally:
-        await env.stop()
+
+@pytest.mark.xfail(strict=True, reason=ABORT_BECOMES_FIN)
+def test_an_abort_by_the_public_client_resets_the_local_connection():
+    with tcp_env() as env:
+        client = env.connect(TCP_PORT)
+        client.send(b"hello")
+        env.flush()
+        assert client.take() == b"hello"
+        client.abort()
+        env.flush()
+        assert env.echoes[0].transport.reason.check(ConnectionLost)

@@ -18,6 +18,8 @@ from tunnel.client.backoff import exponential_backoff
 from tunnel.client.local import LocalForwarder, LocalTargets
 from tunnel.server import TunnelResource, TunnelServer
 
+from .live import until as until  # re-exported: tests import it from here
+
 BLOCK = hashlib.sha256(b"seed").digest() * 32768  # 1 MiB, deterministic
 
 
@@ -69,9 +71,11 @@ class Origin(Resource):
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, clock=None) -> None:
         super().__init__()
         self.seen = []
+        #: what /delay waits on (the reactor, or a test's Clock)
+        self.clock = clock if clock is not None else reactor
 
     def render(self, request):
         self.seen.append(request)
@@ -102,7 +106,7 @@ class Origin(Resource):
             request.setResponseCode(int(arg))
             return b""
         if path == b"/delay":
-            d = task.deferLater(reactor, float(arg), lambda: None)
+            d = task.deferLater(self.clock, float(arg), lambda: None)
             d.addCallback(lambda _: (request.write(b"late"), request.finish()))
             d.addErrback(lambda f: f.trap(defer.CancelledError))
             request.notifyFinish().addErrback(lambda _: d.cancel())
@@ -111,7 +115,7 @@ class Origin(Resource):
         return b"not found"
 
 
-class _Recording(Resource):
+class Recording(Resource):
     """Wraps the tunnel Resource (as an embedding Site would) and records requests."""
 
     isLeaf = True
@@ -146,7 +150,7 @@ class TunnelEnv:
         self.server.add_host(self.HOST, self.IDENT)
         self.public_requests = []
         self.site = Site(
-            _Recording(TunnelResource(self.server, **self.resource_kwargs), self.public_requests)
+            Recording(TunnelResource(self.server, **self.resource_kwargs), self.public_requests)
         )
         self.public_port = await self._listen(self.site)
         self.url = f"http://127.0.0.1:{self.public_port.getHost().port}"
@@ -191,15 +195,6 @@ class TunnelEnv:
         await self.server.stop(grace=1.0)
         for port in self.ports:
             await port.stopListening()
-
-
-async def until(predicate, timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll until predicate() holds (bounded), yielding to the reactor."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        await task.deferLater(reactor, interval, lambda: None)
 
 
 def gather(coroutines):
