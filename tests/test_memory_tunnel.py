@@ -16,7 +16,6 @@ from zope.interface import implementer
 from tunnel.koding.states import ClientState
 
 from .memory import SERVER, MemoryTunnel, Peer, parse_response
-from .test_tcp import ABORT_BECOMES_FIN
 from .tunnel_env import pattern_digest
 
 DATE = b"Thu, 01 Jan 1970 00:00:00 GMT"  # the Clock starts at 0
@@ -200,7 +199,6 @@ def test_websocket_after_101_carries_bytes_and_the_origin_s_half_close():
         assert client.clean and origin.closed
 
 
-@pytest.mark.xfail(strict=True, reason=ABORT_BECOMES_FIN)
 def test_websocket_abort_on_the_public_side_resets_the_origin():
     with websocket_env() as env:
         client = env.connect()

@@ -95,15 +95,8 @@ def test_mapping_changes_at_run_time_leave_open_connections_alone():
 
 #: why an abort reaches the other side as a clean EOF (found with this harness,
 #: the same on real sockets; see tunnel/splice.py)
-ABORT_BECOMES_FIN = (
-    "Twisted's TCP transport calls its producer's stopProducing() before the"
-    " protocol's connectionLost(); the splice made the yamux stream that producer,"
-    " and YamuxStream.stopProducing() is a graceful loseConnection(): a FIN goes"
-    " out and the splice's abortConnection() comes too late"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=ABORT_BECOMES_FIN)
 def test_an_abort_by_the_local_server_resets_the_public_connection():
     with tcp_env() as env:
         client = env.connect(TCP_PORT)
@@ -115,7 +108,6 @@ def test_an_abort_by_the_local_server_resets_the_public_connection():
         assert client.reason.check(ConnectionLost)  # a reset, not an EOF
 
 
-@pytest.mark.xfail(strict=True, reason=ABORT_BECOMES_FIN)
 def test_an_abort_by_the_public_client_resets_the_local_connection():
     with tcp_env() as env:
         client = env.connect(TCP_PORT)
