@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 
-import pytest
 from twisted.internet.error import ConnectionAborted, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
@@ -211,12 +210,6 @@ def test_websocket_abort_on_the_public_side_resets_the_origin():
         assert list(env.server.connection(env.IDENT).session.streams) == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="take_over() leaves the HTTPChannel as the TCP transport's protocol, so the"
-    " transport sees no IHalfCloseableProtocol and a public FIN closes the whole"
-    " connection (the same on real sockets)",
-)
 def test_websocket_public_half_close_reaches_the_origin_which_may_still_answer():
     with websocket_env() as env:
         client = env.connect(half_close=True)

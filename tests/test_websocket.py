@@ -8,15 +8,16 @@ import random
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.websocket import WebSocketClientEndpoint, WebSocketResource
 from zope.interface import implementer
 
-from .tunnel_env import TunnelEnv, raw_exchange, until
+from .tunnel_env import RawClient, TunnelEnv, raw_exchange, until
 
 MiB = 1024 * 1024
 
@@ -333,6 +334,53 @@ async def test_refused_upgrade_carries_the_origins_fields_only():
         assert names == [b"content-length", b"date"], whole
         assert b"date: mon, 30 nov 2026 08:00:00 gmt" in head
         proto.transport.loseConnection()
+        await until(lambda: not live)
+    finally:
+        await env.stop()
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfClosingOrigin(ScriptedOrigin):
+    """Answers the upgrade, and says ``bye`` (then closes) once the public side's FIN arrives."""
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfClosingClient(RawClient):
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_public_half_close_after_101_reaches_the_origin_which_may_still_answer():
+    """On real sockets: the public FIN is a half-close, not the connection's end."""
+    live: set[ScriptedOrigin] = set()
+    env = await TunnelEnv().start(connect=False)
+    factory = ServerFactory.forProtocol(lambda: _HalfClosingOrigin(SWITCHING, live))
+    origin = await env.listen(factory)
+    env.client = env.make_client(local=f"tcp:127.0.0.1:{origin.getHost().port}")
+    env.client.startService()
+    await env.client.when_ready()
+    await env.server.when_connected(env.IDENT)
+    try:
+
+        def talk(client):
+            if client.buf == SWITCHING:
+                client.transport.loseWriteConnection()
+
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", env.public_port.getHost().port)
+        client = await connectProtocol(endpoint, _HalfClosingClient(None, talk))
+        client.transport.write(UPGRADE)
+        assert await client.done == SWITCHING + b"bye"
         await until(lambda: not live)
     finally:
         await env.stop()

@@ -13,7 +13,9 @@ pins it against the installed Twisted:
   unregister the new protocol's producer from it (``loseConnection``);
 * later reads and the connection's end reach ``dataReceived`` and
   ``connectionLost`` looked up on the channel (by the transport or by
-  ``Site``'s wrapper), so instance attributes redirect them.
+  ``Site``'s wrapper), so instance attributes redirect them;
+* a TCP transport keeps its protocol as ``protocol`` and checks it for
+  ``IHalfCloseableProtocol`` on a FIN: the new protocol takes that place.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def take_over(request, protocol: IProtocol, greeting: bytes = b"") -> None:
     channel.dataReceived = protocol.dataReceived
     channel.connectionLost = protocol.connectionLost
     channel.transport = None
+    if IProtocol.providedBy(getattr(transport, "protocol", None)):
+        # a TCP transport tells its own protocol of a FIN only if that protocol
+        # is IHalfCloseableProtocol; Site's wrapper is not, so the new protocol
+        # becomes the transport's (a public half-close then reaches a splice)
+        transport.protocol = protocol
     if greeting:
         transport.write(greeting)
     protocol.makeConnection(transport)
