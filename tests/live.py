@@ -27,6 +27,7 @@ async def until(
     tries: int | None = None,
     what: str = "the condition",
     retry_on: tuple[type[BaseException], ...] = (),
+    guard=None,
 ):
     """Wait until ``predicate()`` is true and return its value.
 
@@ -42,12 +43,16 @@ async def until(
     exception it raises fails the wait at once, unless it is one of
     ``retry_on`` (e.g. ``ConnectionRefusedError`` while a server starts):
     then it counts as "not yet" and the last one is reported on expiry.
+    ``guard()``, if given, runs before every check and what it raises fails
+    the wait at once, whatever ``retry_on`` says (e.g. a child process died).
     """
     if tries is None:
         tries = math.ceil(timeout / interval) + 10
     deadline = reactor.seconds() + timeout
     last: BaseException | None = None
     for attempt in range(tries):
+        if guard is not None:
+            guard()
         try:
             value = predicate()
             if isinstance(value, defer.Deferred) or inspect.isawaitable(value):

@@ -12,11 +12,11 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from tunnel.koding.identifiers import redact
 from tunnel.koding.states import ClientState
 
+from .live import http_client
 from .tunnel_env import BLOCK, TunnelEnv, gather, pattern_digest, raw_exchange, until
 
 MiB = 1024 * 1024
@@ -25,8 +25,7 @@ MiB = 1024 * 1024
 @pytest.fixture
 def http():
     """A treq client that does not keep connections (so nothing leaks)."""
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    return treq.client.HTTPClient(Agent(reactor, pool=pool))
+    return http_client()
 
 
 async def get(http, env, path, host=TunnelEnv.HOST, **kw):

@@ -24,11 +24,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from .goref import exit_status, missing_reason, spawn_go, wait_for_line
+from .live import http_client
 from .processes import TIMEOUT, Twistd, free_port, reap_all, spawn_twistd
 
 REASON = missing_reason()
@@ -46,13 +46,6 @@ RNG_SEED = 20261130
 def blob(n: int) -> bytes:
     """What reforigin's /blob?n=N sends: byte k is k % 256."""
     return (bytes(range(256)) * (n // 256 + 1))[:n]
-
-
-def http_client() -> treq.client.HTTPClient:
-    """treq without a persistent pool, so no connection outlives a request."""
-    return treq.client.HTTPClient(
-        Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=5)
-    )
 
 
 # -- the local TCP target and the public TCP client ------------------------------

@@ -8,12 +8,13 @@ import random
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 
 from tunnel.yamux import StreamClientEndpoint, StreamServerEndpoint, YamuxConfig
 
+from .live import until
 from .loopback import BoundedEcho, Sender, SessionPair, SliceProducer
 
 MiB = 1024 * 1024
@@ -21,15 +22,6 @@ MiB = 1024 * 1024
 
 def random_block(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-async def until(predicate, timeout: float = 30.0, interval: float = 0.005) -> None:
-    """Wait, turn by turn, until predicate() is true (bounded in time)."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        await task.deferLater(reactor, interval, lambda: None)
 
 
 async def echo_streams(pair: SessionPair, sizes: list[int], block: bytes) -> None:
@@ -112,18 +104,20 @@ async def test_stalled_consumer_bounds_sender_to_one_window_then_resumes():
         out = proto.transport
         producer = SliceProducer(out, random_block(MiB, 4), 0, total)
         producer.start()
-        await until(lambda: receivers and receivers[0].transport.buffered[1] > 0)
+        await until(
+            lambda: receivers and receivers[0].transport.buffered[1] > 0, timeout=30, interval=0.005
+        )
         sink = receivers[0]
         inbound = sink.transport
         # wait until the sender has used up its window and its producer is paused
-        await until(lambda: out.send_window == 0 and producer.paused)
+        await until(lambda: out.send_window == 0 and producer.paused, timeout=30, interval=0.005)
         assert inbound.buffered[1] == config.max_stream_window
         assert sink.n == 0
         assert out.buffered[0] <= config.write_buffer_size + producer.chunk
         assert producer.left > total // 2  # the rest never left the producer
         inbound.resumeProducing()
         await producer.done
-        await until(lambda: sink.n == total)
+        await until(lambda: sink.n == total, timeout=30, interval=0.005)
         assert inbound.buffered == (0, 0)
     finally:
         await pair.stop()

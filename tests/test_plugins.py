@@ -20,13 +20,12 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.application.service import IService, IServiceMaker
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -34,6 +33,8 @@ from tunnel.client import TunnelClientService
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
+from . import live
+from .live import http_client
 from .processes import REPO_ROOT, TIMEOUT, TWISTD, Twistd, free_port, reap_all, spawn_twistd
 
 # -- 1. discovery ------------------------------------------------------------------
@@ -652,13 +653,6 @@ class Origin(Resource):
         return b"origin says hi: %s host=%s xff=%s" % (seen["uri"], seen["host"], seen["xff"])
 
 
-def http_client() -> treq.client.HTTPClient:
-    """treq without a persistent pool, so no connection outlives a request."""
-    return treq.client.HTTPClient(
-        Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=5)
-    )
-
-
 async def public_get(port: int, path: str = "/") -> tuple[int, bytes]:
     response = await http_client().get(
         f"http://127.0.0.1:{port}{path}", headers={"Host": "app.localhost"}, timeout=5
@@ -666,24 +660,34 @@ async def public_get(port: int, path: str = "/") -> tuple[int, bytes]:
     return response.code, await treq.content(response)
 
 
-async def until(what: str, check, *processes: Twistd, timeout: float = TIMEOUT):
-    """Call ``await check()`` until it returns non-None; bounded, fails fast if a
-    child died."""
-    deadline = reactor.seconds() + timeout
-    last = None
-    while True:
+async def until_children(what: str, check, *processes: Twistd, timeout: float = TIMEOUT):
+    """``live.until`` for the twistd tests: ``await check()`` until it returns
+    non-None (errors while a child starts count as "not yet"); fails at once
+    if a child died, and shows the children's logs if time runs out."""
+
+    def children_alive() -> None:
         for p in processes:
             assert p.running, f"{p.name} died while waiting for {what}:\n{p.log}"
-        try:
-            result = await check()
-        except Exception as e:  # connection refused while starting, ...
-            result, last = None, e
-        if result is not None:
-            return result
-        if reactor.seconds() > deadline:
+
+    async def done():
+        result = await check()
+        return (result,) if result is not None else None
+
+    try:
+        (result,) = await live.until(
+            done,
+            what=what,
+            timeout=timeout,
+            interval=0.05,
+            retry_on=(Exception,),
+            guard=children_alive,
+        )
+    except AssertionError as e:
+        if all(p.running for p in processes):
             logs = "\n".join(f"--- {p.name}:\n{p.log}" for p in processes)
-            raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n{logs}")
-        await task.deferLater(reactor, 0.05, lambda: None)
+            raise AssertionError(f"{e}\n{logs}") from None
+        raise
+    return result
 
 
 async def start_server(processes: list[Twistd]) -> tuple[Twistd, int]:
@@ -705,7 +709,7 @@ async def start_server(processes: list[Twistd]) -> tuple[Twistd, int]:
             return (code, body) if code == 502 else None
 
         try:
-            code, body = await until("the server to listen", listening, server)
+            code, body = await until_children("the server to listen", listening, server)
         except AssertionError:
             if attempt == 0 and not server.running and "Address already in use" in server.log:
                 continue
@@ -754,7 +758,7 @@ async def test_twistd_server_and_client_end_to_end(tmp_path):
             code, body = await public_get(port, "/ready")
             return (code, body) if code == 200 else None
 
-        code, body = await until("the tunnel to come up", served, server, client)
+        code, body = await until_children("the tunnel to come up", served, server, client)
         assert body.startswith(b"origin says hi: /ready host=app.localhost xff=")
 
         curl = shutil.which("curl")
@@ -792,7 +796,7 @@ async def test_twistd_server_and_client_end_to_end(tmp_path):
             code, body = await public_get(port)
             return True if body == b"no client session established\n" else None
 
-        await until("the server to notice the client left", client_gone, server)
+        await until_children("the server to notice the client left", client_gone, server)
         assert "disconnected" in server.log
         await stop(server)
         assert f"(TCP Port {port} Closed)" in server.log
@@ -805,7 +809,9 @@ async def test_twistd_server_and_client_end_to_end(tmp_path):
         await origin_port.stopListening()
         for conn in list(connections.protocols):
             conn.transport.abortConnection()
-        await until("the origin's connections to close", _none_if(lambda: connections.protocols))
+        await until_children(
+            "the origin's connections to close", _none_if(lambda: connections.protocols)
+        )
 
 
 def _none_if(value):

@@ -22,7 +22,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, globalLogBeginner
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.server import Site
 
@@ -34,6 +33,7 @@ from tunnel.koding.states import ClientState
 from tunnel.server import ClientConnection, TunnelResource, TunnelServer
 from tunnel.yamux import YamuxConfig, YamuxSession, YamuxStream
 
+from .live import http_client
 from .processes import Twistd, spawn_twistd
 from .tunnel_env import TunnelEnv, pattern_digest, until
 
@@ -52,13 +52,6 @@ def report(name: str, **figures) -> None:
         f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
     )
     print(f"\n[robustness] {name}: {text}")
-
-
-def http_client() -> treq.client.HTTPClient:
-    """treq without a persistent pool, so no connection outlives a request."""
-    return treq.client.HTTPClient(
-        Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=5)
-    )
 
 
 async def public_get(env: TunnelEnv, path: str, timeout: float = 10.0):

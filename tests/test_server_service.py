@@ -8,10 +8,10 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from tunnel import TunnelResource, TunnelServerService, TunnelSite
 
+from .live import http_client
 from .processes import reap_all, spawn_twistd
 from .tunnel_env import TunnelEnv, until
 
@@ -34,7 +34,7 @@ class _RecordingEndpoint:
 @pytest_twisted.ensureDeferred
 async def test_stopping_the_service_drains_tunnels_then_stops_listening():
     env = await TunnelEnv().start()
-    http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
+    http = http_client()
     service = TunnelServerService(env.server, grace=5.0)
     endpoint = _RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
     service.listen(endpoint, TunnelSite(TunnelResource(env.server)))

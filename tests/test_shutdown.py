@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from tunnel.client import TunnelClientService
 from tunnel.koding.states import ClientState
 
+from .live import http_client
 from .tunnel_env import TunnelEnv, until
-
-
-def client():
-    return treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
 
 
 async def fetch(http, env, path):
@@ -36,7 +31,7 @@ async def start_in_flight(http, env, path):
 @pytest_twisted.ensureDeferred
 async def test_server_stop_lets_in_flight_requests_finish():
     env = await TunnelEnv().start()
-    http = client()
+    http = http_client()
     try:
         in_flight, connection = await start_in_flight(http, env, "/delay?n=0.4")
         started = reactor.seconds()
@@ -56,7 +51,7 @@ async def test_server_stop_lets_in_flight_requests_finish():
 @pytest_twisted.ensureDeferred
 async def test_server_stop_gives_up_waiting_after_the_grace_period():
     env = await TunnelEnv().start()
-    http = client()
+    http = http_client()
     try:
         in_flight, connection = await start_in_flight(http, env, "/delay?n=30")
         started = reactor.seconds()
@@ -71,7 +66,7 @@ async def test_server_stop_gives_up_waiting_after_the_grace_period():
 @pytest_twisted.ensureDeferred
 async def test_client_stop_finishes_in_flight_and_refuses_new_tunnels():
     env = await TunnelEnv().start()
-    http = client()
+    http = http_client()
     try:
         in_flight, connection = await start_in_flight(http, env, "/delay?n=0.4")
         stopping = env.client.stopService()

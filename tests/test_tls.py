@@ -48,9 +48,7 @@ from twisted.internet.ssl import Certificate
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.client import (
-    Agent,
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     ResponseNeverReceived,
 )
 from twisted.web.resource import Resource
@@ -62,10 +60,10 @@ from tunnel.koding.states import ClientState, StateChange
 from tunnel.server import TunnelResource, TunnelServer
 from tunnel.yamux import YamuxConfig
 
+from .live import http_client
 from .processes import Twistd, free_port, reap_all, spawn_twistd
-from .test_plugins import IDENTIFIER, stop
+from .test_plugins import IDENTIFIER, stop, until_children
 from .test_plugins import Origin as EchoOrigin
-from .test_plugins import until as until_processes
 from .tunnel_env import Origin, RawClient, until
 
 HOST = "app.localhost"
@@ -299,13 +297,6 @@ class TLSTunnel:
             await port.stopListening()
 
 
-def http_client(context_factory=None) -> treq.client.HTTPClient:
-    """treq without a persistent pool, so no connection outlives a request."""
-    kwargs = {} if context_factory is None else {"contextFactory": context_factory}
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    return treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=5, **kwargs))
-
-
 def https_client(pki: PKI) -> treq.client.HTTPClient:
     """treq trusting only the test CA."""
     return http_client(BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(pki.ca_pem)))
@@ -517,7 +508,7 @@ async def start_tls_server(pki: PKI, processes: list[Twistd]) -> tuple[Twistd, i
             return (code, body) if code == 502 else None
 
         try:
-            code, body = await until_processes("the server to listen", listening, server)
+            code, body = await until_children("the server to listen", listening, server)
         except AssertionError:
             if attempt == 0 and not server.running and "Address already in use" in server.log:
                 continue
@@ -553,7 +544,7 @@ async def test_twistd_plugins_over_tls(pki, tmp_path):
             code, body = await get(https_client(pki), f"https://127.0.0.1:{port}/ready")
             return (code, body) if code == 200 else None
 
-        code, body = await until_processes("the tunnel to come up", served, server, client)
+        code, body = await until_children("the tunnel to come up", served, server, client)
         assert body == b"origin says hi: /ready host=app.localhost xff=127.0.0.1"
         code, body = await get(https_client(pki), f"https://localhost:{port}/via/tls?q=1")
         assert (code, body) == (
@@ -570,7 +561,7 @@ async def test_twistd_plugins_over_tls(pki, tmp_path):
             code, body = await get(https_client(pki), f"https://127.0.0.1:{port}/")
             return True if body == b"no client session established\n" else None
 
-        await until_processes("the server to notice the client left", client_gone, server)
+        await until_children("the server to notice the client left", client_gone, server)
         await stop(server)
         assert f"Port {port} Closed" in server.log, server.log
         for p in processes:  # identifiers are secrets: the logs show a redacted form only
