@@ -93,8 +93,8 @@ def test_mapping_changes_at_run_time_leave_open_connections_alone():
         assert env.now == 0
 
 
-#: why an abort reaches the other side as a clean EOF (found with this harness,
-#: the same on real sockets; see tunnel/splice.py)
+# an abort on either side reaches the other as a reset, never a clean EOF (found
+# with this harness, the same on real sockets: tests/test_yamux_abort.py)
 
 
 def test_an_abort_by_the_local_server_resets_the_public_connection():
