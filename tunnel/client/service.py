@@ -96,30 +96,46 @@ class _Attempt:
 class _AttemptFactory(Factory):
     noisy = False
 
-    def __init__(self, wrapped: IProtocolFactory, service: TunnelClientService) -> None:
+    def __init__(
+        self, wrapped: IProtocolFactory, connected: Callable[[IProtocol], _Attempt]
+    ) -> None:
         self.wrapped = wrapped
-        self.service = service
+        self.connected = connected
 
     def buildProtocol(self, addr) -> _Attempt | None:
         proxy = self.wrapped.buildProtocol(addr)
-        return None if proxy is None else self.service._connected(proxy)
+        return None if proxy is None else self.connected(proxy)
 
 
 @implementer(IStreamClientEndpoint)
 class _AttemptEndpoint:
-    """The endpoint ClientService dials: each connect() is one attempt."""
+    """The endpoint ClientService dials: each connect() is one attempt.
 
-    def __init__(self, endpoint: IStreamClientEndpoint, service: TunnelClientService) -> None:
+    :param starts: called as each dial starts.
+    :param connected: turns ClientService's protocol proxy into the attempt.
+    :param failed: called with the failure of a dial (and passes it on).
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        *,
+        starts: Callable[[], None],
+        connected: Callable[[IProtocol], _Attempt],
+        failed: Callable[[Failure], Failure],
+    ) -> None:
         self.endpoint = endpoint
-        self.service = service
+        self.starts = starts
+        self.connected = connected
+        self.failed = failed
 
     def __repr__(self) -> str:
         return repr(self.endpoint)
 
     def connect(self, factory: IProtocolFactory) -> Deferred:
-        self.service._attempt_starts()
-        d = self.endpoint.connect(_AttemptFactory(factory, self.service))
-        return d.addCallbacks(lambda attempt: attempt.proxy, self.service._attempt_failed)
+        self.starts()
+        d = self.endpoint.connect(_AttemptFactory(factory, self.connected))
+        return d.addCallbacks(lambda attempt: attempt.proxy, self.failed)
 
 
 class TunnelClientService(Service):
@@ -174,7 +190,12 @@ class TunnelClientService(Service):
         self._stopped = OneShot()
         self._observers = Observers()
         self._loop = ClientService(
-            _AttemptEndpoint(endpoint, self),
+            _AttemptEndpoint(
+                endpoint,
+                starts=self._attempt_starts,
+                connected=self._connected,
+                failed=self._attempt_failed,
+            ),
             Factory.forProtocol(self._new_protocol),
             retryPolicy=self._retry_delay,
             clock=clock,
