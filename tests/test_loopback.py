@@ -109,8 +109,17 @@ async def test_stalled_consumer_bounds_sender_to_one_window_then_resumes():
         )
         sink = receivers[0]
         inbound = sink.transport
-        # wait until the sender has used up its window and its producer is paused
-        await until(lambda: out.send_window == 0 and producer.paused, timeout=30, interval=0.005)
+        # wait until the sender has used up its window, its producer is paused and
+        # the window's bytes (in flight on the socket a moment ago) have arrived
+        await until(
+            lambda: (
+                out.send_window == 0
+                and producer.paused
+                and inbound.buffered[1] >= config.max_stream_window
+            ),
+            timeout=30,
+            interval=0.005,
+        )
         assert inbound.buffered[1] == config.max_stream_window
         assert sink.n == 0
         assert out.buffered[0] <= config.write_buffer_size + producer.chunk
