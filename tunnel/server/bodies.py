@@ -198,10 +198,18 @@ class StreamingRequest(Request):
         else:
             self.tunnel_body.end()  # render() began at the head already
 
+    def write(self, data: bytes) -> None:
+        body = self.tunnel_body
+        if not self.startedWriting and body is not None and not body.complete:
+            # answered before the body ended: the connection closes after this
+            # response (the rest of the body cannot be skipped safely); say so
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self.channel.persistent = False
+        super().write(data)
+
     def finish(self) -> None:
         body = self.tunnel_body
         if body is not None and not body.complete and self.channel is not None:
-            # the rest of the body cannot be skipped safely: close after this response
             self.channel.persistent = False
             self.channel._tunnel_orphan_body = True
             if not self.startedWriting:

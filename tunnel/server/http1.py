@@ -15,6 +15,7 @@ leaves state behind.  Any framing error is an ``OriginResponseError``.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -29,6 +30,10 @@ MAX_HEADER_LINE = 16 * 1024
 
 #: request headers we never copy: hop-by-hop, our framing, and Expect (ours to decide)
 _NOT_COPIED = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
+
+
+#: what RFC 9112 4 leaves out of a reason phrase (llhttp lets these through)
+_BAD_PHRASE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class OriginResponseError(Exception):
@@ -259,6 +264,9 @@ class ResponseReader:
         if not callbacks.headers_done:
             self.phase = ReadPhase.DONE
             raise OriginResponseError("malformed response head")
+        if _BAD_PHRASE.search(callbacks.status):
+            self.phase = ReadPhase.DONE
+            raise OriginResponseError("malformed response head: control character in the reason")
         code = parser.get_status_code()
         head = ResponseHead(code, callbacks.status, callbacks.headers, raw)
         if code == 101:
