@@ -402,6 +402,21 @@ def test_a_chunked_body_over_the_limit_resets_the_stream_and_closes():
         assert not script.origin.received.endswith(b"0\r\n\r\n")
 
 
+def test_a_chunked_body_over_the_limit_before_the_stream_opened_is_a_413():
+    script = Script(after_body=False, close=False)
+    with raw_env(script, max_body=10) as env:
+        env.tunnel_connection().freeze()  # the client's stream cannot arrive yet
+        peer = exchange(
+            env,
+            b"POST /up HTTP/1.1\r\nHost: app.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"10\r\n0123456789abcdef\r\n",
+        )
+        assert status_of(peer.received) == 413 and peer.closed
+        env.tunnel_connection().thaw()
+        env.flush()
+        assert script.connections == [] or script.origin.reason is not None
+
+
 def test_expect_100_continue_is_the_origins_decision():
     public = (
         b"PUT /up HTTP/1.1\r\nHost: app.localhost\r\nExpect: 100-continue\r\n"

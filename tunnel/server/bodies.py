@@ -62,12 +62,20 @@ class RequestBody:
         self._complete = False
         self._consumer: BodyConsumer | None = None
         self._paused = False
+        self.too_large = False
 
     # -- the consumer's side -------------------------------------------------------
+
+    def claim(self, consumer: BodyConsumer) -> None:
+        """``consumer`` will take the body: it hears at once if it goes over the limit."""
+        if self.phase is BodyPhase.HELD:
+            self._consumer = consumer
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Send the body to ``consumer``: what arrived so far at once, the rest as it comes."""
         if self.phase is BodyPhase.DROPPED:
+            if self.too_large:
+                consumer.body_too_large()  # it went over before anyone attached
             return
         self._consumer = consumer
         held, self._held = self._held, []
@@ -110,6 +118,7 @@ class RequestBody:
             return
         self.received += len(data)
         if limit is not None and self.received > limit:
+            self.too_large = True
             consumer = self._consumer
             self.drop()
             if consumer is not None:

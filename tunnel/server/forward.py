@@ -139,6 +139,7 @@ class Forward:
 
     def start(self) -> None:
         self.request.notifyFinish().addErrback(self._public_gone)
+        self.upload.claim(self)
         kind = TransportProtocol.WS if self.upgrade else TransportProtocol.HTTP
         d = self._pending = self.server.open_tunnel(self.identifier, kind, self.port)
         d.addCallbacks(self._opened, self._open_failed)
@@ -197,11 +198,13 @@ class Forward:
 
     def body_too_large(self) -> None:
         """A chunked body went over the limit: reset the stream, close the public connection."""
-        if self.phase in (Phase.DONE, Phase.SPLICED):
+        phase, self.phase = self.phase, Phase.DONE
+        if phase in (Phase.DONE, Phase.SPLICED):
             return
         self.log.info("request body to {ident} over the limit", ident=redact(self.identifier))
+        if self._pending is not None:
+            self._pending.cancel()  # no stream yet: withdraw the wait for it
         self._end_stream(abort=True)
-        self.phase = Phase.DONE
         request = self.request
         if not request.startedWriting:
             request.write(error_page(request, 413, TOO_LARGE))
