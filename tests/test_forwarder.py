@@ -609,3 +609,31 @@ def test_the_public_client_parses_exactly_what_the_origin_sent_or_gets_a_502(
         got = [(n, v) for n, v in public.headers if n.startswith(b"x-")]
         assert by_name(got) == by_name(headers)
         peer.close()
+
+
+def test_a_malformed_chunked_public_body_resets_the_stream():
+    script = Script(close=False)
+    with raw_env(script) as env:
+        peer = exchange(
+            env,
+            b"POST /up HTTP/1.1\r\nHost: app.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n",
+        )
+        peer.send(b"zz\r\n")
+        env.flush()
+        assert status_of(peer.received) == 400 and peer.closed
+        origin = script.origin
+        assert origin.received.endswith(b"\r\n\r\n3\r\nabc\r\n")  # never a last chunk
+        assert origin.reason is not None and not origin.parsed.messages[0]["complete"]
+
+
+def test_a_streamed_upload_then_a_pipelined_request_on_one_connection():
+    script = Script()
+    with raw_env(script) as env:
+        post = b"POST /up HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 5\r\n\r\nhello"
+        peer = exchange(env, post + GET % b"/next")
+        assert peer.received == OK + OK and peer.open
+        first, second = script.connections
+        assert first.parsed.messages[0]["body"] == b"hello"
+        assert second.parsed.messages[0]["url"] == b"/next"
+        peer.close()
