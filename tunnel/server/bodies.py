@@ -22,6 +22,7 @@ import enum
 from io import BytesIO
 from typing import Protocol
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import Request
 
 from .pages import error_page
@@ -52,7 +53,9 @@ class RequestBody:
     :ivar streaming: True if pieces still arrive after ``render()`` began.
     """
 
-    def __init__(self, length: int | None, transport=None, *, streaming: bool = True) -> None:
+    def __init__(
+        self, length: int | None, transport: IPushProducer | None = None, *, streaming: bool = True
+    ) -> None:
         self.length = length
         self.streaming = streaming
         self.received = 0
@@ -176,7 +179,8 @@ class StreamingRequest(Request):
             return
         channel = self.channel
         self.content = BytesIO()  # stays empty: the body goes to the origin
-        self.tunnel_body = RequestBody(length, channel.transport)
+        # what pauses reading the public connection, found as HTTPChannel finds it
+        self.tunnel_body = RequestBody(length, IPushProducer(channel.transport, None))
         # what the channel does once the body is in, now: render() starts
         super().requestReceived(channel._command, channel._path, channel._version)
 
