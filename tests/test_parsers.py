@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tunnel.client.protocol import MAX_REPLY, _content_length
 from tunnel.heads import HeadScanner
 from tunnel.koding.wire import ControlMessage, ControlMessageError, MessageDecoder
-from tunnel.server.forward_ws import _Head
+from tunnel.server.http1 import OriginResponseError, ResponseReader
 from tunnel.server.vhosts import normalize_host, split_host
 from tunnel.server.web import is_control_path
 
@@ -218,13 +218,31 @@ def test_control_message_fields_follow_go_types(value):
 
 @SETTINGS
 @given(raw=st.binary(max_size=200))
-def test_response_head_parser_raises_only_value_error(raw):
+def test_response_reader_raises_only_origin_response_error(raw):
+    heads = []
+
+    class Sink:
+        interim = final = heads.append
+
+        def upgraded(self, head, rest):
+            heads.append(head)
+
+        def body(self, data):
+            pass
+
+        def complete(self):
+            pass
+
+    reader = ResponseReader(Sink())
     try:
-        head = _Head(raw)
-    except ValueError:
-        return
-    assert 100 <= head.code <= 999
-    assert all(name == name.strip() and name for name, _ in head.headers)
+        reader.feed(raw)
+        reader.eof()
+    except OriginResponseError:
+        pass
+    for head in heads:
+        assert 100 <= head.code <= 999
+        assert all(name == name.strip() and name for name, _ in head.headers)
+        assert all(b"\0" not in value and b"\r" not in value for _, value in head.headers)
 
 
 @SETTINGS

@@ -160,7 +160,7 @@ def test_server_tcp_tunnels_and_site_options():
     options = server_options(
         *("--listen", "tcp:0:interface=127.0.0.1", "--tcp", "2223=a=b", "--tcp", "2222=ops"),
         *("--tcp-interface", "127.0.0.1", "--head-timeout", "5", "--idle-timeout", "20"),
-        *("--access-log", "-"),
+        *("--access-log", "-", "--max-body", "1048576"),
     )
     assert options["tcp"] == {2222: "ops", 2223: "a=b"}  # split on the first '='
     service = server_tap.makeService(options)
@@ -168,6 +168,7 @@ def test_server_tcp_tunnels_and_site_options():
     assert len(listeners) == 3  # one --listen, two --tcp
     site = listeners[0].factory
     assert (site.head_timeout, site.timeOut, site.access_log) == (5.0, 20.0, "-")
+    assert site.max_body == 1048576
     tcp_endpoints = [svc.endpoint for svc in listeners[1:]]
     assert {e._port for e in tcp_endpoints} == {2222, 2223}
     assert {e._interface for e in tcp_endpoints} == {"127.0.0.1"}
@@ -409,6 +410,7 @@ SERVER_HELP = {
     "head-timeout": ("Seconds", "30.0"),
     "idle-timeout": ("Seconds", "60.0"),
     "listen": ("ENDPOINT", "tcp:80:backlog=1024"),
+    "max-body": ("BYTES", "unlimited"),
     "shutdown-grace": ("Seconds", "10.0"),
     "tcp": ("PORT=IDENTIFIER", None),
     "tcp-interface": ("ADDRESS", "0.0.0.0"),
@@ -523,6 +525,7 @@ def test_help_defaults_are_the_defaults(no_env_identifier):
         assert str(server[name]) == SERVER_HELP[name][1]
     assert str(server["tunnel-timeout"]) == SERVER_HELP["tunnel-timeout"][1]
     assert server["access-log"] is None  # "off"
+    assert server["max-body"] is None  # "unlimited"
     client = client_options("--server", "tcp:example.com:8080", "--identifier", "x")
     assert client["local"] == CLIENT_HELP["local"][1]
     assert str(client["stop-timeout"]) == CLIENT_HELP["stop-timeout"][1]

@@ -2,9 +2,11 @@
 
 ``registry`` keeps the hosts, TCP routes and connected clients (no HTTP);
 ``web`` is the twisted.web Resource that routes public requests and takes
-over control connections; ``forward_http`` and ``forward_ws`` carry one
-request each through a tunnel stream; ``tcp`` carries raw TCP connections;
-``site`` is the hardened Site; ``service`` the graceful-stop service.
+over control connections; ``forward`` carries one request (HTTP or a
+WebSocket upgrade) through a tunnel stream, writing it and reading the
+answer with ``http1``, its body streaming through ``bodies``; ``tcp``
+carries raw TCP connections; ``site`` is the hardened Site; ``service`` the
+graceful-stop service.
 """
 
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelError, TunnelTimeout

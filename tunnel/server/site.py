@@ -16,6 +16,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from ..timers import cancel
+from .bodies import StreamingChannel, streaming_request
 
 
 class HeadDeadlineChannel(HTTPChannel):
@@ -62,6 +63,10 @@ class HeadDeadlineChannel(HTTPChannel):
         self.transport.abortConnection()
 
 
+class TunnelChannel(StreamingChannel, HeadDeadlineChannel):
+    """TunnelSite's channel: head deadline, and request bodies that stream."""
+
+
 class TunnelSite(Site):
     """The Site to serve a TunnelResource (or a tree containing one) with.
 
@@ -69,6 +74,12 @@ class TunnelSite(Site):
     :param idle_timeout: seconds an idle connection is kept.
     :param access_log: None for no access log, ``"-"`` for the twistd log,
         or a file path.
+    :param max_body: the largest request body in bytes (None: no limit, which
+        is safe because bodies stream to the origin and are never stored).
+
+    Its requests stream their bodies (``bodies.StreamingRequest`` is mixed into
+    ``requestFactory``): ``render()`` runs once the head is in, and the
+    forwarder sends the body on as it arrives.
     """
 
     def __init__(
@@ -78,16 +89,19 @@ class TunnelSite(Site):
         head_timeout: float | None = 30.0,
         idle_timeout: float = 60.0,
         access_log: str | None = None,
+        max_body: int | None = None,
         **kwargs,
     ) -> None:
         if access_log not in (None, "-"):
             kwargs["logPath"] = access_log
         super().__init__(resource, timeout=idle_timeout, **kwargs)
+        self.requestFactory = streaming_request(self.requestFactory)
         self.head_timeout = head_timeout
         self.access_log = access_log
+        self.max_body = max_body
 
     def protocol(self) -> HeadDeadlineChannel:
-        channel = HeadDeadlineChannel()
+        channel = TunnelChannel()
         channel.head_timeout = self.head_timeout
         return channel
 

@@ -5,8 +5,8 @@ or a child in an existing one.  It answers:
 
 * the control path (``CONNECT /_controlPath/`` with ``X-Ktunnel-Identifier``),
   taking the connection over for a yamux session;
-* every other request, by Host: a WebSocket upgrade goes to
-  ``forward_ws``, anything else to ``forward_http``.
+* every other request, by Host, through ``forward.Forward`` (plain HTTP and
+  WebSocket upgrades alike).
 
 Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
 A ``director`` may rewrite each request before it is routed, as Go's
@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -28,9 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
 from ..yamux import YamuxSession
-from .forward_http import HTTPForward
-from .forward_ws import UpgradeForward, is_upgrade
-from .headers import forwarded_headers
+from .forward import Forward
 from .pages import NO_CLIENT_SESSION, error_page
 from .registry import TunnelServer
 from .takeover import CannotTakeOver, take_over
@@ -59,8 +56,6 @@ class TunnelResource(Resource):
         super().__init__()
         self.server = server
         self.director = director
-        #: runs request-body uploads on the server's clock (not the global reactor)
-        self.cooperator = Cooperator(scheduler=lambda work: server.clock.callLater(0, work))
 
     def render(self, request):
         if self.director is not None:
@@ -135,10 +130,5 @@ class TunnelResource(Resource):
         connection = self.server.connection(identifier)
         if connection is None or not connection.ready:
             return error_page(request, 502, NO_CLIENT_SESSION)
-        if is_upgrade(request):
-            UpgradeForward(
-                self.server, request, identifier, port, forwarded_headers(request)
-            ).start()
-        else:
-            HTTPForward(self.server, request, identifier, port, self.cooperator).start()
+        Forward(self.server, request, identifier, port).start()
         return NOT_DONE_YET

@@ -9,6 +9,12 @@ from twisted.python import usage
 from ..server.vhosts import normalize_host, split_host
 
 
+def _byte_count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{text!r} is not a number of bytes")
+    return int(text)
+
+
 def _split_mapping(value: str, what: str) -> tuple[str, str]:
     key, sep, target = value.partition("=")
     if not (sep and key.strip() and target):
@@ -43,6 +49,14 @@ class Options(usage.Options):
         ["tcp-interface", None, "0.0.0.0", "ADDRESS: the interface the --tcp ports listen on."],
         ["head-timeout", None, 30.0, "Seconds a public client has to send a request head.", float],
         ["idle-timeout", None, 60.0, "Seconds an idle public connection is kept open.", float],
+        [
+            "max-body",
+            None,
+            None,
+            "BYTES: the largest public request body (bodies stream, none is stored)."
+            " [default: unlimited]",
+            _byte_count,
+        ],
         [
             "access-log",
             None,
@@ -105,6 +119,7 @@ def makeService(options: Options) -> service.IService:
         head_timeout=options["head-timeout"],
         idle_timeout=options["idle-timeout"],
         access_log=options["access-log"],
+        max_body=options["max-body"],
     )
     for description in options["listen"]:
         try:

@@ -1,0 +1,332 @@
+"""One public request (plain HTTP or a WebSocket upgrade) through one tunnel stream.
+
+``Forward`` writes the request into the stream itself (``http1.request_head``:
+origin-form, our own framing, no hop-by-hop header, X-Forwarded-* from
+``headers.forwarded_headers``), streams the request body as it arrives
+(``bodies``), and reads the origin's answer with ``http1.ResponseReader``
+(httptools), whichever the request:
+
+* an interim ``100`` is relayed if the public client asked for it (``Expect:
+  100-continue`` goes to the origin, which decides), any other ``1xx`` is
+  dropped; the final response follows;
+* ``101`` on a request that asked for an upgrade hands the public connection
+  over (``takeover``) and splices it to the stream; on any other request it
+  is a 502;
+* any other final response is relayed through twisted.web with backpressure
+  (the stream is the request's producer).
+
+An origin that breaks HTTP framing gets the public client a 502 while nothing
+was sent, a closed connection after; the stream is reset.  A public client
+that leaves resets the stream.  The registry's errors are Go's texts
+(``pages``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from ..koding.identifiers import redact
+from ..koding.wire import TransportProtocol
+from ..splice import SpliceProtocol
+from .bodies import TOO_LARGE, body_of
+from .headers import connection_tokens, forwarded_headers
+from .http1 import (
+    LAST_CHUNK,
+    Framing,
+    OriginResponseError,
+    ResponseHead,
+    ResponseReader,
+    chunk,
+    request_head,
+)
+from .pages import error_page, public_text
+from .takeover import CannotTakeOver, take_over
+
+if TYPE_CHECKING:
+    from .registry import TunnelServer
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def is_upgrade(request) -> bool:
+    """A WebSocket upgrade: GET with ``Connection: upgrade`` and ``Upgrade: websocket``."""
+    if request.method != b"GET":
+        return False
+    headers = request.requestHeaders
+    upgrade = b",".join(headers.getRawHeaders(b"upgrade", [])).lower()
+    return b"upgrade" in connection_tokens(headers.getRawHeaders(b"connection", [])) and (
+        b"websocket" in upgrade
+    )
+
+
+class Phase(enum.Enum):
+    OPENING = "opening"  # waiting for the client's stream
+    HEAD = "head"  # the request is on its way; the origin's heads are read
+    BODY = "body"  # the final head went to twisted.web; the body is relayed
+    SPLICED = "spliced"  # 101: the two connections are joined
+    DONE = "done"  # finished, failed, or the public client left
+
+
+class _OriginSide(SpliceProtocol):
+    """The stream's protocol: the response reader until a 101, a splice after."""
+
+    def __init__(self, forward: Forward) -> None:
+        super().__init__()
+        self.forward = forward
+
+    def dataReceived(self, data: bytes) -> None:
+        forward = self.forward
+        if forward.phase is Phase.SPLICED:
+            super().dataReceived(data)
+        elif forward.phase in (Phase.HEAD, Phase.BODY):
+            try:
+                forward.reader.feed(data)
+            except OriginResponseError as e:
+                forward.origin_failed(str(e))
+
+    def readConnectionLost(self) -> None:
+        forward = self.forward
+        if forward.phase is Phase.SPLICED:
+            super().readConnectionLost()
+        elif forward.phase in (Phase.HEAD, Phase.BODY):
+            try:
+                forward.reader.eof()
+            except OriginResponseError as e:
+                forward.origin_failed(str(e))
+
+    def writeConnectionLost(self) -> None:
+        if self.forward.phase is Phase.SPLICED:
+            super().writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        forward = self.forward
+        if forward.phase is Phase.SPLICED:
+            super().connectionLost(reason)
+        elif forward.phase in (Phase.HEAD, Phase.BODY):
+            forward.origin_failed(f"the stream was closed ({reason.getErrorMessage()})")
+
+
+class _PublicSide(SpliceProtocol):
+    """The public connection's protocol after a 101."""
+
+
+class Forward:
+    """One public request forwarded through one tunnel stream."""
+
+    log = Logger()
+
+    def __init__(self, server: TunnelServer, request, identifier: str, port: int) -> None:
+        self.server = server
+        self.request = request
+        self.identifier = identifier
+        self.port = port
+        self.upgrade = is_upgrade(request)
+        self.upload = body_of(request)
+        self.reader = ResponseReader(self, head_request=request.method == b"HEAD")
+        self.phase = Phase.OPENING
+        self.stream = None
+        self._pending = None
+        self._chunked = self.upload.length is None
+        self._body_written = self.upload.length == -1  # our request's body is complete
+        self._body_producing = False
+        self._expect_continue = False
+
+    def start(self) -> None:
+        self.request.notifyFinish().addErrback(self._public_gone)
+        self.upload.claim(self)
+        kind = TransportProtocol.WS if self.upgrade else TransportProtocol.HTTP
+        d = self._pending = self.server.open_tunnel(self.identifier, kind, self.port)
+        d.addCallbacks(self._opened, self._open_failed)
+
+    # -- the request ----------------------------------------------------------------
+
+    def _opened(self, stream) -> None:
+        self._pending = None
+        if self.phase is not Phase.OPENING:
+            stream.abortConnection()
+            return
+        self.stream = stream
+        self.phase = Phase.HEAD
+        stream.attach(_OriginSide(self))
+        if self.phase is not Phase.HEAD:
+            return  # the stream ended at once
+        request = self.request
+        headers = request.requestHeaders
+        body = self.upload
+        self._expect_continue = (
+            body.streaming
+            and not body.complete
+            and request.clientproto == b"HTTP/1.1"
+            and b"100-continue" in connection_tokens(headers.getRawHeaders(b"expect", []))
+        )
+        upgrade = b", ".join(headers.getRawHeaders(b"upgrade", [])) if self.upgrade else None
+        stream.write(
+            request_head(
+                request.method,
+                request.uri,
+                request.getHeader(b"host") or b"",
+                headers.getAllRawHeaders(),
+                forwarded_headers(request),
+                length=body.length,
+                upgrade=upgrade,
+                expect_continue=self._expect_continue,
+            )
+        )
+        if not self._body_written:
+            if not body.complete:
+                self._body_producing = True
+                stream.registerProducer(body, True)
+            body.attach(self)
+
+    def body_data(self, data: bytes) -> None:
+        if self.phase in (Phase.HEAD, Phase.BODY) and data:
+            self.stream.write(chunk(data) if self._chunked else data)
+
+    def body_end(self) -> None:
+        if self.phase not in (Phase.HEAD, Phase.BODY):
+            return
+        self._body_written = True
+        self._stop_body_producer()
+        if self._chunked:
+            self.stream.write(LAST_CHUNK)
+
+    def body_too_large(self) -> None:
+        """A chunked body went over the limit: reset the stream, close the public connection."""
+        phase, self.phase = self.phase, Phase.DONE
+        if phase in (Phase.DONE, Phase.SPLICED):
+            return
+        self.log.info("request body to {ident} over the limit", ident=redact(self.identifier))
+        if self._pending is not None:
+            self._pending.cancel()  # no stream yet: withdraw the wait for it
+        self._end_stream(abort=True)
+        request = self.request
+        if not request.startedWriting:
+            request.write(error_page(request, 413, TOO_LARGE))
+            request.finish()  # the body is not complete: the connection closes
+        else:
+            self._cut_public()
+
+    def _stop_body_producer(self) -> None:
+        if self._body_producing:
+            self._body_producing = False
+            self.stream.unregisterProducer()
+
+    # -- the response (ResponseSink) --------------------------------------------------
+
+    def interim(self, head: ResponseHead) -> None:
+        if head.code == 100 and self._expect_continue:
+            self._expect_continue = False  # one 100 per request
+            transport = getattr(self.request.channel, "transport", None)
+            if transport is not None and not self.request.startedWriting:
+                transport.write(_CONTINUE)
+
+    def upgraded(self, head: ResponseHead, rest: bytes) -> None:
+        if not self.upgrade:
+            raise OriginResponseError("the origin switched protocols on a request that did not ask")
+        if not self._body_written:
+            # the rest of the request body would reach it through the splice, unframed
+            raise OriginResponseError("the origin switched protocols before the request body ended")
+        request = self.request
+        public = _PublicSide()
+        try:
+            take_over(request, public, head.raw + rest)
+        except CannotTakeOver as e:
+            raise OriginResponseError(str(e)) from None
+        self.phase = Phase.SPLICED
+        self._stop_body_producer()
+        self.log.debug("websocket for {ident} switched", ident=redact(self.identifier))
+        self.stream.protocol.join(public)
+
+    def final(self, head: ResponseHead) -> None:
+        self.phase = Phase.BODY
+        request = self.request
+        request.setResponseCode(head.code, head.phrase)
+        # the origin's fields only: no Server or Date of twisted.web's beside its own
+        request.responseHeaders = Headers()
+        request.defaultContentType = None
+        headers = request.responseHeaders
+        length = None
+        for name, value in head.end_to_end():
+            if name.lower() == b"content-length":
+                length = value  # llhttp let one through: kept, so the body is not re-chunked
+            else:
+                headers.addRawHeader(name, value)
+        if length is not None:
+            headers.setRawHeaders(b"content-length", [length])  # last, as it always was
+        if head.framing is not Framing.NONE:
+            request.registerProducer(self.stream, True)
+
+    def body(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def complete(self) -> None:
+        self.phase = Phase.DONE
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        request.finish()
+        self._end_stream(abort=not self._body_written)
+
+    # -- endings --------------------------------------------------------------------
+
+    def origin_failed(self, why: str) -> None:
+        """The origin broke HTTP framing, or its stream ended early."""
+        phase, self.phase = self.phase, Phase.DONE
+        if phase not in (Phase.HEAD, Phase.BODY):
+            return
+        self.reader.stop()
+        if self.request.producer is not None:
+            self.request.unregisterProducer()
+        self._end_stream(abort=True)
+        self.log.info(
+            "bad response from {ident}: {why}", ident=redact(self.identifier), why=why[:200]
+        )
+        if self.request.startedWriting:
+            self._cut_public()
+        else:
+            self._error(f"tunnel error: {why}")
+
+    def _open_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self.phase is Phase.OPENING:
+            self.phase = Phase.DONE
+            self.upload.drop()
+            self._error(public_text(failure))
+
+    def _error(self, message: str) -> None:
+        request = self.request
+        request.write(error_page(request, 502, message))
+        request.finish()
+
+    def _cut_public(self) -> None:
+        """Close the public connection: a response cut short must not look complete."""
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        request.loseConnection()
+
+    def _end_stream(self, *, abort: bool) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        self._stop_body_producer()
+        self.upload.drop()
+        if abort:
+            stream.abortConnection()
+        else:
+            stream.loseConnection()
+
+    def _public_gone(self, failure: Failure) -> None:
+        phase, self.phase = self.phase, Phase.DONE
+        if phase in (Phase.DONE, Phase.SPLICED):
+            return
+        self.reader.stop()
+        if self._pending is not None:
+            self._pending.cancel()
+        self._end_stream(abort=True)
