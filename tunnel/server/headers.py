@@ -38,7 +38,13 @@ def forwardable(
 
 
 def forwarded_headers(request) -> list[tuple[bytes, bytes]]:
-    """X-Forwarded-For (appended to), -Proto and -Host for a public request."""
+    """X-Forwarded-For (appended to), -Proto and -Host for a public request.
+
+    -Proto and -Host say what this server saw (its own transport, the Host
+    the request was routed by) and replace whatever the public client sent:
+    an outsider must not tell the origin which host or scheme it was
+    reached by.  -For is appended to, since a proxy in front may have set it.
+    """
     out = []
     client_ip = getattr(request.getClientAddress(), "host", None)
     if client_ip:
@@ -48,6 +54,7 @@ def forwarded_headers(request) -> list[tuple[bytes, bytes]]:
             value = b", ".join(prior) + b", " + value
         out.append((b"X-Forwarded-For", value))
     out.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
-    if not request.requestHeaders.hasHeader(b"x-forwarded-host"):
-        out.append((b"X-Forwarded-Host", request.getHeader(b"host")))
+    host = request.getHeader(b"host")
+    if host:
+        out.append((b"X-Forwarded-Host", host))
     return out
