@@ -8,6 +8,11 @@ or a child in an existing one.  It answers:
 * every other request, by Host: a WebSocket upgrade goes to
   ``forward_ws``, anything else to ``forward_http``.
 
+Before any of that, the request's target and Host are checked
+(``headers.public_target``): two Host headers, a malformed Host or target,
+and CONNECT anywhere but the control path are refused, an absolute-form
+target is routed by its authority and handed on in origin-form.
+
 Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
 A ``director`` may rewrite each request before it is routed, as Go's
 ``Server.Director`` does.
@@ -30,7 +35,7 @@ from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
 from ..yamux import YamuxSession
 from .forward_http import HTTPForward
 from .forward_ws import UpgradeForward, is_upgrade
-from .headers import forwarded_headers
+from .headers import PublicTarget, Refusal, forwarded_headers, public_target
 from .pages import NO_CLIENT_SESSION, error_page
 from .registry import TunnelServer
 from .takeover import CannotTakeOver, take_over
@@ -63,11 +68,28 @@ class TunnelResource(Resource):
         self.cooperator = Cooperator(scheduler=lambda work: server.clock.callLater(0, work))
 
     def render(self, request):
+        checked = public_target(request.method, request.uri, request.requestHeaders)
+        if isinstance(checked, Refusal):
+            return self._refuse(request, checked.code, checked.text)
+        if (
+            request.clientproto == b"HTTP/1.1"
+            and not request.requestHeaders.hasHeader(b"host")
+            and request.method != b"CONNECT"  # as Go's net/http: no Host needed
+        ):
+            return self._refuse(request, 400, "request host is empty")
+        if checked.target != request.uri:
+            _to_origin_form(request, checked)
         if self.director is not None:
             self.director(request)
         if is_control_path(request.path):
             return self._control(request)
+        if request.method == b"CONNECT":
+            # we are no proxy: a CONNECT must not reach an origin as "CONNECT /"
+            return self._refuse(request, 501, "CONNECT is not supported")
         return self._forward(request)
+
+    def _refuse(self, request, code: int, text: str) -> bytes:
+        return error_page(request, code, text)
 
     # -- control path --------------------------------------------------------
 
@@ -122,8 +144,8 @@ class TunnelResource(Resource):
 
     def _forward(self, request):
         host = request.getHeader(b"host")
-        if not host:
-            return error_page(request, 502, "request host is empty")
+        if not host:  # Go's text; a 400 as Go's net/http gives (RFC 9112 3.2)
+            return error_page(request, 400, "request host is empty")
         try:
             identifier, port = self.server.vhosts.lookup(host.decode("latin-1"))
         except ValueError:
@@ -142,3 +164,11 @@ class TunnelResource(Resource):
         else:
             HTTPForward(self.server, request, identifier, port, self.cooperator).start()
         return NOT_DONE_YET
+
+
+def _to_origin_form(request, checked: PublicTarget) -> None:
+    """Make an absolute-form request look as if it came in origin-form."""
+    request.uri = checked.target
+    request.path = checked.target.split(b"?", 1)[0]
+    if not request.requestHeaders.hasHeader(b"host"):
+        request.requestHeaders.setRawHeaders(b"host", [checked.host])
