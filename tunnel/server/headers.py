@@ -32,8 +32,12 @@ HOP_BY_HOP = frozenset(
 
 
 def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
-    """The lower-cased tokens of Connection header values."""
-    return {t.strip().lower() for value in values for t in value.split(b",") if t.strip()}
+    """The lower-cased tokens of Connection header values.
+
+    A token list (RFC 9110 5.6.1, 7.6.1) is split on commas, each element
+    trimmed of spaces and tabs: ``keep-alive,close`` holds ``close``.
+    """
+    return {t.strip(b" \t").lower() for value in values for t in value.split(b",") if t.strip()}
 
 
 def forwardable(
