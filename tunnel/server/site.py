@@ -17,7 +17,8 @@ together, ...) a complete ``400``.  Each refusal is a whole response with
 ``Connection: close``; what the client still sends is read and discarded
 for ``linger`` seconds before the connection closes, so the refusal is not
 lost to a TCP reset.  ``Connection`` is read as a token list
-(``keep-alive,close`` closes).
+(``keep-alive,close`` closes).  What an outsider can make it log is rate
+limited (``tunnel.logs``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from ..logs import RateLimitedLog
 from ..timers import cancel
 from .headers import connection_tokens
 from .pages import refusal_bytes
@@ -39,9 +41,10 @@ class HeadDeadlineChannel(HTTPChannel):
     #: seconds a refused connection is kept open (input discarded) so that
     #: the refusal reaches the client before the connection closes
     linger: float = 1.0
+    #: the log for what peers cause; TunnelSite gives each channel its own site's
+    public_log: RateLimitedLog = RateLimitedLog(Logger(namespace=__name__))
     _head_timer = None
     _linger_timer = None
-    _log = Logger()
     _refused = False
 
     def connectionMade(self) -> None:
@@ -154,6 +157,13 @@ class HeadDeadlineChannel(HTTPChannel):
         self._disarm()
         self.setTimeout(None)
         self.clearLineBuffer()
+        self.public_log.info(
+            "refused-request",
+            "refused a request from {peer}: {code} {why}",
+            peer=self.transport.getPeer(),
+            code=code,
+            why=message,
+        )
         if any(getattr(r, "startedWriting", False) for r in self.requests):
             self.transport.abortConnection()  # a response is under way: no second one
             return
@@ -180,11 +190,30 @@ class HeadDeadlineChannel(HTTPChannel):
         self._head_timer = None
         if self.transport is None:
             return
-        self._log.info(
+        self.public_log.info(
+            "slow-head",
             "dropping {peer}: no complete request head within {t} s",
             peer=self.transport.getPeer(),
             t=self.head_timeout,
         )
+        self.transport.abortConnection()
+
+    def timeoutConnection(self) -> None:
+        # twisted.web's, minus its one log line per idle connection
+        self.public_log.info(
+            "idle-timeout", "closing idle connection from {peer}", peer=self.transport.getPeer()
+        )
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        self.public_log.info(
+            "idle-timeout",
+            "aborting idle connection from {peer}: it did not close",
+            peer=self.transport.getPeer(),
+        )
+        self._abortingCall = None
         self.transport.abortConnection()
 
 
@@ -211,10 +240,13 @@ class TunnelSite(Site):
         super().__init__(resource, timeout=idle_timeout, **kwargs)
         self.head_timeout = head_timeout
         self.access_log = access_log
+        #: what peers cause, rate-limited per kind (shared by this site's channels)
+        self.public_log = RateLimitedLog(Logger(namespace=__name__), clock=self.reactor)
 
     def protocol(self) -> HeadDeadlineChannel:
         channel = HeadDeadlineChannel()
         channel.head_timeout = self.head_timeout
+        channel.public_log = self.public_log
         return channel
 
     def log(self, request) -> None:

@@ -11,7 +11,8 @@ or a child in an existing one.  It answers:
 Before any of that, the request's target and Host are checked
 (``headers.public_target``): two Host headers, a malformed Host or target,
 and CONNECT anywhere but the control path are refused, an absolute-form
-target is routed by its authority and handed on in origin-form.
+target is routed by its authority and handed on in origin-form.  What a
+peer can make it log is rate limited (``tunnel.logs``).
 
 Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
 A ``director`` may rewrite each request before it is routed, as Go's
@@ -31,7 +32,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ..koding.identifiers import redact
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
+from ..logs import RateLimitedLog, excerpt
 from ..yamux import YamuxSession
 from .forward_http import HTTPForward
 from .forward_ws import UpgradeForward, is_upgrade
@@ -66,6 +69,8 @@ class TunnelResource(Resource):
         self.director = director
         #: runs request-body uploads on the server's clock (not the global reactor)
         self.cooperator = Cooperator(scheduler=lambda work: server.clock.callLater(0, work))
+        #: what peers cause, rate-limited per kind
+        self.public_log = RateLimitedLog(self.log, clock=server.clock)
 
     def render(self, request):
         checked = public_target(request.method, request.uri, request.requestHeaders)
@@ -89,6 +94,13 @@ class TunnelResource(Resource):
         return self._forward(request)
 
     def _refuse(self, request, code: int, text: str) -> bytes:
+        self.public_log.info(
+            "refused-request",
+            "refused a request from {peer}: {code} {why}",
+            peer=request.getClientAddress(),
+            code=code,
+            why=text,
+        )
         return error_page(request, code, text)
 
     # -- control path --------------------------------------------------------
@@ -100,6 +112,12 @@ class TunnelResource(Resource):
         offered = raw.decode("utf-8", "replace")
         identifier = self.server.vhosts.canonical(offered) if offered else None
         if identifier is None:
+            self.public_log.info(
+                "control-refused",
+                "refused a control request from {peer}: unknown identifier {ident}",
+                peer=request.getClientAddress(),
+                ident=redact(offered) if offered else "(none)",
+            )
             return error_page(
                 request,
                 502,
@@ -114,6 +132,12 @@ class TunnelResource(Resource):
             if request.channel is None or getattr(request, "_disconnected", False):
                 return
             if duplicate:
+                self.public_log.info(
+                    "control-refused",
+                    "refused a control request from {peer}: {ident} is connected already",
+                    peer=request.getClientAddress(),
+                    ident=redact(identifier),
+                )
                 self.server.control_refused(identifier, "duplicate")
                 request.write(
                     error_page(request, 502, f"control conn for {identifier} already exist. \n")
@@ -149,6 +173,12 @@ class TunnelResource(Resource):
         try:
             identifier, port = self.server.vhosts.lookup(host.decode("latin-1"))
         except ValueError:
+            self.public_log.info(
+                "bad-host",
+                "refused a request from {peer}: malformed host {host}",
+                peer=request.getClientAddress(),
+                host=excerpt(host),
+            )
             return error_page(request, 400, f"malformed host {host.decode('latin-1')!r}")
         if identifier is None:
             return error_page(
