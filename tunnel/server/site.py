@@ -35,7 +35,13 @@ from .pages import refusal_bytes
 
 class HeadDeadlineChannel(HTTPChannel):
     """An HTTPChannel that drops clients too slow to send a request head and
-    answers every request it refuses."""
+    answers every request it refuses.
+
+    It reads some of HTTPChannel's private state (``__first_line``,
+    ``_receivedHeaderSize``, ``_receivedHeaderCount``, ``_version``) and
+    replaces ``_respondToBadRequestAndDisconnect``; tests/test_public_framing.py
+    fails loudly if a twisted.web release renames them.
+    """
 
     head_timeout: float | None = 30.0
     #: seconds a refused connection is kept open (input discarded) so that
