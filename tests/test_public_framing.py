@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from .memory import MemoryTunnel, parse_response
+from .memory import MemoryNetwork, MemoryTunnel, parse_response
 
 HOST = b"Host: app.localhost\r\n"
 
@@ -289,3 +289,18 @@ def test_a_token_that_only_contains_close_keeps_the_connection():
         assert parse_response(client.take()).body == b"x"
         assert client.open
         client.close()
+
+
+def test_a_refused_client_that_does_not_read_is_aborted_after_the_abort_timeout():
+    net = MemoryNetwork(socket_buffer=64)  # so the refusal cannot leave the server
+    with MemoryTunnel(network=net) as env:
+        client = env.connect()
+        client.transport.pauseProducing()  # reads nothing
+        client.send(b"GET / HTTP/1.1\r\n" + HOST + b"X-A: a\r\n b\r\n\r\n")
+        env.advance(1)  # the linger is over: a close is asked for, but cannot flush
+        assert client.open
+        env.advance(14.999)
+        assert client.open
+        env.advance(0.001)  # twisted.web's abortTimeout, 15 s
+        assert client.closed and not client.clean
+        assert env.origin.seen == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from ..logs import RateLimitedLog
@@ -137,7 +138,7 @@ class HeadDeadlineChannel(HTTPChannel):
     def writeHeaders(self, version, code, reason, headers) -> None:
         if self._refused:
             return
-        if not self.persistent and version == b"HTTP/1.1":
+        if not self.persistent and version == b"HTTP/1.1" and isinstance(headers, Headers):
             # say so, even when a forwarder replaced the response's headers
             values = headers.getRawHeaders(b"connection", [])
             if b"close" not in connection_tokens(values):
@@ -179,6 +180,13 @@ class HeadDeadlineChannel(HTTPChannel):
     def _linger_over(self) -> None:
         self._linger_timer = None
         self.loseConnection()
+        if self.abortTimeout is not None and self.transport.connected:
+            # a client that does not read would keep the refusal unsent forever
+            self._abortingCall = self.callLater(self.abortTimeout, self._abort_refused)
+
+    def _abort_refused(self) -> None:
+        self._abortingCall = None  # HTTPChannel.connectionLost would cancel it
+        self.transport.abortConnection()
 
     # -- timers -----------------------------------------------------------------------
 
