@@ -157,3 +157,13 @@ def test_idle_timeouts_are_rate_limited_too():
         lines = log.of("tunnel.server.site")
         assert len(lines) == 11 and lines[0].startswith("closing idle connection from ")
         assert not [line for line in log.lines if line.startswith("Timing out client")]
+
+
+def test_a_target_twisted_web_lets_through_but_cannot_forward_logs_no_traceback():
+    """twisted.web accepts DEL and 0x80-0xB0 in a request-target; its HTTP
+    client then raised, which logged a traceback and answered 500."""
+    with MemoryTunnel() as env, global_log() as log:
+        for target in (b"/a\x7fb", b"/\x80", b"/\xb0"):
+            raw = env.request(b"GET " + target + b" HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert not [e for e in log.events if e.get("log_failure") is not None]

@@ -154,6 +154,9 @@ def test_absolute_form_control_path_is_the_control_path():
         (b"http://app.localhost:port/", b"app.localhost", b"malformed request-target"),
         (b"x", b"app.localhost", b"malformed request-target"),
         (b"app.localhost:80", b"app.localhost", b"malformed request-target"),
+        (b"/a\x7fb", b"app.localhost", b"malformed request-target"),
+        (b"/\x80", b"app.localhost", b"malformed request-target"),
+        (b"/\xb0", b"app.localhost", b"malformed request-target"),
     ],
 )
 def test_a_bad_or_disagreeing_absolute_target_is_refused_before_any_tunnel_work(target, host, text):

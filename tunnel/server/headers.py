@@ -77,6 +77,9 @@ def forwarded_headers(request) -> list[tuple[bytes, bytes]]:
 
 #: bytes Go's net/http accepts in a Host header (httpguts.ValidHostHeader)
 _HOST = re.compile(rb"[0-9A-Za-z!$%&'()*+,\-.:;=\[\]_~]*\Z")
+#: a request-target is visible ASCII (RFC 9112 3.2); twisted.web also lets
+#: DEL and 0x80-0xB0 through, which its own HTTP client then refuses
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 #: scheme "://" at the start of an absolute-form request-target
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
@@ -105,12 +108,15 @@ def public_target(method: bytes, target: bytes, headers: Headers) -> PublicTarge
       authority and becomes origin-form (RFC 9112 3.2.2); a Host header that
       names another host is refused rather than ignored, so a proxy in front
       that routed by Host and this server cannot disagree about the target;
+    * a target with a byte that is not visible ASCII is refused;
     * CONNECT keeps its target (the caller decides); ``*`` is twisted.web's
       own business (it answers ``OPTIONS *`` itself); any other target not
       starting with ``/`` is refused.
 
     The Host may still be empty or missing here: that is the caller's call.
     """
+    if not _TARGET.match(target):
+        return Refusal(400, "malformed request-target")
     hosts = headers.getRawHeaders(b"host") or []
     if len(hosts) > 1:
         return Refusal(400, "too many Host headers")
