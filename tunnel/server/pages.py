@@ -9,6 +9,7 @@ maps them here, in the web layer.
 from __future__ import annotations
 
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelError, TunnelTimeout
 
@@ -43,3 +44,26 @@ def error_page(request, code: int, message: str) -> bytes:
     request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     return body
+
+
+#: RFC 9110's reason phrases where twisted.web has none or an older one
+_PHRASES = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+
+def refusal_bytes(code: int, message: str) -> bytes:
+    """A whole response refusing a request the channel could not parse, ending
+    the connection: Go's ``http.Error`` shape plus ``Connection: close``.
+
+    Written by the channel itself (such a request never reaches a Resource),
+    with a Content-Length so the client knows it is complete.
+    """
+    body = (message + "\n").encode("utf-8", "replace")
+    phrase = _PHRASES.get(code) or RESPONSES.get(code, b"Error")
+    return (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"X-Content-Type-Options: nosniff\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n"
+        b"\r\n%s" % (code, phrase, len(body), body)
+    )

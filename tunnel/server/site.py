@@ -1,4 +1,4 @@
-"""A twisted.web Site for the public side, hardened against slow clients.
+"""A twisted.web Site for the public side, hardened against hostile clients.
 
 twisted.web restarts its idle timer on every byte, so a client trickling a
 request head ("slowloris") holds a connection forever.  ``TunnelSite``
@@ -7,24 +7,53 @@ connection's start or the end of the previous response) and keeps an idle
 timeout on top.  Connections taken over (tunnel control, WebSocket) are
 not affected: their heads are complete and no response ends on them.  It
 also leaves out the per-request access log unless asked.
+
+Its channel also answers what twisted.web drops without a word or with a
+bare ``400``: a request line over the line limit gets ``414``, a header
+line over it, too many header bytes or too many headers ``431``, and every
+request refused for its framing (obsolete line folding, a Transfer-Encoding
+other than one ``chunked``, ``Content-Length`` and ``Transfer-Encoding``
+together, ...) a complete ``400``.  Each refusal is a whole response with
+``Connection: close``; what the client still sends is read and discarded
+for ``linger`` seconds before the connection closes, so the refusal is not
+lost to a TCP reset.  ``Connection`` is read as a token list
+(``keep-alive,close`` closes).  What an outsider can make it log is rate
+limited (``tunnel.logs``).
 """
 
 from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
+from ..logs import RateLimitedLog
 from ..timers import cancel
 from .bodies import StreamingChannel, streaming_request
+from .headers import connection_tokens
+from .pages import refusal_bytes
 
 
 class HeadDeadlineChannel(HTTPChannel):
-    """An HTTPChannel that drops clients too slow to send a request head."""
+    """An HTTPChannel that drops clients too slow to send a request head and
+    answers every request it refuses.
+
+    It reads some of HTTPChannel's private state (``__first_line``,
+    ``_receivedHeaderSize``, ``_receivedHeaderCount``, ``_version``) and
+    replaces ``_respondToBadRequestAndDisconnect``; tests/test_public_framing.py
+    fails loudly if a twisted.web release renames them.
+    """
 
     head_timeout: float | None = 30.0
+    #: seconds a refused connection is kept open (input discarded) so that
+    #: the refusal reaches the client before the connection closes
+    linger: float = 1.0
+    #: the log for what peers cause; TunnelSite gives each channel its own site's
+    public_log: RateLimitedLog = RateLimitedLog(Logger(namespace=__name__))
     _head_timer = None
-    _log = Logger()
+    _linger_timer = None
+    _refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -39,9 +68,128 @@ class HeadDeadlineChannel(HTTPChannel):
         cancel(self._head_timer)
         self._head_timer = None
 
+    # -- parsing the head -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped until the connection closes
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if not self._HTTPChannel__first_line:  # a header line (or the end of the head)
+            if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+                self._refuse(431, "request headers too large")
+                return
+            if line[:1] in (b" ", b"\t"):  # RFC 9112 5.2: reject or replace
+                self._refuse(400, "obsolete line folding in the request headers")
+                return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._HTTPChannel__first_line:
+            self._refuse(414, "request-target too long")
+        else:
+            self._refuse(431, "request header line too long")
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._refused:
+            return False
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse(431, "too many request headers")
+            return False
+        name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"transfer-encoding":
+            # only one "chunked" frames a request (RFC 9112 6.1); twisted.web
+            # also lets "identity" through, and then uses Content-Length
+            if self._version != b"HTTP/1.1":
+                self._refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+                return False
+            if value.strip(b" \t").lower() != b"chunked":
+                self._refuse(400, "unsupported Transfer-Encoding")
+                return False
+        return super().headerReceived(line)
+
     def allHeadersReceived(self) -> None:
         self._disarm()
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self._refused:
+            super().allContentReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's own refusals: a bare "400" without a length
+        self._refuse(400, "malformed request")
+
+    def checkPersistence(self, request, version: bytes) -> bool:
+        """Persistent unless HTTP/1.0 or ``close`` is among the Connection tokens."""
+        if version != b"HTTP/1.1":
+            return False
+        if b"close" in connection_tokens(request.requestHeaders.getRawHeaders(b"connection", [])):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
+
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        if self._refused:
+            return
+        if not self.persistent and version == b"HTTP/1.1" and isinstance(headers, Headers):
+            # say so, even when a forwarder replaced the response's headers
+            values = headers.getRawHeaders(b"connection", [])
+            if b"close" not in connection_tokens(values):
+                headers.setRawHeaders(b"Connection", [b"close"])
+        super().writeHeaders(version, code, reason, headers)
+
+    def write(self, data: bytes) -> None:
+        if not self._refused:
+            super().write(data)
+
+    def writeSequence(self, iovec) -> None:
+        if not self._refused:
+            super().writeSequence(iovec)
+
+    # -- refusing ---------------------------------------------------------------------
+
+    def _refuse(self, code: int, message: str) -> None:
+        """Answer ``code`` with Connection: close, then discard input and close."""
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self.persistent = False
+        self._disarm()
+        self.setTimeout(None)
+        self.clearLineBuffer()
+        self.public_log.info(
+            "refused-request",
+            "refused a request from {peer}: {code} {why}",
+            peer=self.transport.getPeer(),
+            code=code,
+            why=message,
+        )
+        if any(getattr(r, "startedWriting", False) for r in self.requests):
+            self.transport.abortConnection()  # a response is under way: no second one
+            return
+        self.transport.write(refusal_bytes(code, message))
+        self._linger_timer = self.callLater(self.linger, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger_timer = None
+        self.loseConnection()
+        if self.abortTimeout is not None and self.transport.connected:
+            # a client that does not read would keep the refusal unsent forever
+            self._abortingCall = self.callLater(self.abortTimeout, self._abort_refused)
+
+    def _abort_refused(self) -> None:
+        self._abortingCall = None  # HTTPChannel.connectionLost would cancel it
+        self.transport.abortConnection()
+
+    # -- timers -----------------------------------------------------------------------
 
     def requestDone(self, request) -> None:
         self._arm()  # the next head (maybe pipelined, parsed just below) is due
@@ -49,17 +197,38 @@ class HeadDeadlineChannel(HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._disarm()
+        cancel(self._linger_timer)
+        self._linger_timer = None
         super().connectionLost(reason)
 
     def _too_slow(self) -> None:
         self._head_timer = None
         if self.transport is None:
             return
-        self._log.info(
+        self.public_log.info(
+            "slow-head",
             "dropping {peer}: no complete request head within {t} s",
             peer=self.transport.getPeer(),
             t=self.head_timeout,
         )
+        self.transport.abortConnection()
+
+    def timeoutConnection(self) -> None:
+        # twisted.web's, minus its one log line per idle connection
+        self.public_log.info(
+            "idle-timeout", "closing idle connection from {peer}", peer=self.transport.getPeer()
+        )
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        self.public_log.info(
+            "idle-timeout",
+            "aborting idle connection from {peer}: it did not close",
+            peer=self.transport.getPeer(),
+        )
+        self._abortingCall = None
         self.transport.abortConnection()
 
 
@@ -99,10 +268,13 @@ class TunnelSite(Site):
         self.head_timeout = head_timeout
         self.access_log = access_log
         self.max_body = max_body
+        #: what peers cause, rate-limited per kind (shared by this site's channels)
+        self.public_log = RateLimitedLog(Logger(namespace=__name__), clock=self.reactor)
 
     def protocol(self) -> HeadDeadlineChannel:
         channel = TunnelChannel()
         channel.head_timeout = self.head_timeout
+        channel.public_log = self.public_log
         return channel
 
     def log(self, request) -> None:

@@ -8,6 +8,12 @@ or a child in an existing one.  It answers:
 * every other request, by Host, through ``forward.Forward`` (plain HTTP and
   WebSocket upgrades alike).
 
+Before any of that, the request's target and Host are checked
+(``headers.public_target``): two Host headers, a malformed Host or target,
+and CONNECT anywhere but the control path are refused, an absolute-form
+target is routed by its authority and handed on in origin-form.  What a
+peer can make it log is rate limited (``tunnel.logs``).
+
 Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
 A ``director`` may rewrite each request before it is routed, as Go's
 ``Server.Director`` does.
@@ -25,9 +31,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ..koding.identifiers import redact
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
+from ..logs import RateLimitedLog, excerpt
 from ..yamux import YamuxSession
 from .forward import Forward
+from .headers import PublicTarget, Refusal, public_target
 from .pages import NO_CLIENT_SESSION, error_page
 from .registry import TunnelServer
 from .takeover import CannotTakeOver, take_over
@@ -56,13 +65,39 @@ class TunnelResource(Resource):
         super().__init__()
         self.server = server
         self.director = director
+        #: what peers cause, rate-limited per kind
+        self.public_log = RateLimitedLog(self.log, clock=server.clock)
 
     def render(self, request):
+        checked = public_target(request.method, request.uri, request.requestHeaders)
+        if isinstance(checked, Refusal):
+            return self._refuse(request, checked.code, checked.text)
+        if (
+            request.clientproto == b"HTTP/1.1"
+            and not request.requestHeaders.hasHeader(b"host")
+            and request.method != b"CONNECT"  # as Go's net/http: no Host needed
+        ):
+            return self._refuse(request, 400, "request host is empty")
+        if checked.target != request.uri:
+            _to_origin_form(request, checked)
         if self.director is not None:
             self.director(request)
         if is_control_path(request.path):
             return self._control(request)
+        if request.method == b"CONNECT":
+            # we are no proxy: a CONNECT must not reach an origin as "CONNECT /"
+            return self._refuse(request, 501, "CONNECT is not supported")
         return self._forward(request)
+
+    def _refuse(self, request, code: int, text: str) -> bytes:
+        self.public_log.info(
+            "refused-request",
+            "refused a request from {peer}: {code} {why}",
+            peer=request.getClientAddress(),
+            code=code,
+            why=text,
+        )
+        return error_page(request, code, text)
 
     # -- control path --------------------------------------------------------
 
@@ -73,6 +108,12 @@ class TunnelResource(Resource):
         offered = raw.decode("utf-8", "replace")
         identifier = self.server.vhosts.canonical(offered) if offered else None
         if identifier is None:
+            self.public_log.info(
+                "control-refused",
+                "refused a control request from {peer}: unknown identifier {ident}",
+                peer=request.getClientAddress(),
+                ident=redact(offered) if offered else "(none)",
+            )
             return error_page(
                 request,
                 502,
@@ -87,6 +128,12 @@ class TunnelResource(Resource):
             if request.channel is None or getattr(request, "_disconnected", False):
                 return
             if duplicate:
+                self.public_log.info(
+                    "control-refused",
+                    "refused a control request from {peer}: {ident} is connected already",
+                    peer=request.getClientAddress(),
+                    ident=redact(identifier),
+                )
                 self.server.control_refused(identifier, "duplicate")
                 request.write(
                     error_page(request, 502, f"control conn for {identifier} already exist. \n")
@@ -117,11 +164,17 @@ class TunnelResource(Resource):
 
     def _forward(self, request):
         host = request.getHeader(b"host")
-        if not host:
-            return error_page(request, 502, "request host is empty")
+        if not host:  # Go's text; a 400 as Go's net/http gives (RFC 9112 3.2)
+            return error_page(request, 400, "request host is empty")
         try:
             identifier, port = self.server.vhosts.lookup(host.decode("latin-1"))
         except ValueError:
+            self.public_log.info(
+                "bad-host",
+                "refused a request from {peer}: malformed host {host}",
+                peer=request.getClientAddress(),
+                host=excerpt(host),
+            )
             return error_page(request, 400, f"malformed host {host.decode('latin-1')!r}")
         if identifier is None:
             return error_page(
@@ -132,3 +185,11 @@ class TunnelResource(Resource):
             return error_page(request, 502, NO_CLIENT_SESSION)
         Forward(self.server, request, identifier, port).start()
         return NOT_DONE_YET
+
+
+def _to_origin_form(request, checked: PublicTarget) -> None:
+    """Make an absolute-form request look as if it came in origin-form."""
+    request.uri = checked.target
+    request.path = checked.target.split(b"?", 1)[0]
+    if not request.requestHeaders.hasHeader(b"host"):
+        request.requestHeaders.setRawHeaders(b"host", [checked.host])
