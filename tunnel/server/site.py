@@ -34,6 +34,9 @@ from .bodies import StreamingChannel, streaming_request
 from .headers import connection_tokens
 from .pages import refusal_bytes
 
+#: the largest request Content-Length passed on (2**63 - 1, as Go's net/http)
+MAX_CONTENT_LENGTH = 2**63 - 1
+
 
 class HeadDeadlineChannel(HTTPChannel):
     """An HTTPChannel that drops clients too slow to send a request head and
@@ -100,6 +103,13 @@ class HeadDeadlineChannel(HTTPChannel):
             self._refuse(431, "too many request headers")
             return False
         name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"content-length":
+            # a length no 64-bit origin can hold: one that wraps would read the
+            # rest of our stream as requests of its own (Go parses into 63 bits)
+            digits = value.strip(b" \t")
+            if digits.isdigit() and int(digits) > MAX_CONTENT_LENGTH:
+                self._refuse(400, "malformed request")
+                return False
         if colon and name.lower() == b"transfer-encoding":
             # only one "chunked" frames a request (RFC 9112 6.1); twisted.web
             # also lets "identity" through, and then uses Content-Length
