@@ -46,3 +46,27 @@ def test_the_largest_63_bit_content_length_is_forwarded():
         assert b"Content-Length: 9223372036854775807\r\n\r\nab" in script.origin.received
         peer.close()
         env.flush()
+
+
+# -- X-Forwarded-*: the underscore spelling ------------------------------------------------
+
+
+def test_underscore_spellings_of_the_forwarded_headers_do_not_reach_the_origin():
+    """CGI, WSGI, PHP and Rack map ``X_Forwarded_Host`` and ``X-Forwarded-Host``
+    to the same HTTP_X_FORWARDED_HOST; the public ``X_Forwarded_Host:
+    evil.example`` reached the origin next to ours (wsgiref joins them,
+    "evil.example,app.localhost")."""
+    script = Script()
+    with raw_env(script) as env:
+        peer = exchange(
+            env,
+            b"GET / HTTP/1.1\r\n" + HOST + b"X_Forwarded_Host: evil.example\r\n"
+            b"x_forwarded_proto: https\r\nX_Forwarded-For: 10.9.9.9\r\nX_Other: kept\r\n\r\n",
+        )
+        received = script.origin.received
+        assert b"evil.example" not in received
+        assert b"https" not in received
+        assert b"10.9.9.9" not in received
+        assert b"X_other: kept\r\n" in received  # other underscore names are theirs
+        assert b"X-Forwarded-Host: app.localhost\r\n" in received
+        peer.close()

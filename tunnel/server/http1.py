@@ -70,20 +70,24 @@ def request_head(
 
     :param headers: the public request's (name, values), copied minus hop-by-hop
         ones, those its Connection names, framing and those ``extra`` replaces.
-    :param extra: header fields we add (X-Forwarded-*).
+    :param extra: header fields we add (X-Forwarded-*); a public field of the
+        same name, or the same name with underscores for dashes, is dropped.
     :param length: the body's length, None for chunked, -1 for no body at all.
     :param upgrade: the Upgrade value of an upgrade request (then ``Connection:
         Upgrade``; else ``Connection: close``, one request per stream).
     """
     extra = list(extra)
     headers = list(headers)
-    skip = _NOT_COPIED | {name.lower() for name, _ in extra}
+    ours = {name.lower() for name, _ in extra}
+    skip = _NOT_COPIED | ours
     for name, values in headers:
         if name.lower() == b"connection":
             skip = skip | connection_tokens(values)
     lines = [b"%s %s HTTP/1.1" % (method, origin_form(target)), b"Host: " + host]
     for name, values in headers:
-        if name.lower() not in skip:
+        lower = name.lower()
+        # CGI, WSGI, PHP and Rack read "X_Forwarded_Host" as "X-Forwarded-Host"
+        if lower not in skip and lower.replace(b"_", b"-") not in ours:
             lines.extend(name + b": " + value for value in values)
     lines.extend(name + b": " + value for name, value in extra)
     if upgrade is not None:
