@@ -70,3 +70,20 @@ def test_underscore_spellings_of_the_forwarded_headers_do_not_reach_the_origin()
         assert b"X_other: kept\r\n" in received  # other underscore names are theirs
         assert b"X-Forwarded-Host: app.localhost\r\n" in received
         peer.close()
+
+
+# -- a 204 says nothing of a body ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "length", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"], ids=["cl", "te"]
+)
+def test_a_204_is_relayed_without_framing_headers(length):
+    """RFC 9110 8.6 / 6.4.1: a 204 has no body, and a server must not send
+    Content-Length in one; ``204 + Content-Length: 5`` was relayed, and a lenient
+    public client then eats five bytes of the next response."""
+    script = Script(b"HTTP/1.1 204 No Content\r\n" + length + b"\r\nEVIL!", close=False)
+    with raw_env(script) as env:
+        peer = exchange(env, b"GET / HTTP/1.1\r\n" + HOST + b"\r\n")
+        assert peer.received == b"HTTP/1.1 204 No Content\r\n\r\n"
+        peer.close()

@@ -257,7 +257,7 @@ class Forward:
                 length = value  # llhttp let one through: kept, so the body is not re-chunked
             else:
                 headers.addRawHeader(name, value)
-        if length is not None:
+        if length is not None and head.code != 204:  # a 204 must not have one (RFC 9110 8.6)
             headers.setRawHeaders(b"content-length", [length])  # last, as it always was
         if head.framing is not Framing.NONE:
             request.registerProducer(self.stream, True)
