@@ -11,6 +11,7 @@ import pytest
 from .memory import MemoryTunnel
 from .test_forwarder import Script, exchange, raw_env
 from .test_public_framing import origin_connections, refused
+from .test_public_logs import global_log
 
 HOST = b"Host: app.localhost\r\n"
 
@@ -87,3 +88,32 @@ def test_a_204_is_relayed_without_framing_headers(length):
         peer = exchange(env, b"GET / HTTP/1.1\r\n" + HOST + b"\r\n")
         assert peer.received == b"HTTP/1.1 204 No Content\r\n\r\n"
         peer.close()
+
+
+# -- logs an outsider controls -------------------------------------------------------------
+
+
+def test_bad_responses_are_logged_at_a_bounded_rate():
+    """One public request, one 'bad response' line: 300 requests to a path the
+    origin answers with garbage wrote 300 lines."""
+    script = Script(b"hello there, not http", close=True)
+    with raw_env(script) as env, global_log() as log:
+        for _ in range(50):
+            peer = exchange(env, b"GET / HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
+            assert peer.received.startswith(b"HTTP/1.1 502 ")
+        lines = log.of("tunnel.server")
+        assert len(lines) <= 11, lines
+        assert not [e for e in log.events if e.get("log_failure") is not None]
+
+
+def test_bodies_over_the_limit_are_logged_at_a_bounded_rate():
+    with raw_env(Script(after_body=False, close=False), max_body=10) as env, global_log() as log:
+        for _ in range(50):
+            peer = exchange(
+                env,
+                b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+                b"20\r\n" + b"x" * 32 + b"\r\n",
+            )
+            assert peer.closed
+        lines = log.of("tunnel.server")
+        assert len(lines) <= 11, lines

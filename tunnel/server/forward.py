@@ -33,6 +33,7 @@ from twisted.web.http_headers import Headers
 
 from ..koding.identifiers import redact
 from ..koding.wire import TransportProtocol
+from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
 from .bodies import TOO_LARGE, body_of
 from .headers import connection_tokens, forwarded_headers
@@ -121,8 +122,21 @@ class Forward:
 
     log = Logger()
 
-    def __init__(self, server: TunnelServer, request, identifier: str, port: int) -> None:
+    def __init__(
+        self,
+        server: TunnelServer,
+        request,
+        identifier: str,
+        port: int,
+        *,
+        public_log: RateLimitedLog | None = None,
+    ) -> None:
+        """:param public_log: where what a peer causes is logged, rate limited
+        (the resource's, shared by its requests); one of the forwarder's own if None."""
         self.server = server
+        self.public_log = (
+            public_log if public_log is not None else RateLimitedLog(self.log, clock=server.clock)
+        )
         self.request = request
         self.identifier = identifier
         self.port = port
@@ -201,7 +215,11 @@ class Forward:
         phase, self.phase = self.phase, Phase.DONE
         if phase in (Phase.DONE, Phase.SPLICED):
             return
-        self.log.info("request body to {ident} over the limit", ident=redact(self.identifier))
+        self.public_log.info(
+            "body-too-large",
+            "request body to {ident} over the limit",
+            ident=redact(self.identifier),
+        )
         if self._pending is not None:
             self._pending.cancel()  # no stream yet: withdraw the wait for it
         self._end_stream(abort=True)
@@ -284,8 +302,11 @@ class Forward:
         if self.request.producer is not None:
             self.request.unregisterProducer()
         self._end_stream(abort=True)
-        self.log.info(
-            "bad response from {ident}: {why}", ident=redact(self.identifier), why=why[:200]
+        self.public_log.info(
+            "bad-response",
+            "bad response from {ident}: {why}",
+            ident=redact(self.identifier),
+            why=why[:200],
         )
         if self.request.startedWriting:
             self._cut_public()

@@ -183,7 +183,7 @@ class TunnelResource(Resource):
         connection = self.server.connection(identifier)
         if connection is None or not connection.ready:
             return error_page(request, 502, NO_CLIENT_SESSION)
-        Forward(self.server, request, identifier, port).start()
+        Forward(self.server, request, identifier, port, public_log=self.public_log).start()
         return NOT_DONE_YET
 
 
