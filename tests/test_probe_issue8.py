@@ -114,6 +114,42 @@ def test_bodies_over_the_limit_are_logged_at_a_bounded_rate():
                 b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
                 b"20\r\n" + b"x" * 32 + b"\r\n",
             )
+            env.advance(1)
             assert peer.closed
         lines = log.of("tunnel.server")
         assert len(lines) <= 11, lines
+
+
+def test_an_early_answer_to_an_upload_reaches_a_client_still_sending():
+    """An origin answers 413 at once to a 2 MB upload; the server closed the
+    public connection with the upload's rest unread, which is a TCP reset, and
+    the reset destroyed the 413 before the client read it (the client got no
+    byte).  The connection now lingers, discarding, and closes cleanly."""
+    answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig"
+    with raw_env(Script(answer, after_body=False, close=False)) as env:
+        peer = env.connect()
+        peer.send(b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 2000000\r\n\r\n")
+        for _ in range(8):
+            peer.send(b"x" * 262144)
+        env.flush()
+        assert peer.received == (
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig"
+        )
+        assert peer.open
+        peer.send(b"y" * 100000)  # read and dropped
+        env.flush()
+        env.advance(1)
+        assert peer.closed and peer.clean
+
+
+def test_a_413_for_a_content_length_over_the_limit_reaches_a_client_still_sending():
+    with raw_env(Script(), max_body=1000) as env:
+        peer = env.connect()
+        peer.send(b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 2000000\r\n\r\n")
+        for _ in range(8):
+            peer.send(b"x" * 262144)
+        env.flush()
+        assert peer.received.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+        assert peer.received.endswith(b"http: request body too large\n")
+        env.advance(1)
+        assert peer.closed and peer.clean

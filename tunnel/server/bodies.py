@@ -10,7 +10,8 @@ the stream's window is full.  Nothing is spooled.  ``StreamingChannel`` (a
 mixin for TunnelSite's channel) leaves ``Expect: 100-continue`` to the origin
 and copes with a response that ends before the request body did (the
 connection is then closed, since the rest of the body cannot be skipped
-safely).
+safely, but only after ``linger`` seconds of discarding it: a close with
+unread input is a TCP reset, which can destroy the answer unread).
 
 In a foreign Site the request arrives with its body complete in
 ``request.content``; ``body_of()`` gives the same interface over it.
@@ -262,6 +263,16 @@ class StreamingChannel:
             self.transport.abortConnection()
             return
         super()._respondToBadRequestAndDisconnect()
+
+    def loseConnection(self) -> None:
+        if self._tunnel_orphan_body:
+            # the answer went out before the request body ended: closing now,
+            # with the body's rest unread, would reset the connection and can
+            # destroy the answer before the client reads it
+            self._tunnel_orphan_body = False
+            self.linger_then_close()
+            return
+        super().loseConnection()
 
     def _finishRequestBody(self, data: bytes) -> None:
         if self._tunnel_orphan_body:

@@ -188,6 +188,23 @@ class HeadDeadlineChannel(HTTPChannel):
         self.transport.write(refusal_bytes(code, message))
         self._linger_timer = self.callLater(self.linger, self._linger_over)
 
+    def linger_then_close(self) -> None:
+        """Close after ``linger`` seconds of reading and discarding what the client sends.
+
+        Closing a socket with unread input resets the connection, and the reset
+        can destroy an answer the client has not read yet (Go's server waits
+        too, "rstAvoidanceDelay"): a response given before its request body
+        ended closes this way.
+        """
+        if self._linger_timer is not None or self.transport is None:
+            return
+        self._refused = True  # read and dropped from now on
+        self.persistent = False
+        self._disarm()
+        self.setTimeout(None)
+        self.clearLineBuffer()
+        self._linger_timer = self.callLater(self.linger, self._linger_over)
+
     def _linger_over(self) -> None:
         self._linger_timer = None
         self.loseConnection()
