@@ -153,3 +153,21 @@ def test_a_413_for_a_content_length_over_the_limit_reaches_a_client_still_sendin
         assert peer.received.endswith(b"http: request body too large\n")
         env.advance(1)
         assert peer.closed and peer.clean
+
+
+def test_frames_for_reset_streams_leave_no_line_per_request():
+    """An origin that answers 413 at once to an upload ends the request; the
+    stream is reset, and the client's WindowUpdates still in flight for it
+    wrote one debug line each in twistd's log: 200 uploads, 377 lines."""
+    answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig"
+    with raw_env(Script(answer, after_body=False, close=False)) as env, global_log() as log:
+        for _ in range(50):
+            peer = env.connect()
+            peer.send(b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 2000000\r\n\r\n")
+            for _ in range(8):
+                peer.send(b"x" * 262144)
+            env.flush()
+            assert peer.received.startswith(b"HTTP/1.1 413 ")
+            env.advance(1)
+        lines = [line for line in log.lines if "unknown stream" in line]
+        assert len(lines) <= 11, len(lines)

@@ -59,10 +59,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..logs import RateLimitedLog
 from ..observe import OneShot
 from ..timers import cancel
 from .config import YamuxConfig
@@ -129,6 +130,9 @@ class YamuxSession(Protocol):
         if clock is None:
             from twisted.internet import reactor as clock  # noqa: PLC0415
         self.clock = clock
+        #: frames for streams already gone are routine after a reset, one per
+        #: reset: a peer resetting streams on purpose must not fill the log
+        self._late_frames_log = RateLimitedLog(self.log, clock=clock)
         self.config = config or YamuxConfig()
         self.is_client = is_client
         self._next_id = 1 if is_client else 2
@@ -471,8 +475,12 @@ class YamuxSession(Protocol):
         else:
             stream = self._streams.get(sid)
             if stream is None:
-                self.log.debug(
-                    "{type} for unknown stream {sid} ignored", type=TYPE_NAMES[header.type], sid=sid
+                self._late_frames_log.emit(
+                    LogLevel.debug,
+                    "unknown-stream",
+                    "{type} for unknown stream {sid} ignored",
+                    type=TYPE_NAMES[header.type],
+                    sid=sid,
                 )
         if stream is None:
             return None
