@@ -1010,7 +1010,7 @@ class MemoryTunnel:
         client = TunnelClientService(
             TCP4ClientEndpoint(self.net, "127.0.0.1", self.PUBLIC_PORT),
             identifier or self.IDENT,
-            LocalForwarder(targets.endpoint_for),
+            LocalForwarder(targets.endpoint_for, clock=self.clock),
             host=f"127.0.0.1:{self.PUBLIC_PORT}",
             **options,
         )

@@ -171,3 +171,17 @@ def test_frames_for_reset_streams_leave_no_line_per_request():
             env.advance(1)
         lines = [line for line in log.lines if "unknown stream" in line]
         assert len(lines) <= 11, len(lines)
+
+
+def test_an_unreachable_local_server_is_logged_by_the_client_at_a_bounded_rate():
+    """With the local server down, each public request wrote one line in the
+    client's log: 300 requests, 300 lines."""
+    with MemoryTunnel().start(connect=False) as env, global_log() as log:
+        env.client = env.make_client(local="tcp:127.0.0.1:9")  # nothing listens there
+        env.client.startService()
+        env.flush()
+        for _ in range(50):
+            raw = env.request(b"GET / HTTP/1.1\r\n" + HOST + b"\r\n")
+            assert raw.endswith(b"no local server")
+        lines = log.of("tunnel.client")
+        assert len([line for line in lines if "unreachable" in line]) <= 11, lines

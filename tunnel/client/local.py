@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..koding.wire import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
+from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
 from ..yamux import YamuxStream
 
@@ -99,8 +100,16 @@ class LocalForwarder:
 
     log = Logger()
 
-    def __init__(self, endpoint_for: Callable[[ControlMessage], IStreamClientEndpoint | None]):
+    def __init__(
+        self,
+        endpoint_for: Callable[[ControlMessage], IStreamClientEndpoint | None],
+        *,
+        clock: IReactorTime | None = None,
+    ):
         self.endpoint_for = endpoint_for
+        #: one line per public request while the local server is down would let
+        #: whoever sends requests fill the client's log
+        self.public_log = RateLimitedLog(self.log, clock=clock)
 
     def __call__(self, stream: YamuxStream, message: ControlMessage) -> None:
         try:
@@ -128,7 +137,8 @@ class LocalForwarder:
         d.addCallbacks(connected, failed)
 
     def _unreachable(self, stream: YamuxStream, message: ControlMessage, failure) -> None:
-        self.log.info(
+        self.public_log.info(
+            "local-unreachable",
             "local server for port {port} unreachable: {why}",
             port=message.local_port,
             why=failure.getErrorMessage() if failure is not None else "no endpoint configured",
