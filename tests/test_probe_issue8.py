@@ -185,3 +185,20 @@ def test_an_unreachable_local_server_is_logged_by_the_client_at_a_bounded_rate()
             assert raw.endswith(b"no local server")
         lines = log.of("tunnel.client")
         assert len([line for line in lines if "unreachable" in line]) <= 11, lines
+
+
+def test_websocket_upgrades_are_logged_at_a_bounded_rate():
+    """Each upgrade wrote a debug line ('websocket for id:... switched'), which
+    twistd's log keeps: whoever opens WebSockets chose how many."""
+    switching = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    upgrade = b"GET /ws HTTP/1.1\r\n" + HOST + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    with raw_env(Script(switching, after_body=False, close=False)) as env, global_log() as log:
+        for _ in range(50):
+            peer = exchange(env, upgrade)
+            assert peer.received == switching
+            peer.close()
+            env.flush()
+        lines = [line for line in log.of("tunnel.server") if "switched" in line]
+        assert len(lines) <= 11, len(lines)

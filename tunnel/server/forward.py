@@ -27,7 +27,7 @@ import enum
 from typing import TYPE_CHECKING
 
 from twisted.internet.error import ConnectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
@@ -258,7 +258,12 @@ class Forward:
             raise OriginResponseError(str(e)) from None
         self.phase = Phase.SPLICED
         self._stop_body_producer()
-        self.log.debug("websocket for {ident} switched", ident=redact(self.identifier))
+        self.public_log.emit(
+            LogLevel.debug,
+            "websocket-switched",
+            "websocket for {ident} switched",
+            ident=redact(self.identifier),
+        )
         self.stream.protocol.join(public)
 
     def final(self, head: ResponseHead) -> None:
