@@ -202,3 +202,17 @@ def test_websocket_upgrades_are_logged_at_a_bounded_rate():
             env.flush()
         lines = [line for line in log.of("tunnel.server") if "switched" in line]
         assert len(lines) <= 11, len(lines)
+
+
+def test_tcp_tunnel_failures_are_logged_at_a_bounded_rate():
+    """A --tcp port whose client is not connected: each public connection
+    wrote 'TCP tunnel to id:... failed', so whoever connects fills the log."""
+    with MemoryTunnel().start(connect=False) as env, global_log() as log:
+        env.server.add_addr(env.IDENT, port=7000)
+        env.listen(env.server.tcp_factory(), 7000)
+        for _ in range(50):
+            peer = env.connect(port=7000)
+            env.flush()
+            assert peer.closed
+        lines = [line for line in log.of("tunnel.server.tcp") if "TCP tunnel" in line]
+        assert len(lines) <= 11, lines

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from ..koding.identifiers import redact
 from ..koding.wire import TransportProtocol
+from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
 
 
@@ -23,9 +24,13 @@ class PublicTCP(SpliceProtocol):
 
     log = Logger()
 
-    def __init__(self, server) -> None:
+    def __init__(self, server, public_log: RateLimitedLog | None = None) -> None:
         super().__init__()
         self.server = server
+        #: one line per public connection would let whoever connects fill the log
+        self.public_log = (
+            public_log if public_log is not None else RateLimitedLog(self.log, clock=server.clock)
+        )
         self._pending = None
 
     def connectionMade(self) -> None:
@@ -33,7 +38,9 @@ class PublicTCP(SpliceProtocol):
         host = self.transport.getHost()
         identifier = self.server.addrs.lookup(host.host, host.port)
         if identifier is None:
-            self.log.info("no TCP tunnel for {host}:{port}", host=host.host, port=host.port)
+            self.public_log.info(
+                "tcp-unmapped", "no TCP tunnel for {host}:{port}", host=host.host, port=host.port
+            )
             self.transport.abortConnection()
             return
         self.identifier = identifier
@@ -57,7 +64,8 @@ class PublicTCP(SpliceProtocol):
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
-        self.log.info(
+        self.public_log.info(
+            "tcp-failed",
             "TCP tunnel to {ident} failed: {why}",
             ident=redact(self.identifier),
             why=failure.getErrorMessage(),
@@ -79,6 +87,8 @@ class TCPTunnelFactory(Factory):
 
     def __init__(self, server) -> None:
         self.server = server
+        #: what public connections make us log, rate limited (shared by them)
+        self.public_log = RateLimitedLog(PublicTCP.log, clock=server.clock)
 
     def buildProtocol(self, addr) -> PublicTCP:
-        return PublicTCP(self.server)
+        return PublicTCP(self.server, self.public_log)
