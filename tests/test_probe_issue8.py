@@ -216,3 +216,20 @@ def test_tcp_tunnel_failures_are_logged_at_a_bounded_rate():
             assert peer.closed
         lines = [line for line in log.of("tunnel.server.tcp") if "TCP tunnel" in line]
         assert len(lines) <= 11, lines
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [b"gzip, chunked", b"chunked, gzip", b"identity", b"gzip\r\nTransfer-Encoding: chunked"],
+    ids=["gzip-chunked", "chunked-gzip", "identity", "two-fields"],
+)
+def test_a_response_transfer_coding_other_than_chunked_is_a_502(codings):
+    """``Transfer-Encoding: gzip, chunked`` was de-chunked and relayed as
+    ``chunked`` alone: the public client took gzip bytes for the body (Go's
+    client refuses any coding but chunked: "unsupported transfer encoding")."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + codings + b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    with raw_env(Script(answer, close=True)) as env:
+        peer = exchange(env, b"GET / HTTP/1.1\r\n" + HOST + b"\r\n")
+        assert peer.received.startswith(b"HTTP/1.1 502 "), peer.received
+        assert b"transfer coding" in peer.received
+        peer.close()

@@ -303,9 +303,13 @@ class ResponseReader:
             return Framing.NONE
         codings = connection_tokens(head.get(b"transfer-encoding"))
         if codings:
-            # llhttp refused Content-Length beside it; chunked last, or to the end
-            last = head.get(b"transfer-encoding")[-1].rsplit(b",", 1)[-1].strip().lower()
-            return Framing.CHUNKED if last == b"chunked" else Framing.EOF
+            # llhttp refused Content-Length beside it.  We relay the body
+            # de-chunked and re-chunked, so any other coding would reach the
+            # public client unlabelled (Go's client refuses them too)
+            if codings != {b"chunked"} or len(_tokens(head.get(b"transfer-encoding"))) != 1:
+                self.phase = ReadPhase.DONE
+                raise OriginResponseError("unsupported transfer coding in the response")
+            return Framing.CHUNKED
         if head.get(b"content-length"):
             return Framing.LENGTH
         return Framing.EOF
@@ -333,6 +337,10 @@ class ResponseReader:
         """Read no more (the response is no longer wanted)."""
         self.phase = ReadPhase.DONE
         self._parser = None
+
+
+def _tokens(values: list[bytes]) -> list[bytes]:
+    return [t.strip(b" \t") for value in values for t in value.split(b",") if t.strip(b" \t")]
 
 
 def _why(error: Exception) -> str:
