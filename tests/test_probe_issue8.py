@@ -233,3 +233,19 @@ def test_a_response_transfer_coding_other_than_chunked_is_a_502(codings):
         assert peer.received.startswith(b"HTTP/1.1 502 "), peer.received
         assert b"transfer coding" in peer.received
         peer.close()
+
+
+def test_an_x_forwarded_for_named_in_connection_is_not_passed_on():
+    """``Connection: X-Forwarded-For`` makes the public value hop-by-hop (RFC
+    9110 7.6.1), yet it was still appended to: the origin got ``10.0.0.1,
+    127.0.0.1``."""
+    script = Script()
+    with raw_env(script) as env:
+        peer = exchange(
+            env,
+            b"GET / HTTP/1.1\r\n" + HOST + b"Connection: X-Forwarded-For\r\n"
+            b"X-Forwarded-For: 10.0.0.1\r\n\r\n",
+        )
+        assert b"10.0.0.1" not in script.origin.received
+        assert b"\r\nX-Forwarded-For: 127.0.0.1\r\n" in script.origin.received
+        peer.close()

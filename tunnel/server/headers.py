@@ -63,7 +63,8 @@ def forwarded_headers(request) -> list[tuple[bytes, bytes]]:
     if client_ip:
         value = client_ip.encode("ascii")
         prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        if prior:
+        hop = connection_tokens(request.requestHeaders.getRawHeaders(b"connection", []))
+        if prior and b"x-forwarded-for" not in hop:  # named in Connection: hop-by-hop
             value = b", ".join(prior) + b", " + value
         out.append((b"X-Forwarded-For", value))
     out.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
