@@ -249,3 +249,26 @@ def test_an_x_forwarded_for_named_in_connection_is_not_passed_on():
         assert b"10.0.0.1" not in script.origin.received
         assert b"\r\nX-Forwarded-For: 127.0.0.1\r\n" in script.origin.received
         peer.close()
+
+
+@pytest.mark.parametrize("ctl", [b"\x01", b"\x08", b"\x0b", b"\x0c", b"\x1b", b"\x1f", b"\x7f"])
+def test_a_control_character_in_a_request_field_value_is_refused(ctl):
+    """twisted.web refuses NUL, CR and LF in a value but let VT, FF, ESC, DEL
+    and the other controls through to the origin; RFC 9110 5.5 says reject
+    or replace them before forwarding, and Go's server refuses them (400)."""
+    with MemoryTunnel() as env:
+        refused(
+            env,
+            b"GET / HTTP/1.1\r\n" + HOST + b"X-A: a" + ctl + b"b\r\n\r\n",
+            b"400 Bad Request",
+            b"malformed request",
+        )
+        assert origin_connections(env) == 0
+
+
+def test_a_tab_and_obs_text_in_a_field_value_are_forwarded():
+    script = Script()
+    with raw_env(script) as env:
+        peer = exchange(env, b"GET / HTTP/1.1\r\n" + HOST + b"X-A: a\tb\xe9c\r\n\r\n")
+        assert b"\r\nX-A: a\tb\xe9c\r\n" in script.origin.received
+        peer.close()

@@ -23,6 +23,8 @@ limited (``tunnel.logs``).
 
 from __future__ import annotations
 
+import re
+
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
@@ -34,6 +36,8 @@ from .bodies import StreamingChannel, streaming_request
 from .headers import connection_tokens
 from .pages import refusal_bytes
 
+#: control characters a field value must not hold (HTAB is allowed)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: the largest request Content-Length passed on (2**63 - 1, as Go's net/http)
 MAX_CONTENT_LENGTH = 2**63 - 1
 
@@ -103,6 +107,11 @@ class HeadDeadlineChannel(HTTPChannel):
             self._refuse(431, "too many request headers")
             return False
         name, colon, value = line.partition(b":")
+        if colon and _CONTROL.search(value):
+            # RFC 9110 5.5: reject or replace before forwarding (Go refuses);
+            # twisted.web itself only refuses NUL, CR and LF
+            self._refuse(400, "malformed request")
+            return False
         if colon and name.lower() == b"content-length":
             # a length no 64-bit origin can hold: one that wraps would read the
             # rest of our stream as requests of its own (Go parses into 63 bits)
