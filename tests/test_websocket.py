@@ -268,10 +268,11 @@ class ScriptedOrigin(Protocol):
         self.live.discard(self)
 
 
-async def scripted_env(answer: bytes, live: set) -> TunnelEnv:
-    """A tunnel whose local server is a ScriptedOrigin."""
+async def scripted_env(answer: bytes, live: set, origin_class=None) -> TunnelEnv:
+    """A tunnel whose local server is a ScriptedOrigin (or ``origin_class``)."""
     env = await TunnelEnv().start(connect=False)
-    factory = ServerFactory.forProtocol(lambda: ScriptedOrigin(answer, live))
+    origin_class = origin_class or ScriptedOrigin
+    factory = ServerFactory.forProtocol(lambda: origin_class(answer, live))
     origin = await env.listen(factory)
     env.client = env.make_client(local=f"tcp:127.0.0.1:{origin.getHost().port}")
     env.client.startService()
@@ -364,13 +365,7 @@ class _HalfClosingClient(RawClient):
 async def test_public_half_close_after_101_reaches_the_origin_which_may_still_answer():
     """On real sockets: the public FIN is a half-close, not the connection's end."""
     live: set[ScriptedOrigin] = set()
-    env = await TunnelEnv().start(connect=False)
-    factory = ServerFactory.forProtocol(lambda: _HalfClosingOrigin(SWITCHING, live))
-    origin = await env.listen(factory)
-    env.client = env.make_client(local=f"tcp:127.0.0.1:{origin.getHost().port}")
-    env.client.startService()
-    await env.client.when_ready()
-    await env.server.when_connected(env.IDENT)
+    env = await scripted_env(SWITCHING, live, _HalfClosingOrigin)
     try:
 
         def talk(client):
