@@ -28,11 +28,6 @@ def public_text(failure: Failure | BaseException) -> str:
     for kind, text in _TEXTS.items():
         if isinstance(error, kind):
             return text
-    if isinstance(error, TunnelError):
-        return f"tunnel error: {error}"
-    reasons = getattr(error, "reasons", None)  # twisted.web's client wraps its errors
-    if reasons:
-        return "tunnel error: " + "; ".join(r.getErrorMessage() for r in reasons)
     return f"tunnel error: {error}"
 
 
