@@ -8,7 +8,7 @@ What a public request must look like before any tunnel work is done for it
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from twisted.web.http_headers import Headers
@@ -38,16 +38,6 @@ def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
     trimmed of spaces and tabs: ``keep-alive,close`` holds ``close``.
     """
     return {t.strip(b" \t").lower() for value in values for t in value.split(b",") if t.strip()}
-
-
-def forwardable(
-    headers: Headers, drop: frozenset[bytes] = frozenset()
-) -> Iterator[tuple[bytes, list[bytes]]]:
-    """(name, values) of ``headers`` minus hop-by-hop ones and those named in Connection."""
-    skip = HOP_BY_HOP | connection_tokens(headers.getRawHeaders(b"connection", [])) | drop
-    for name, values in headers.getAllRawHeaders():
-        if name.lower() not in skip:
-            yield name, values
 
 
 def forwarded_headers(request) -> list[tuple[bytes, bytes]]:
