@@ -12,8 +12,10 @@ from __future__ import annotations
 import pytest
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger, formatEvent
+from twisted.python import usage
 
 from tunnel.server.site import TunnelSite
+from tunnel.tap import server as server_tap
 
 from .test_forwarder import OK, Script, raw_env
 
@@ -223,3 +225,25 @@ def test_the_defaults_are_mod_reqtimeouts():
     assert (site.body_timeout, site.body_min_rate) == (20.0, 500)
     channel = site.buildProtocol(None)
     assert (channel.body_timeout, channel.body_min_rate) == (20.0, 500)
+
+
+def server_options(*argv: str) -> server_tap.Options:
+    options = server_tap.Options()
+    options.parseOptions(["--vhost", "app.test=id", *argv])
+    return options
+
+
+def test_twistd_options():
+    defaults = server_options()
+    assert (defaults["body-timeout"], defaults["body-min-rate"]) == (20.0, 500)
+    options = server_options(
+        "--listen", "tcp:0:interface=127.0.0.1", "--body-timeout", "5", "--body-min-rate", "1000"
+    )
+    site = list(server_tap.makeService(options))[0].factory
+    assert (site.body_timeout, site.body_min_rate) == (5.0, 1000)
+    off = server_options("--listen", "tcp:0:interface=127.0.0.1", "--body-min-rate", "0")
+    site = list(server_tap.makeService(off))[0].factory
+    assert site.body_min_rate == 0
+    for bad in (["--body-min-rate", "fast"], ["--body-min-rate", "-1"], ["--body-timeout", "x"]):
+        with pytest.raises(usage.UsageError):
+            server_options(*bad)
