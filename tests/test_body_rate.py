@@ -200,6 +200,28 @@ def test_a_chunked_body_is_held_to_the_rate_too():
         assert peer.closed
 
 
+def test_with_expect_100_continue_the_window_starts_at_the_first_byte_of_the_body():
+    """The client may wait for the origin's 100 (this origin sends none): that
+    wait is not the client's slowness."""
+    script = Script(close=False)
+    with raw_env(script) as env:
+        peer = env.connect()
+        peer.send(
+            b"PUT /up HTTP/1.1\r\nHost: app.localhost\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+        )
+        env.advance_to(50)  # no 100 came: the client sends anyway (RFC 9110 10.1.1)
+        assert peer.received == b""
+        peer.send(b"v" * 1000)
+        env.advance_to(69.999)
+        assert peer.received == b""
+        env.advance_to(70)  # 20 s of grace from the first byte
+        assert peer.received == TIMEOUT_408
+        assert script.origin.reason is not None
+        env.advance(1)
+        assert peer.closed
+
+
 @pytest.mark.parametrize(
     "off",
     [{"body_timeout": 0}, {"body_timeout": None}, {"body_min_rate": 0}, {"body_min_rate": None}],

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import Request
 
 from ..timers import cancel
+from .headers import connection_tokens
 from .pages import error_page
 
 #: Go's text (http.MaxBytesReader) for a body over the limit
@@ -128,6 +129,8 @@ class RequestBody:
     def data(self, data: bytes, limit: int | None) -> None:
         if self.phase is BodyPhase.DROPPED:
             return
+        if self.watch is not None:
+            self.watch.begin()  # the client is not waiting for a 100 any more
         self.received += len(data)
         if limit is not None and self.received > limit:
             self.too_large = True
@@ -177,9 +180,22 @@ class BodyRateWatch:
     stream window full, no stream yet) is not counted: the start moves on by
     each pause.  One timer at most, rescheduled only when it fires; when a
     deadline passes with no byte to extend it, ``too_slow()`` is called once.
+
+    With ``waiting`` (the request said ``Expect: 100-continue``: its client
+    may wait for the origin's ``100``) the window starts at the first byte of
+    the body instead; until then the idle timeout bounds the connection.
     """
 
-    def __init__(self, body: RequestBody, clock, grace: float, min_rate: float, too_slow) -> None:
+    def __init__(
+        self,
+        body: RequestBody,
+        clock,
+        grace: float,
+        min_rate: float,
+        too_slow,
+        *,
+        waiting: bool = False,
+    ) -> None:
         self.body = body
         self.clock = clock
         self.grace = grace
@@ -189,7 +205,17 @@ class BodyRateWatch:
         self._paused_at: float | None = None
         self._timer = None
         self.stopped = False
-        self._schedule()
+        self._waiting = waiting
+        if waiting:
+            self._paused_at = self._start  # as if paused from the start
+        else:
+            self._schedule()
+
+    def begin(self) -> None:
+        """A byte of the body arrived: a window held for ``Expect: 100-continue`` starts."""
+        if self._waiting:
+            self._waiting = False
+            self.resume()
 
     def deadline(self) -> float:
         """When the average falls below ``min_rate`` unless more of the body arrives."""
@@ -359,8 +385,15 @@ class StreamingChannel:
         clock = self.body_clock
         if clock is None:
             from twisted.internet import reactor as clock
+        expect = request.requestHeaders.getRawHeaders(b"expect", [])
         body.watch = self._body_watch = BodyRateWatch(
-            body, clock, self.body_timeout, self.body_min_rate, lambda: self._body_too_slow(request)
+            body,
+            clock,
+            self.body_timeout,
+            self.body_min_rate,
+            lambda: self._body_too_slow(request),
+            # (the request's clientproto is only set once render() begins)
+            waiting=self._version == b"HTTP/1.1" and b"100-continue" in connection_tokens(expect),
         )
 
     def _stop_body_watch(self) -> None:
