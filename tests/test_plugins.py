@@ -407,6 +407,8 @@ def test_client_make_service_with_a_bad_endpoint_is_a_usage_error(no_env_identif
 #: option -> (what it takes, default as shown); twistd adds --help and --version
 SERVER_HELP = {
     "access-log": ("PATH", "off"),
+    "body-min-rate": ("BYTES", "500"),
+    "body-timeout": ("Seconds", "20.0"),
     "head-timeout": ("Seconds", "30.0"),
     "idle-timeout": ("Seconds", "60.0"),
     "listen": ("ENDPOINT", "tcp:80:backlog=1024"),
@@ -521,7 +523,9 @@ def test_help_has_no_doubled_lines_and_no_odd_wrapping(monkeypatch, capsys, plug
 def test_help_defaults_are_the_defaults(no_env_identifier):
     server = server_options("--vhost", "app.test=id")
     assert server["listen"] == [SERVER_HELP["listen"][1]]
-    for name in ("head-timeout", "idle-timeout", "shutdown-grace", "tcp-interface"):
+    for name in ("head-timeout", "idle-timeout", "body-timeout", "body-min-rate"):
+        assert str(server[name]) == SERVER_HELP[name][1]
+    for name in ("shutdown-grace", "tcp-interface"):
         assert str(server[name]) == SERVER_HELP[name][1]
     assert str(server["tunnel-timeout"]) == SERVER_HELP["tunnel-timeout"][1]
     assert server["access-log"] is None  # "off"

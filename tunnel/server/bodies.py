@@ -26,6 +26,8 @@ from typing import Protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import Request
 
+from ..timers import cancel
+from .headers import connection_tokens
 from .pages import error_page
 
 #: Go's text (http.MaxBytesReader) for a body over the limit
@@ -67,6 +69,8 @@ class RequestBody:
         self._consumer: BodyConsumer | None = None
         self._paused = False
         self.too_large = False
+        #: the minimum-rate rule over it (``BodyRateWatch``), if its channel keeps one
+        self.watch: BodyRateWatch | None = None
 
     # -- the consumer's side -------------------------------------------------------
 
@@ -96,6 +100,7 @@ class RequestBody:
         """Nobody wants the rest (the response is over): drop it as it arrives."""
         if self.phase is not BodyPhase.COMPLETE:
             self.phase = BodyPhase.DROPPED
+        self._stop_watch()
         self._held = []
         self._consumer = None
         self.resumeProducing()
@@ -106,11 +111,15 @@ class RequestBody:
         if not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pauseProducing()
+            if self.watch is not None:
+                self.watch.pause()  # our backpressure: not the client's time
 
     def resumeProducing(self) -> None:
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resumeProducing()
+            if self.watch is not None:
+                self.watch.resume()
 
     def stopProducing(self) -> None:
         self.drop()
@@ -120,6 +129,8 @@ class RequestBody:
     def data(self, data: bytes, limit: int | None) -> None:
         if self.phase is BodyPhase.DROPPED:
             return
+        if self.watch is not None:
+            self.watch.begin()  # the client is not waiting for a 100 any more
         self.received += len(data)
         if limit is not None and self.received > limit:
             self.too_large = True
@@ -136,13 +147,112 @@ class RequestBody:
 
     def end(self) -> None:
         self._complete = True
+        self._stop_watch()
         if self.phase is BodyPhase.FLOWING:
             self.phase = BodyPhase.COMPLETE
             self._consumer.body_end()
 
+    def too_slow(self) -> None:
+        """Too slow: its consumer resets the stream, and the rest is dropped."""
+        consumer = self._consumer
+        self.drop()
+        if consumer is not None and hasattr(consumer, "body_too_slow"):
+            consumer.body_too_slow()
+
+    def _stop_watch(self) -> None:
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.stop()
+
     @property
     def complete(self) -> bool:
         return self._complete
+
+
+class BodyRateWatch:
+    """Apache mod_reqtimeout's body rule (``body=20,MinRate=500``) for one body.
+
+    The window starts at the end of the request head.  After a grace of
+    ``grace`` seconds the body must have arrived with an average rate of at
+    least ``min_rate`` bytes a second: the deadline is ``grace`` seconds, or
+    ``received / min_rate`` seconds if later, after the start.  Time during
+    which we stopped reading (our backpressure: the origin not reading, the
+    stream window full, no stream yet) is not counted: the start moves on by
+    each pause.  One timer at most, rescheduled only when it fires; when a
+    deadline passes with no byte to extend it, ``too_slow()`` is called once.
+
+    With ``waiting`` (the request said ``Expect: 100-continue``: its client
+    may wait for the origin's ``100``) the window starts at the first byte of
+    the body instead; until then the idle timeout bounds the connection.
+    """
+
+    def __init__(
+        self,
+        body: RequestBody,
+        clock,
+        grace: float,
+        min_rate: float,
+        too_slow,
+        *,
+        waiting: bool = False,
+    ) -> None:
+        self.body = body
+        self.clock = clock
+        self.grace = grace
+        self.min_rate = min_rate
+        self._too_slow = too_slow
+        self._start = clock.seconds()
+        self._paused_at: float | None = None
+        self._timer = None
+        self.stopped = False
+        self._waiting = waiting
+        if waiting:
+            self._paused_at = self._start  # as if paused from the start
+        else:
+            self._schedule()
+
+    def begin(self) -> None:
+        """A byte of the body arrived: a window held for ``Expect: 100-continue`` starts."""
+        if self._waiting:
+            self._waiting = False
+            self.resume()
+
+    def deadline(self) -> float:
+        """When the average falls below ``min_rate`` unless more of the body arrives."""
+        return self._start + max(self.grace, self.body.received / self.min_rate)
+
+    def _schedule(self) -> None:
+        delay = max(0.0, self.deadline() - self.clock.seconds())
+        self._timer = self.clock.callLater(delay, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.deadline() - self.clock.seconds() > 1e-9:
+            self._schedule()  # bytes arrived since: the deadline moved
+            return
+        self.stopped = True
+        self._too_slow()
+
+    def pause(self) -> None:
+        if self.stopped or self._paused_at is not None:
+            return
+        self._paused_at = self.clock.seconds()
+        self._cancel()
+
+    def resume(self) -> None:
+        if self.stopped or self._paused_at is None:
+            return
+        self._start += self.clock.seconds() - self._paused_at
+        self._paused_at = None
+        self._schedule()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._cancel()
+
+    def _cancel(self) -> None:
+        cancel(self._timer)
+        self._timer = None
 
 
 def body_of(request) -> RequestBody:
@@ -182,6 +292,9 @@ class StreamingRequest(Request):
         self.content = BytesIO()  # stays empty: the body goes to the origin
         # what pauses reading the public connection, found as HTTPChannel finds it
         self.tunnel_body = RequestBody(length, IPushProducer(channel.transport, None))
+        watch_body = getattr(channel, "watch_body", None)
+        if watch_body is not None:
+            watch_body(self)  # the minimum rate, from the end of the head
         # what the channel does once the body is in, now: render() starts
         super().requestReceived(channel._command, channel._path, channel._version)
 
@@ -245,9 +358,68 @@ def streaming_request(factory: type) -> type:
 
 
 class StreamingChannel:
-    """An HTTPChannel mixin for StreamingRequest (TunnelSite's channel)."""
+    """An HTTPChannel mixin for StreamingRequest (TunnelSite's channel).
+
+    It keeps the minimum-rate rule over each request body (``BodyRateWatch``,
+    off if ``body_timeout`` or ``body_min_rate`` is 0 or None): a body too
+    slow is refused with a ``408`` while no response byte was sent, the
+    connection aborted after; either way the stream is reset.  It uses the
+    head-deadline channel's ``_refuse`` and ``public_log``.
+    """
 
     _tunnel_orphan_body = False
+    #: seconds of grace before the body's average rate is checked
+    body_timeout: float | None = 20.0
+    #: the least average rate of a request body, bytes a second
+    body_min_rate: float | None = 500
+    #: what the rule's timer runs on (TunnelSite gives its reactor)
+    body_clock = None
+    _body_watch: BodyRateWatch | None = None
+
+    def watch_body(self, request) -> None:
+        """Start the minimum-rate rule over ``request``'s body (its head just ended)."""
+        body = request.tunnel_body
+        self._stop_body_watch()
+        if not (self.body_timeout and self.body_min_rate) or body is None or body.complete:
+            return
+        clock = self.body_clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        expect = request.requestHeaders.getRawHeaders(b"expect", [])
+        body.watch = self._body_watch = BodyRateWatch(
+            body,
+            clock,
+            self.body_timeout,
+            self.body_min_rate,
+            lambda: self._body_too_slow(request),
+            # (the request's clientproto is only set once render() begins)
+            waiting=self._version == b"HTTP/1.1" and b"100-continue" in connection_tokens(expect),
+        )
+
+    def _stop_body_watch(self) -> None:
+        watch, self._body_watch = self._body_watch, None
+        if watch is not None:
+            watch.stop()
+
+    def _body_too_slow(self, request) -> None:
+        self._body_watch = None
+        body = request.tunnel_body
+        if self.transport is None or body is None:
+            return
+        self.public_log.info(
+            "slow-body",
+            "dropping {peer}: request body below {rate} bytes/s after {t} s",
+            peer=self.transport.getPeer(),
+            rate=self.body_min_rate,
+            t=self.body_timeout,
+        )
+        body.too_slow()  # the forwarder resets its stream: the origin never gets all of it
+        # a 408 while nothing of a response was sent, an abort after
+        self._refuse(408, "request body too slow", log=False)
+
+    def connectionLost(self, reason) -> None:
+        self._stop_body_watch()
+        super().connectionLost(reason)
 
     def _send100Continue(self) -> None:
         # the origin decides (its 100 is relayed); a request already answered needs none

@@ -230,6 +230,22 @@ class Forward:
         else:
             self._cut_public()
 
+    def body_too_slow(self) -> None:
+        """The public body arrived below the minimum rate: reset the stream.
+
+        The channel answers the public client (``408``, or an abort if the
+        response began) and logs it; nothing more goes to either side from here.
+        """
+        phase, self.phase = self.phase, Phase.DONE
+        if phase in (Phase.DONE, Phase.SPLICED):
+            return
+        self.reader.stop()
+        if self._pending is not None:
+            self._pending.cancel()  # no stream yet: withdraw the wait for it
+        if self.request.producer is not None:
+            self.request.unregisterProducer()
+        self._end_stream(abort=True)
+
     def _stop_body_producer(self) -> None:
         if self._body_producing:
             self._body_producing = False

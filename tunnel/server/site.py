@@ -42,6 +42,15 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_CONTENT_LENGTH = 2**63 - 1
 
 
+def _refusal(code: int, message: str) -> bytes:
+    """``pages.refusal_bytes``, with RFC 9110's phrase for 408 (twisted.web
+    still says ``Request Time-out``; pages' own phrase table is the better home)."""
+    raw = refusal_bytes(code, message)
+    if code == 408:
+        raw = raw.replace(b"408 Request Time-out\r\n", b"408 Request Timeout\r\n", 1)
+    return raw
+
+
 class HeadDeadlineChannel(HTTPChannel):
     """An HTTPChannel that drops clients too slow to send a request head and
     answers every request it refuses.
@@ -175,8 +184,10 @@ class HeadDeadlineChannel(HTTPChannel):
 
     # -- refusing ---------------------------------------------------------------------
 
-    def _refuse(self, code: int, message: str) -> None:
-        """Answer ``code`` with Connection: close, then discard input and close."""
+    def _refuse(self, code: int, message: str, *, log: bool = True) -> None:
+        """Answer ``code`` with Connection: close, then discard input and close
+        (abort instead if a response is under way).  ``log``: say so in the
+        public log (False if the caller logged a line of its own)."""
         if self._refused or self.transport is None:
             return
         self._refused = True
@@ -184,17 +195,18 @@ class HeadDeadlineChannel(HTTPChannel):
         self._disarm()
         self.setTimeout(None)
         self.clearLineBuffer()
-        self.public_log.info(
-            "refused-request",
-            "refused a request from {peer}: {code} {why}",
-            peer=self.transport.getPeer(),
-            code=code,
-            why=message,
-        )
+        if log:
+            self.public_log.info(
+                "refused-request",
+                "refused a request from {peer}: {code} {why}",
+                peer=self.transport.getPeer(),
+                code=code,
+                why=message,
+            )
         if any(getattr(r, "startedWriting", False) for r in self.requests):
             self.transport.abortConnection()  # a response is under way: no second one
             return
-        self.transport.write(refusal_bytes(code, message))
+        self.transport.write(_refusal(code, message))
         self._linger_timer = self.callLater(self.linger, self._linger_over)
 
     def linger_then_close(self) -> None:
@@ -269,7 +281,8 @@ class HeadDeadlineChannel(HTTPChannel):
 
 
 class TunnelChannel(StreamingChannel, HeadDeadlineChannel):
-    """TunnelSite's channel: head deadline, and request bodies that stream."""
+    """TunnelSite's channel: head deadline, request bodies that stream, and a
+    minimum rate for those bodies."""
 
 
 class TunnelSite(Site):
@@ -281,6 +294,12 @@ class TunnelSite(Site):
         or a file path.
     :param max_body: the largest request body in bytes (None: no limit, which
         is safe because bodies stream to the origin and are never stored).
+    :param body_timeout: seconds of grace, from the end of a request head,
+        before its body's average rate is checked (0 or None: no check).
+    :param body_min_rate: the least average rate of a request body in bytes a
+        second (0 or None: no check); a slower body is answered ``408`` (the
+        connection aborted if the response began) and its stream reset.  Time
+        during which we did not read (backpressure) is not counted.
 
     Its requests stream their bodies (``bodies.StreamingRequest`` is mixed into
     ``requestFactory``): ``render()`` runs once the head is in, and the
@@ -295,6 +314,8 @@ class TunnelSite(Site):
         idle_timeout: float = 60.0,
         access_log: str | None = None,
         max_body: int | None = None,
+        body_timeout: float | None = 20.0,
+        body_min_rate: float | None = 500,
         **kwargs,
     ) -> None:
         if access_log not in (None, "-"):
@@ -304,6 +325,8 @@ class TunnelSite(Site):
         self.head_timeout = head_timeout
         self.access_log = access_log
         self.max_body = max_body
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
         #: what peers cause, rate-limited per kind (shared by this site's channels)
         self.public_log = RateLimitedLog(Logger(namespace=__name__), clock=self.reactor)
 
@@ -311,6 +334,9 @@ class TunnelSite(Site):
         channel = TunnelChannel()
         channel.head_timeout = self.head_timeout
         channel.public_log = self.public_log
+        channel.body_timeout = self.body_timeout
+        channel.body_min_rate = self.body_min_rate
+        channel.body_clock = self.reactor
         return channel
 
     def log(self, request) -> None:

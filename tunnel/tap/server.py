@@ -50,6 +50,20 @@ class Options(usage.Options):
         ["head-timeout", None, 30.0, "Seconds a public client has to send a request head.", float],
         ["idle-timeout", None, 60.0, "Seconds an idle public connection is kept open.", float],
         [
+            "body-timeout",
+            None,
+            20.0,
+            "Seconds after a request head before its body must keep the minimum rate (0: never).",
+            float,
+        ],
+        [
+            "body-min-rate",
+            None,
+            500,
+            "BYTES: the least average rate, per second, of a public request body (0: none).",
+            _byte_count,
+        ],
+        [
             "max-body",
             None,
             None,
@@ -120,6 +134,8 @@ def makeService(options: Options) -> service.IService:
         idle_timeout=options["idle-timeout"],
         access_log=options["access-log"],
         max_body=options["max-body"],
+        body_timeout=options["body-timeout"],
+        body_min_rate=options["body-min-rate"],
     )
     for description in options["listen"]:
         try:
