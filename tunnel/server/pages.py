@@ -42,7 +42,11 @@ def error_page(request, code: int, message: str) -> bytes:
 
 
 #: RFC 9110's reason phrases where twisted.web has none or an older one
-_PHRASES = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+_PHRASES = {
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
 
 
 def refusal_bytes(code: int, message: str) -> bytes:

@@ -42,15 +42,6 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_CONTENT_LENGTH = 2**63 - 1
 
 
-def _refusal(code: int, message: str) -> bytes:
-    """``pages.refusal_bytes``, with RFC 9110's phrase for 408 (twisted.web
-    still says ``Request Time-out``; pages' own phrase table is the better home)."""
-    raw = refusal_bytes(code, message)
-    if code == 408:
-        raw = raw.replace(b"408 Request Time-out\r\n", b"408 Request Timeout\r\n", 1)
-    return raw
-
-
 class HeadDeadlineChannel(HTTPChannel):
     """An HTTPChannel that drops clients too slow to send a request head and
     answers every request it refuses.
@@ -206,7 +197,7 @@ class HeadDeadlineChannel(HTTPChannel):
         if any(getattr(r, "startedWriting", False) for r in self.requests):
             self.transport.abortConnection()  # a response is under way: no second one
             return
-        self.transport.write(_refusal(code, message))
+        self.transport.write(refusal_bytes(code, message))
         self._linger_timer = self.callLater(self.linger, self._linger_over)
 
     def linger_then_close(self) -> None:
