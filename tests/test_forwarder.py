@@ -241,6 +241,18 @@ def test_103_and_100_are_never_the_final_answer(request_bytes):
         peer.close()
 
 
+def test_a_101_without_an_upgrade_field_is_a_502_that_says_so():
+    """RFC 9110 15.2.2: a 101 names the protocol it switches to; llhttp only
+    says it paused, so the 502's text is ours."""
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\nnot ws"
+    with raw_env(Script(answer, close=False)) as env:
+        peer = exchange(env, UPGRADE)
+        assert status_of(peer.received) == 502
+        assert b"a 101 without an Upgrade header field" in peer.received
+        assert b"not ws" not in peer.received
+        peer.close()
+
+
 def test_a_101_to_an_upgrade_splices():
     script = Script(SWITCHING + b"hello from ws", close=False)
     with raw_env(script) as env:

@@ -264,6 +264,9 @@ class ResponseReader:
             upgraded = True
         except httptools.HttpParserError as e:
             self.phase = ReadPhase.DONE
+            if parser.get_status_code() == 101 and callbacks.headers_done:
+                # llhttp pauses on a 101 it cannot upgrade, and says only that
+                raise OriginResponseError("a 101 without an Upgrade header field") from None
             raise OriginResponseError(f"malformed response head: {_why(e)}") from None
         if not callbacks.headers_done:
             self.phase = ReadPhase.DONE
