@@ -11,6 +11,8 @@ from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
+from tunnel.observe import OneShot
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TWISTD = "from twisted.scripts.twistd import run; run()"
 TIMEOUT = 15.0  # for each wait on a child
@@ -23,7 +25,7 @@ class Twistd(ProcessProtocol):
         self.name = name
         self.output = bytearray()
         self.reason = None
-        self._waiters: list[Deferred] = []
+        self._ended = OneShot()
 
     def connectionMade(self) -> None:
         self.transport.closeStdin()
@@ -36,10 +38,7 @@ class Twistd(ProcessProtocol):
     def processEnded(self, reason) -> None:
         # called once the child has exited and all its pipes are closed
         self.reason = reason.value  # ProcessDone or ProcessTerminated
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if not d.called:
-                d.callback(None)
+        self._ended.fire(None)
 
     @property
     def log(self) -> str:
@@ -51,11 +50,8 @@ class Twistd(ProcessProtocol):
 
     def ended(self, timeout: float = TIMEOUT) -> Deferred:
         """Fires (with None) once the child has ended; see ``reason``."""
-        d: Deferred = Deferred()
-        if self.reason is not None:
-            d.callback(None)
-        else:
-            self._waiters.append(d)
+        d = self._ended.when()
+        if not d.called:
             d.addTimeout(timeout, reactor)
         return d
 
