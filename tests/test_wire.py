@@ -269,7 +269,16 @@ class Conn:
 
 
 class ServerHarness:
+    """Our server behind a Site on StringTransports, on one Clock.
+
+    The recordings were made with the Go server, which opens a stream for
+    every request and closes it after the response, so the server keeps no
+    stream between requests here (``max_idle_streams=0``) unless a test asks;
+    keep-alive over the tunnel is tested in test_pool.py.
+    """
+
     def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("max_idle_streams", 0)
         self.clock = Clock()
         self.server = TunnelServer(clock=self.clock, **kwargs)
         self.server.add_host("app.test", "app")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -47,6 +46,7 @@ from .http1 import (
     request_head,
 )
 from .pages import error_page, public_text
+from .pool import OriginLeg
 from .takeover import CannotTakeOver, take_over
 
 if TYPE_CHECKING:
@@ -66,51 +66,16 @@ def is_upgrade(request) -> bool:
     )
 
 
+#: methods a request may be sent again for (RFC 9110 9.2.2), when it has no body
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
 class Phase(enum.Enum):
     OPENING = "opening"  # waiting for the client's stream
     HEAD = "head"  # the request is on its way; the origin's heads are read
     BODY = "body"  # the final head went to twisted.web; the body is relayed
     SPLICED = "spliced"  # 101: the two connections are joined
     DONE = "done"  # finished, failed, or the public client left
-
-
-class _OriginSide(SpliceProtocol):
-    """The stream's protocol: the response reader until a 101, a splice after."""
-
-    def __init__(self, forward: Forward) -> None:
-        super().__init__()
-        self.forward = forward
-
-    def dataReceived(self, data: bytes) -> None:
-        forward = self.forward
-        if forward.phase is Phase.SPLICED:
-            super().dataReceived(data)
-        elif forward.phase in (Phase.HEAD, Phase.BODY):
-            try:
-                forward.reader.feed(data)
-            except OriginResponseError as e:
-                forward.origin_failed(str(e))
-
-    def readConnectionLost(self) -> None:
-        forward = self.forward
-        if forward.phase is Phase.SPLICED:
-            super().readConnectionLost()
-        elif forward.phase in (Phase.HEAD, Phase.BODY):
-            try:
-                forward.reader.eof()
-            except OriginResponseError as e:
-                forward.origin_failed(str(e))
-
-    def writeConnectionLost(self) -> None:
-        if self.forward.phase is Phase.SPLICED:
-            super().writeConnectionLost()
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        forward = self.forward
-        if forward.phase is Phase.SPLICED:
-            super().connectionLost(reason)
-        elif forward.phase in (Phase.HEAD, Phase.BODY):
-            forward.origin_failed(f"the stream was closed ({reason.getErrorMessage()})")
 
 
 class _PublicSide(SpliceProtocol):
@@ -144,16 +109,28 @@ class Forward:
         self.upload = body_of(request)
         self.reader = ResponseReader(self, head_request=request.method == b"HEAD")
         self.phase = Phase.OPENING
+        self.leg: OriginLeg | None = None
         self.stream = None
         self._pending = None
         self._chunked = self.upload.length is None
         self._body_written = self.upload.length == -1  # our request's body is complete
         self._body_producing = False
         self._expect_continue = False
+        self._answered = False  # a byte of the response arrived on this stream
+        self._persistent = False  # the final response lets the stream outlive it
+        self._keep = False  # complete, and the stream may carry the next request
 
     def start(self) -> None:
         self.request.notifyFinish().addErrback(self._public_gone)
         self.upload.claim(self)
+        if not self.upgrade:
+            leg = self.server.reuse_stream(self.identifier, self.port)
+            if leg is not None:
+                self._send(leg)
+                return
+        self._open()
+
+    def _open(self) -> None:
         kind = TransportProtocol.WS if self.upgrade else TransportProtocol.HTTP
         d = self._pending = self.server.open_tunnel(self.identifier, kind, self.port)
         d.addCallbacks(self._opened, self._open_failed)
@@ -165,11 +142,22 @@ class Forward:
         if self.phase is not Phase.OPENING:
             stream.abortConnection()
             return
-        self.stream = stream
+        leg = OriginLeg()
+        leg.user = self
+        self.leg = leg
         self.phase = Phase.HEAD
-        stream.attach(_OriginSide(self))
+        stream.attach(leg)
         if self.phase is not Phase.HEAD:
             return  # the stream ended at once
+        self._send(leg)
+
+    def _send(self, leg: OriginLeg) -> None:
+        """Write the request into ``leg``'s stream (fresh or kept)."""
+        leg.user = self
+        self.leg = leg
+        self.stream = stream = leg.transport
+        self.phase = Phase.HEAD
+        self._answered = False
         request = self.request
         headers = request.requestHeaders
         body = self.upload
@@ -190,6 +178,7 @@ class Forward:
                 length=body.length,
                 upgrade=upgrade,
                 expect_continue=self._expect_continue,
+                keep_alive=self.server.max_idle_streams > 0,
             )
         )
         if not self._body_written:
@@ -197,6 +186,69 @@ class Forward:
                 self._body_producing = True
                 stream.registerProducer(body, True)
             body.attach(self)
+
+    # -- what the stream says (LegUser) ---------------------------------------------
+
+    def origin_data(self, data: bytes) -> None:
+        if self.phase not in (Phase.HEAD, Phase.BODY):
+            return
+        self._answered = True
+        try:
+            self.reader.feed(data)
+        except OriginResponseError as e:
+            self.origin_failed(str(e))
+            return
+        if self._keep:
+            # only now: bytes after the response in this same piece must be seen first
+            self._keep = False
+            self._settle(keep=not self.reader.overrun)
+
+    def origin_eof(self) -> None:
+        if self.phase not in (Phase.HEAD, Phase.BODY):
+            return
+        if self._may_retry():
+            self._retry("the kept stream was closed")
+            return
+        try:
+            self.reader.eof()
+        except OriginResponseError as e:
+            self.origin_failed(str(e))
+
+    def origin_lost(self, reason: Failure) -> None:
+        if self.phase not in (Phase.HEAD, Phase.BODY):
+            return
+        if self._may_retry():
+            self._retry("the kept stream was reset")
+            return
+        self.origin_failed(f"the stream was closed ({reason.getErrorMessage()})")
+
+    def _may_retry(self) -> bool:
+        """A kept stream died under a request before any answer: was it idle
+        too long at the local server?  Send it again on a fresh stream if that
+        is safe: idempotent, no body, and not sent again already."""
+        return (
+            self.leg is not None
+            and self.leg.reused
+            and not self._answered
+            and self.phase is Phase.HEAD
+            and self.upload.length == -1
+            and self.request.method in IDEMPOTENT
+        )
+
+    def _retry(self, why: str) -> None:
+        leg, self.leg = self.leg, None
+        leg.user = None
+        self.stream = None
+        if not leg.lost:
+            leg.transport.abortConnection()
+        self.log.debug(
+            "{why} before answering a request to {ident}; sending it on a fresh stream",
+            why=why,
+            ident=redact(self.identifier),
+        )
+        self.reader = ResponseReader(self, head_request=self.request.method == b"HEAD")
+        self.phase = Phase.OPENING
+        self._open()
 
     def body_data(self, data: bytes) -> None:
         if self.phase in (Phase.HEAD, Phase.BODY) and data:
@@ -280,10 +332,11 @@ class Forward:
             "websocket for {ident} switched",
             ident=redact(self.identifier),
         )
-        self.stream.protocol.join(public)
+        self.leg.splice(public)
 
     def final(self, head: ResponseHead) -> None:
         self.phase = Phase.BODY
+        self._persistent = head.persistent
         request = self.request
         request.setResponseCode(head.code, head.phrase)
         # the origin's fields only: no Server or Date of twisted.web's beside its own
@@ -310,7 +363,19 @@ class Forward:
         if request.producer is not None:
             request.unregisterProducer()
         request.finish()
-        self._end_stream(abort=not self._body_written)
+        if self._persistent and self._body_written:
+            self._keep = True  # origin_data settles it once the reader returns
+        else:
+            self._end_stream(abort=not self._body_written)
+
+    def _settle(self, *, keep: bool) -> None:
+        """The exchange is over: leave the stream for the next request, or close it."""
+        leg = self.leg
+        if keep and self.server.keep_stream(self.identifier, self.port, leg):
+            self.upload.drop()
+            self.leg = self.stream = None
+            return
+        self._end_stream(abort=not keep)  # out of step: RST; not kept: FIN
 
     # -- endings --------------------------------------------------------------------
 

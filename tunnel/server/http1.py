@@ -65,6 +65,7 @@ def request_head(
     length: int | None,
     upgrade: bytes | None = None,
     expect_continue: bool = False,
+    keep_alive: bool = False,
 ) -> bytes:
     """An HTTP/1.1 request head with our framing.
 
@@ -74,7 +75,9 @@ def request_head(
         same name, or the same name with underscores for dashes, is dropped.
     :param length: the body's length, None for chunked, -1 for no body at all.
     :param upgrade: the Upgrade value of an upgrade request (then ``Connection:
-        Upgrade``; else ``Connection: close``, one request per stream).
+        Upgrade``).
+    :param keep_alive: the stream may carry another request after this one
+        (HTTP/1.1's default: no Connection field); else ``Connection: close``.
     """
     extra = list(extra)
     headers = list(headers)
@@ -93,7 +96,7 @@ def request_head(
     if upgrade is not None:
         lines.append(b"Connection: Upgrade")
         lines.append(b"Upgrade: " + upgrade)
-    else:
+    elif not keep_alive:
         lines.append(b"Connection: close")
     if length is None:
         lines.append(b"Transfer-Encoding: chunked")
@@ -127,7 +130,7 @@ class Framing(enum.Enum):
 class ResponseHead:
     """A status line and header fields that llhttp accepted."""
 
-    __slots__ = ("code", "phrase", "headers", "raw", "framing")
+    __slots__ = ("code", "phrase", "headers", "raw", "framing", "persistent")
 
     def __init__(self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], raw: bytes):
         self.code = code
@@ -135,6 +138,9 @@ class ResponseHead:
         self.headers = headers
         self.raw = raw
         self.framing = Framing.EOF
+        #: the connection may carry another request after this response
+        #: (HTTP/1.1, no ``Connection: close``, a body that does not end with it)
+        self.persistent = False
 
     def get(self, name: bytes) -> list[bytes]:
         return [v for n, v in self.headers if n.lower() == name]
@@ -193,6 +199,10 @@ class _BodyCallbacks(_HeadCallbacks):
     def on_body(self, data: bytes) -> None:
         self.reader._on_body(data)
 
+    def on_message_begin(self) -> None:
+        if self.message_done:  # a byte after the complete response
+            self.reader.overrun = True
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         if self.headers_done:
@@ -220,6 +230,8 @@ class ResponseReader:
         self._parser = None
         self._callbacks: _BodyCallbacks | None = None
         self._framing = Framing.EOF
+        #: bytes followed the complete response: the stream is out of step
+        self.overrun = False
 
     def feed(self, data: bytes) -> None:
         """Reads ``data``; raises OriginResponseError on a framing error."""
@@ -289,11 +301,18 @@ class ResponseReader:
             self.sink.interim(head)
             return  # the next head follows, in the same scanner (one bound for all)
         head.framing = self._framing = self._framing_of(head)
+        head.persistent = (
+            head.framing is not Framing.EOF
+            and parser.get_http_version() == "1.1"
+            and b"close" not in connection_tokens(head.get(b"connection"))
+        )
         self.phase = ReadPhase.BODY
         self.sink.final(head)
         if self.phase is not ReadPhase.BODY:
             return  # the sink stopped reading
         if head.framing is Framing.NONE or callbacks.message_done:
+            if rest:
+                self.overrun = True
             self._on_complete()
             return
         self._parser = parser
@@ -325,6 +344,7 @@ class ResponseReader:
                 self.phase = ReadPhase.DONE
                 raise OriginResponseError(f"malformed response body: {_why(e)}") from None
             # bytes after the complete response: never read as another one
+            self.overrun = True
 
     def _on_body(self, data: bytes) -> None:
         if self.phase is ReadPhase.BODY:

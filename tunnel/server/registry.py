@@ -29,6 +29,7 @@ from ..observe import Observers, OneShot
 from ..timers import cancel
 from ..yamux import YamuxConfig, YamuxSession, YamuxStream
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
+from .pool import OriginLeg, StreamPool
 from .tcp import TCPTunnelFactory
 from .vhosts import VirtualAddrs, VirtualHosts
 
@@ -57,6 +58,8 @@ class ClientConnection:
         self._waiters: deque[_Waiter] = deque()
         self._timer: Any = None
         self._ready = OneShot()
+        #: local port -> streams kept between requests (made on first use)
+        self._pools: dict[int, StreamPool] = {}
 
     def __repr__(self) -> str:
         return f"<ClientConnection {redact(self.identifier)} ready={self.ready}>"
@@ -100,6 +103,31 @@ class ClientConnection:
             )
             self.close()
         return waiter.deferred
+
+    def reuse(self, port: int) -> OriginLeg | None:
+        """A stream to local ``port`` kept from an earlier request, or None."""
+        pool = self._pools.get(port)
+        return pool.take() if pool is not None else None
+
+    def keep(self, port: int, leg: OriginLeg) -> bool:
+        """Keep ``leg`` for the next request to ``port``; False if it may not be kept."""
+        server = self.server
+        if self.closed or not server.accepting or server.max_idle_streams <= 0:
+            return False
+        pool = self._pools.get(port)
+        if pool is None:
+            pool = self._pools[port] = StreamPool(
+                server.clock,
+                max_idle=server.max_idle_streams,
+                idle_timeout=server.stream_idle_timeout,
+            )
+        return pool.keep(leg)
+
+    def retire_idle(self) -> None:
+        """Close every kept stream and keep none from now on."""
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
 
     def close(self) -> None:
         """Say GoAway and close the session."""
@@ -171,6 +199,7 @@ class ClientConnection:
         self.closed = True
         self.ready = False
         self._cancel_timer()
+        self.retire_idle()
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             cancel(waiter.timer)
@@ -207,6 +236,8 @@ class TunnelServer:
         tunnel_timeout: float = 10.0,
         probe_timeout: float = 5.0,
         max_pending_tunnels: int = 1024,
+        max_idle_streams: int = 64,
+        stream_idle_timeout: float = 1.5,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -216,6 +247,9 @@ class TunnelServer:
         self.tunnel_timeout = tunnel_timeout
         self.probe_timeout = probe_timeout
         self.max_pending_tunnels = max_pending_tunnels
+        #: streams kept between HTTP requests, per client and local port (0: none)
+        self.max_idle_streams = max_idle_streams
+        self.stream_idle_timeout = stream_idle_timeout
         self.vhosts = VirtualHosts()
         self.addrs = VirtualAddrs()
         self._clients: dict[str, ClientConnection] = {}
@@ -365,6 +399,20 @@ class TunnelServer:
             protocol, port, self.tunnel_timeout if timeout is None else timeout
         )
 
+    def reuse_stream(self, identifier: str, port: int) -> OriginLeg | None:
+        """A stream to ``identifier``'s local ``port`` kept from an earlier HTTP
+        request (see ``pool``), or None: then ask for one with ``open_tunnel``."""
+        connection = self._clients.get(identifier)
+        return connection.reuse(port) if connection is not None else None
+
+    def keep_stream(self, identifier: str, port: int, leg: OriginLeg) -> bool:
+        """Keep ``leg`` (its response complete, its framing exact) for the next
+        request; False if it may not be kept: then close it."""
+        connection = self._clients.get(identifier)
+        if connection is None or connection.session is not leg.transport.session:
+            return False
+        return connection.keep(port, leg)
+
     # -- shutdown ----------------------------------------------------------------
 
     def stop(self, grace: float = 10.0) -> Deferred:
@@ -378,6 +426,7 @@ class TunnelServer:
         closed = [c.session.when_closed() for c in connections]
         timer = self.clock.callLater(grace, lambda: [c.close() for c in connections])
         for c in connections:
+            c.retire_idle()
             c.session.go_away()
             # the control stream stays open until the session closes
             c.session.when_idle(1 if c.control is not None else 0).addCallback(
