@@ -183,6 +183,18 @@ def test_server_tcp_alone_is_enough_and_bad_ports_are_usage_errors():
             server_options("--tcp", bad)
 
 
+def test_server_stream_keeping_options_reach_the_server():
+    service = server_tap.makeService(
+        server_options(
+            "--vhost", "app.test=id", "--idle-streams", "0", "--stream-idle-timeout", "0.25"
+        )
+    )
+    assert (service.server.max_idle_streams, service.server.stream_idle_timeout) == (0, 0.25)
+    for flag, bad in (("--idle-streams", "-1"), ("--stream-idle-timeout", "0")):
+        with pytest.raises(usage.UsageError, match=flag):
+            server_options("--vhost", "app.test=id", flag, bad)
+
+
 # -- 2b. tunnel-client options ----------------------------------------------------
 
 
@@ -410,10 +422,12 @@ SERVER_HELP = {
     "body-min-rate": ("BYTES", "500"),
     "body-timeout": ("Seconds", "20.0"),
     "head-timeout": ("Seconds", "30.0"),
+    "idle-streams": ("COUNT", "64"),
     "idle-timeout": ("Seconds", "60.0"),
     "listen": ("ENDPOINT", "tcp:80:backlog=1024"),
     "max-body": ("BYTES", "unlimited"),
     "shutdown-grace": ("Seconds", "10.0"),
+    "stream-idle-timeout": ("Seconds", "1.5"),
     "tcp": ("PORT=IDENTIFIER", None),
     "tcp-interface": ("ADDRESS", "0.0.0.0"),
     "tunnel-timeout": ("Seconds", "10.0"),
@@ -524,6 +538,8 @@ def test_help_defaults_are_the_defaults(no_env_identifier):
     server = server_options("--vhost", "app.test=id")
     assert server["listen"] == [SERVER_HELP["listen"][1]]
     for name in ("head-timeout", "idle-timeout", "body-timeout", "body-min-rate"):
+        assert str(server[name]) == SERVER_HELP[name][1]
+    for name in ("idle-streams", "stream-idle-timeout"):
         assert str(server[name]) == SERVER_HELP[name][1]
     for name in ("shutdown-grace", "tcp-interface"):
         assert str(server[name]) == SERVER_HELP[name][1]

@@ -199,9 +199,12 @@ class Forward:
             self.origin_failed(str(e))
             return
         if self._keep:
-            # only now: bytes after the response in this same piece must be seen first
+            # only now: bytes after the response in this same piece must be seen
+            # first; and before the public request finishes, so that a request
+            # pipelined behind it finds the stream kept
             self._keep = False
             self._settle(keep=not self.reader.overrun)
+            self.request.finish()
 
     def origin_eof(self) -> None:
         if self.phase not in (Phase.HEAD, Phase.BODY):
@@ -362,11 +365,11 @@ class Forward:
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
-        request.finish()
         if self._persistent and self._body_written:
             self._keep = True  # origin_data settles it once the reader returns
-        else:
-            self._end_stream(abort=not self._body_written)
+            return
+        request.finish()
+        self._end_stream(abort=not self._body_written)
 
     def _settle(self, *, keep: bool) -> None:
         """The exchange is over: leave the stream for the next request, or close it."""

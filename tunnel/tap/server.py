@@ -46,6 +46,22 @@ class Options(usage.Options):
             "Seconds open requests get to finish at shutdown.",
             float,
         ],
+        [
+            "idle-streams",
+            None,
+            64,
+            "COUNT: the streams kept open between HTTP requests, per client and"
+            " local port (keep-alive over the tunnel; 0: a new stream per request).",
+            int,
+        ],
+        [
+            "stream-idle-timeout",
+            None,
+            1.5,
+            "Seconds a kept stream may wait for the next request"
+            " (less than the local servers' own idle timeout).",
+            float,
+        ],
         ["tcp-interface", None, "0.0.0.0", "ADDRESS: the interface the --tcp ports listen on."],
         ["head-timeout", None, 30.0, "Seconds a public client has to send a request head.", float],
         ["idle-timeout", None, 60.0, "Seconds an idle public connection is kept open.", float],
@@ -111,6 +127,10 @@ class Options(usage.Options):
         self["tcp"][int(port)] = identifier
 
     def postOptions(self) -> None:
+        if self["idle-streams"] < 0:
+            raise usage.UsageError("--idle-streams must be 0 or more")
+        if self["stream-idle-timeout"] <= 0:
+            raise usage.UsageError("--stream-idle-timeout must be more than 0")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if not self["vhosts"] and not self["tcp"]:
@@ -124,7 +144,11 @@ def makeService(options: Options) -> service.IService:
 
     from ..server import TunnelResource, TunnelServer, TunnelServerService, TunnelSite
 
-    server = TunnelServer(tunnel_timeout=options["tunnel-timeout"])
+    server = TunnelServer(
+        tunnel_timeout=options["tunnel-timeout"],
+        max_idle_streams=options["idle-streams"],
+        stream_idle_timeout=options["stream-idle-timeout"],
+    )
     for host, identifier in options["vhosts"].items():
         server.add_host(host, identifier)
     top = TunnelServerService(server, options["shutdown-grace"])
