@@ -682,9 +682,8 @@ def stream_window(tree: str) -> int:
     """``YamuxConfig().max_stream_window`` as the measured tree has it."""
     code = "from tunnel.yamux.config import YamuxConfig; print(YamuxConfig().max_stream_window)"
     env = dict(os.environ, PYTHONPATH=tree)
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30
-    )
+    argv = [sys.executable, "-c", code]  # -c: the working directory comes first on sys.path
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tree, timeout=30)
     if done.returncode != 0:
         raise BenchFailed(f"cannot read YamuxConfig from {tree}: {done.stderr[-2000:]}")
     return int(done.stdout.split()[-1])

@@ -344,7 +344,7 @@ class Children:
         with open(out, "wb") as f:
             proc = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=self.tree,  # python -c puts its working directory first on sys.path
                 env=_child_env(self.tree) if env is None else env,
                 stdin=subprocess.DEVNULL,
                 stdout=f,
