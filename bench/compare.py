@@ -73,7 +73,8 @@ Run it from the repository root::
 
 ``--quick``: 1 round, 1 s cases, a 16 MiB download, 100 idle tunnels, a
 256 MiB stalled download, no warm-up.  ``--only go|ours`` measures one pair.
-``--json FILE`` writes every raw figure.  A default run takes about 3 minutes.
+``--json FILE`` writes every raw figure.  A default run takes about 2 minutes
+(3 with ``--mixed``).
 
 A wrk run with socket errors or non-2xx answers, a short or failed download,
 a stalled request not answered 200 or a server that does not recover fails
