@@ -127,12 +127,26 @@ class Framing(enum.Enum):
     EOF = "eof"  # the end of the stream
 
 
+#: the response fields the reader itself looks at, gathered as they are parsed
+_NOTED = frozenset((b"connection", b"transfer-encoding", b"content-length"))
+
+
 class ResponseHead:
     """A status line and header fields that llhttp accepted."""
 
-    __slots__ = ("code", "phrase", "headers", "raw", "framing", "persistent")
+    __slots__ = ("code", "phrase", "headers", "raw", "framing", "persistent", "_lower", "_noted")
 
-    def __init__(self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], raw: bytes):
+    def __init__(
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        raw: bytes,
+        lower: list[bytes] | None = None,
+        noted: dict[bytes, list[bytes]] | None = None,
+    ):
+        """:param lower: each field's name in lower case, in order (computed if None).
+        :param noted: the values of the ``_NOTED`` fields by lower-case name."""
         self.code = code
         self.phrase = phrase
         self.headers = headers
@@ -141,14 +155,27 @@ class ResponseHead:
         #: the connection may carry another request after this response
         #: (HTTP/1.1, no ``Connection: close``, a body that does not end with it)
         self.persistent = False
+        if lower is None:
+            lower = [name.lower() for name, _ in headers]
+        if noted is None:
+            noted = {}
+            for (_, value), name in zip(headers, lower, strict=True):
+                if name in _NOTED:
+                    noted.setdefault(name, []).append(value)
+        self._lower = lower
+        self._noted = noted
 
     def get(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if n.lower() == name]
+        """The values of field ``name`` (lower case), in order."""
+        if name in _NOTED:
+            return self._noted.get(name, [])
+        return [v for (_, v), low in zip(self.headers, self._lower, strict=True) if low == name]
 
     def end_to_end(self) -> list[tuple[bytes, bytes]]:
         """The fields a proxy passes on: minus hop-by-hop and those Connection names."""
-        skip = HOP_BY_HOP | connection_tokens(self.get(b"connection"))
-        return [(n, v) for n, v in self.headers if n.lower() not in skip]
+        connection = self._noted.get(b"connection")
+        skip = HOP_BY_HOP | connection_tokens(connection) if connection else HOP_BY_HOP
+        return [f for f, low in zip(self.headers, self._lower, strict=True) if low not in skip]
 
 
 class ResponseSink(Protocol):
@@ -173,6 +200,8 @@ class _HeadCallbacks:
     def __init__(self) -> None:
         self.status = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.lower: list[bytes] = []
+        self.noted: dict[bytes, list[bytes]] = {}
         self.headers_done = False
         self.message_done = False
 
@@ -181,6 +210,14 @@ class _HeadCallbacks:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        low = name.lower()
+        self.lower.append(low)
+        if low in _NOTED:
+            noted = self.noted.get(low)
+            if noted is None:
+                self.noted[low] = [value]
+            else:
+                noted.append(value)
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
@@ -226,7 +263,11 @@ class ResponseReader:
         self.sink = sink
         self.head_request = head_request
         self.phase = ReadPhase.HEAD
-        self._scanner = HeadScanner(max_head, bare_lf=True, max_line=max_line)
+        self.max_head = max_head
+        self.max_line = max_line
+        #: made when a head does not come whole in one piece (see _heads)
+        self._scanner: HeadScanner | None = None
+        self._spent = 0  # bytes of the heads read without it
         self._parser = None
         self._callbacks: _BodyCallbacks | None = None
         self._framing = Framing.EOF
@@ -253,8 +294,22 @@ class ResponseReader:
     def _heads(self, data: bytes) -> None:
         end = 0
         while self.phase is ReadPhase.HEAD:
+            scanner = self._scanner
+            if scanner is None:
+                # the common case, without a scanner: a whole head, shorter than
+                # any bound, ends with CRLFCRLF (and no bare LF line ends it first)
+                quick = min(self.max_head - self._spent, self.max_line)
+                cut = data.find(b"\r\n\r\n", end, end + quick)
+                if cut >= 0 and data.find(b"\n\n", end, cut) < 0:
+                    start, end = end, cut + 4
+                    self._spent += end - start
+                    self._head(data[start:end], data[end:])
+                    continue
+                scanner = self._scanner = HeadScanner(
+                    self.max_head - self._spent, bare_lf=True, max_line=self.max_line
+                )
             try:
-                found = self._scanner.feed(data, end)
+                found = scanner.feed(data, end)
             except HeadTooLarge as e:
                 self.phase = ReadPhase.DONE
                 raise OriginResponseError(
@@ -287,7 +342,9 @@ class ResponseReader:
             self.phase = ReadPhase.DONE
             raise OriginResponseError("malformed response head: control character in the reason")
         code = parser.get_status_code()
-        head = ResponseHead(code, callbacks.status, callbacks.headers, raw)
+        head = ResponseHead(
+            code, callbacks.status, callbacks.headers, raw, callbacks.lower, callbacks.noted
+        )
         if code == 101:
             self.phase = ReadPhase.DONE
             head.framing = Framing.NONE
@@ -301,10 +358,11 @@ class ResponseReader:
             self.sink.interim(head)
             return  # the next head follows, in the same scanner (one bound for all)
         head.framing = self._framing = self._framing_of(head)
+        connection = callbacks.noted.get(b"connection")
         head.persistent = (
             head.framing is not Framing.EOF
             and parser.get_http_version() == "1.1"
-            and b"close" not in connection_tokens(head.get(b"connection"))
+            and (connection is None or b"close" not in connection_tokens(connection))
         )
         self.phase = ReadPhase.BODY
         self.sink.final(head)
@@ -323,8 +381,9 @@ class ResponseReader:
     def _framing_of(self, head: ResponseHead) -> Framing:
         if self.head_request or head.code in (204, 304):
             return Framing.NONE
-        codings = connection_tokens(head.get(b"transfer-encoding"))
-        if codings:
+        coding = head.get(b"transfer-encoding")
+        if coding:
+            codings = connection_tokens(coding)
             # llhttp refused Content-Length beside it.  We relay the body
             # de-chunked and re-chunked, so any other coding would reach the
             # public client unlabelled (Go's client refuses them too)
