@@ -118,6 +118,47 @@ class YamuxSession(Protocol):
 
     log = Logger()
 
+    # one session per tunnel, most of them idle: no instance dict for these
+    # (``transport`` and ``connected`` are BaseProtocol's)
+    __slots__ = (
+        "transport",
+        "connected",
+        "clock",
+        "_late_frames_log",
+        "config",
+        "is_client",
+        "_next_id",
+        "_last_remote_id",
+        "_streams",
+        "_handler",
+        "_backlog",
+        "_unacked",
+        "_open_waiters",
+        "_release_call",
+        "_parser",
+        "_quiet",
+        "_heard_peer",
+        "_write_paused",
+        "_ready",
+        "_draining",
+        "_control_backlog",
+        "_max_frame",
+        "_window_delta",
+        "local_go_away",
+        "remote_go_away",
+        "_closing",
+        "_closed",
+        "_close_reason",
+        "_close_timer",
+        "_closed_event",
+        "_idle_events",
+        "_ping_id",
+        "_pings",
+        "_keepalive_timer",
+        "_peer_address",
+        "host_address",
+    )
+
     def __init__(
         self,
         is_client: bool,
@@ -129,10 +170,13 @@ class YamuxSession(Protocol):
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # noqa: PLC0415
+        self.transport: Any = None
+        self.connected = 0
         self.clock = clock
         #: frames for streams already gone are routine after a reset, one per
         #: reset: a peer resetting streams on purpose must not fill the log
-        self._late_frames_log = RateLimitedLog(self.log, clock=clock)
+        #: (a RateLimitedLog, made when the first such frame comes)
+        self._late_frames_log: RateLimitedLog | None = None
         self.config = config or YamuxConfig()
         self.is_client = is_client
         self._next_id = 1 if is_client else 2
@@ -140,9 +184,11 @@ class YamuxSession(Protocol):
         self._streams: dict[int, YamuxStream] = {}
         self._handler = on_stream
         self._backlog: list[YamuxStream] = []
-        #: ids of our streams whose SYN awaits an ACK (bounded by max_pending_opens)
-        self._unacked: set[int] = set()
-        self._open_waiters: deque[Deferred] = deque()
+        #: ids of our streams whose SYN awaits an ACK (bounded by
+        #: max_pending_opens); a dict, as an empty one holds no table
+        self._unacked: dict[int, None] = {}
+        #: request_stream() calls waiting for a slot (a deque once needed)
+        self._open_waiters: deque[Deferred] | None = None
         self._release_call: Any = None
         self._parser = FrameParser(self)
         self._quiet = quiet_until_peer_speaks
@@ -168,7 +214,7 @@ class YamuxSession(Protocol):
         self._ping_id = 0
         self._pings: dict[int, tuple[Deferred, float, Any]] = {}
         self._keepalive_timer: Any = None
-        self.peer_address: Any = None
+        self._peer_address: Any = None
         self.host_address: Any = None
 
     def __repr__(self) -> str:
@@ -176,6 +222,14 @@ class YamuxSession(Protocol):
         return f"<YamuxSession {role} streams={len(self._streams)}>"
 
     # -- public API ----------------------------------------------------------
+
+    @property
+    def peer_address(self) -> Any:
+        """The transport's peer (asked for at first use, then kept)."""
+        address = self._peer_address
+        if address is None and self.transport is not None:
+            address = self._peer_address = self.transport.getPeer()
+        return address
 
     @property
     def streams(self) -> dict[int, YamuxStream]:
@@ -209,7 +263,7 @@ class YamuxSession(Protocol):
         self._next_id = sid + 2
         stream = YamuxStream(self, sid, outbound=True)
         self._streams[sid] = stream
-        self._unacked.add(sid)
+        self._unacked[sid] = None
         self.send_window_update(sid, FLAG_SYN, self._window_delta)
         return stream
 
@@ -229,8 +283,11 @@ class YamuxSession(Protocol):
         refusal = self._cannot_open()
         if refusal is not None:
             return fail(refusal)
-        d: Deferred = Deferred(self._open_waiters.remove)
-        self._open_waiters.append(d)
+        waiters = self._open_waiters
+        if waiters is None:
+            waiters = self._open_waiters = deque()
+        d: Deferred = Deferred(waiters.remove)
+        waiters.append(d)
         return d
 
     def _cannot_open(self) -> YamuxError | None:
@@ -257,8 +314,8 @@ class YamuxSession(Protocol):
         self._release_open_waiters()
 
     def _fail_open_waiters(self, error: Exception) -> None:
-        waiters, self._open_waiters = self._open_waiters, deque()
-        for d in waiters:
+        waiters, self._open_waiters = self._open_waiters, None
+        for d in waiters or ():
             d.errback(Failure(error))
 
     def set_stream_handler(self, handler: StreamHandler | None) -> None:
@@ -369,7 +426,6 @@ class YamuxSession(Protocol):
         set_no_delay = getattr(transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        self.peer_address = transport.getPeer()
         self.host_address = transport.getHost()
         transport.registerProducer(self, True)
         if not self._quiet:
@@ -475,6 +531,8 @@ class YamuxSession(Protocol):
         else:
             stream = self._streams.get(sid)
             if stream is None:
+                if self._late_frames_log is None:
+                    self._late_frames_log = RateLimitedLog(self.log, clock=self.clock)
                 self._late_frames_log.emit(
                     LogLevel.debug,
                     "unknown-stream",
@@ -540,7 +598,7 @@ class YamuxSession(Protocol):
         if stream.id not in self._unacked:
             self.log.warn("unexpected ACK on stream {sid}", sid=stream.id)
             return
-        self._unacked.discard(stream.id)
+        del self._unacked[stream.id]
         stream.ack_received()
         if self._open_waiters:
             self._release_open_waiters()
@@ -673,7 +731,7 @@ class YamuxSession(Protocol):
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
             if stream.id in self._unacked:
-                self._unacked.discard(stream.id)
+                del self._unacked[stream.id]
                 if self._open_waiters and self._release_call is None:
                     self._release_call = self.clock.callLater(0, self._release_later)
             if self._idle_events:

@@ -185,6 +185,35 @@ class YamuxStream:
 
     log = Logger()
 
+    # many streams live at once (one per tunnel request, one control stream
+    # per idle tunnel): no instance dict
+    __slots__ = (
+        "session",
+        "id",
+        "outbound",
+        "protocol",
+        "_phase",
+        "_reason",
+        "_awaiting_ack",
+        "_closing",
+        "_send_window",
+        "_send_buf",
+        "_send_buffered",
+        "_high_water",
+        "_producer",
+        "_producer_paused",
+        "_max_window",
+        "_half_window",
+        "_recv_window",
+        "_recv_buf",
+        "_recv_buffered",
+        "_paused",
+        "_delivering",
+        "_late_reason",
+        "_notified",
+        "_timer",
+    )
+
     def __init__(self, session: YamuxSession, stream_id: int, *, outbound: bool) -> None:
         config = session.config
         self.session = session
@@ -197,7 +226,8 @@ class YamuxStream:
         self._closing: Closing | None = None
         # sending
         self._send_window = INITIAL_WINDOW
-        self._send_buf: deque[bytes] = deque()
+        #: what waits for window or for the socket; a deque once needed
+        self._send_buf: deque[bytes] | None = None
         self._send_buffered = 0
         self._high_water = config.write_buffer_size
         self._producer: Any = None
@@ -206,7 +236,8 @@ class YamuxStream:
         self._max_window = config.max_stream_window
         self._half_window = config.max_stream_window // 2
         self._recv_window = config.max_stream_window
-        self._recv_buf: deque[bytes] = deque()
+        #: what arrived while the protocol could not take it; a deque once needed
+        self._recv_buf: deque[bytes] | None = None
         self._recv_buffered = 0
         self._paused = False
         self._delivering = False
@@ -289,7 +320,10 @@ class YamuxStream:
             data = self._send_now(data)
             if not data:
                 return
-        self._send_buf.append(data)
+        buf = self._send_buf
+        if buf is None:
+            buf = self._send_buf = deque()
+        buf.append(data)
         self._send_buffered += len(data)
         if self._send_window > 0:
             self.session.schedule_send(self)
@@ -410,7 +444,10 @@ class YamuxStream:
                 self._maybe_grant()
             return  # else over
         if self._paused or self.protocol is None or self._recv_buf or self._delivering:
-            self._recv_buf.append(data)
+            buf = self._recv_buf
+            if buf is None:
+                buf = self._recv_buf = deque()
+            buf.append(data)
             self._recv_buffered += n
             return
         self._delivering = True
@@ -620,11 +657,18 @@ class YamuxStream:
             return
         self._move(_Event.DETACHED)
         self._notify(None)
-        self._recv_buf.clear()
-        self._recv_buffered = 0
+        self._drop_received()
         self._maybe_grant()
         if not self._awaiting_ack:  # else the ACK starts it
             self._start_close_timer()
+
+    def _drop_received(self) -> None:
+        """Forget what was received and not delivered (a delivery loop stops too)."""
+        buf = self._recv_buf
+        if buf is not None:
+            buf.clear()
+            self._recv_buf = None
+        self._recv_buffered = 0
 
     def _start_close_timer(self) -> None:
         timeout = self.session.config.stream_close_timeout
@@ -663,10 +707,9 @@ class YamuxStream:
         self._phase = Phase.RESET if reset else Phase.CLOSED
         self._reason = reason
         self._cancel_timer()
-        self._send_buf.clear()
+        self._send_buf = None
         self._send_buffered = 0
-        self._recv_buf.clear()
-        self._recv_buffered = 0
+        self._drop_received()
         self.session.stream_ended(self)
         producer, self._producer = self._producer, None
         if producer is not None:
