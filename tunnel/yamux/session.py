@@ -32,7 +32,12 @@ The session calls on a stream (frame events, already routed by stream id):
 - ``check_fin()`` at the header (a second FIN is a protocol error), then
   ``fin_received()`` after the frame's payload; ``reset_received()``: RST;
 - ``session_lost(reason)``: the connection ended under the stream;
-- ``send_frame(budget)``: the stream's round-robin turn to send one frame.
+- ``send_frame(budget)``: the stream's round-robin turn to send one frame;
+- ``open_timed_out()``: our SYN got no ACK within ``stream_open_timeout``;
+  ``close_timed_out()``: no FIN came within ``stream_close_timeout`` of
+  ``expect_fin``.  The session keeps these deadlines for all its streams
+  on one DelayedCall per kind (``deadlines.Deadlines``), so a stream that
+  opens and closes in time arms no timer of its own.
 
 A stream calls on its session (what it needs from the connection):
 
@@ -42,6 +47,7 @@ A stream calls on its session (what it needs from the connection):
 - ``schedule_send(stream)``: queue the stream for the round-robin drain;
 - ``send_window_update(id, flags, delta)``: credit, FIN or RST (control
   frames are never queued behind data);
+- ``expect_fin(stream)``: our side is fully closed; wait for the peer's FIN;
 - ``stream_ended(stream)``: the stream is over; forget it.
 
 Frame routing, stream ids, accept/refuse, and the SYN/ACK frames stay with
@@ -67,6 +73,7 @@ from ..logs import RateLimitedLog
 from ..observe import OneShot
 from ..timers import cancel
 from .config import YamuxConfig
+from .deadlines import Deadlines
 from .errors import (
     DuplicateStream,
     InvalidStreamId,
@@ -133,6 +140,7 @@ class YamuxSession(Protocol):
         "_handler",
         "_backlog",
         "_unacked",
+        "_fin_deadlines",
         "_open_waiters",
         "_release_call",
         "_parser",
@@ -184,9 +192,12 @@ class YamuxSession(Protocol):
         self._streams: dict[int, YamuxStream] = {}
         self._handler = on_stream
         self._backlog: list[YamuxStream] = []
-        #: ids of our streams whose SYN awaits an ACK (bounded by
-        #: max_pending_opens); a dict, as an empty one holds no table
-        self._unacked: dict[int, None] = {}
+        #: our streams whose SYN awaits an ACK (bounded by max_pending_opens),
+        #: each reset if not ACKed within stream_open_timeout; made on first open
+        self._unacked: Deadlines | None = None
+        #: our streams fully closed, waiting for the peer's FIN up to
+        #: stream_close_timeout; made on first use
+        self._fin_deadlines: Deadlines | None = None
         #: request_stream() calls waiting for a slot (a deque once needed)
         self._open_waiters: deque[Deferred] | None = None
         self._release_call: Any = None
@@ -253,8 +264,13 @@ class YamuxSession(Protocol):
         refusal = self._cannot_open()
         if refusal is not None:
             raise refusal
-        if len(self._unacked) >= self.config.max_pending_opens:
-            raise TooManyStreams(f"{len(self._unacked)} opens already await an ACK")
+        unacked = self._unacked
+        if unacked is None:
+            unacked = self._unacked = Deadlines(
+                self.clock, self.config.stream_open_timeout, YamuxStream.open_timed_out
+            )
+        if len(unacked) >= self.config.max_pending_opens:
+            raise TooManyStreams(f"{len(unacked)} opens already await an ACK")
         if len(self._streams) >= self.config.max_streams:
             raise TooManyStreams(f"{len(self._streams)} streams are open")
         sid = self._next_id
@@ -263,7 +279,7 @@ class YamuxSession(Protocol):
         self._next_id = sid + 2
         stream = YamuxStream(self, sid, outbound=True)
         self._streams[sid] = stream
-        self._unacked[sid] = None
+        unacked.add(stream)
         self.send_window_update(sid, FLAG_SYN, self._window_delta)
         return stream
 
@@ -275,7 +291,7 @@ class YamuxSession(Protocol):
         session ends or the peer sends GoAway first.  Cancelling it withdraws
         the request.
         """
-        if not self._open_waiters and len(self._unacked) < self.config.max_pending_opens:
+        if not self._open_waiters and self._pending_opens() < self.config.max_pending_opens:
             try:
                 return succeed(self.open_stream())
             except Exception as e:
@@ -300,7 +316,7 @@ class YamuxSession(Protocol):
 
     def _release_open_waiters(self) -> None:
         waiters = self._open_waiters
-        while waiters and len(self._unacked) < self.config.max_pending_opens:
+        while waiters and self._pending_opens() < self.config.max_pending_opens:
             d = waiters.popleft()
             try:
                 stream = self.open_stream()
@@ -308,6 +324,10 @@ class YamuxSession(Protocol):
                 d.errback(e)
             else:
                 d.callback(stream)
+
+    def _pending_opens(self) -> int:
+        """How many of our SYNs await an ACK."""
+        return 0 if self._unacked is None else len(self._unacked)
 
     def _release_later(self) -> None:
         self._release_call = None
@@ -463,6 +483,9 @@ class YamuxSession(Protocol):
         self._streams.clear()
         self._backlog.clear()
         self._ready.clear()
+        for deadlines in (self._unacked, self._fin_deadlines):
+            if deadlines is not None:
+                deadlines.clear()
         self._check_idle()
         self._closed_event.fire(reason.value)
 
@@ -483,7 +506,8 @@ class YamuxSession(Protocol):
     # -- FrameReceiver -------------------------------------------------------
 
     def dataHeaderReceived(self, header: Header) -> Callable[[bytes], None] | None:
-        self._heard()
+        if not self._heard_peer:
+            self._heard()
         stream = self._process_flags(header)
         if stream is None:
             return None
@@ -494,7 +518,8 @@ class YamuxSession(Protocol):
             self._process_fin(header.stream_id)
 
     def controlFrameReceived(self, header: Header) -> None:
-        self._heard()
+        if not self._heard_peer:
+            self._heard()
         ftype = header.type
         if ftype == TYPE_WINDOW_UPDATE:
             self._window_update(header)
@@ -595,10 +620,10 @@ class YamuxSession(Protocol):
             stream.abortConnection()
 
     def _acked(self, stream: YamuxStream) -> None:
-        if stream.id not in self._unacked:
+        unacked = self._unacked
+        if unacked is None or not unacked.discard(stream):
             self.log.warn("unexpected ACK on stream {sid}", sid=stream.id)
             return
-        del self._unacked[stream.id]
         stream.ack_received()
         if self._open_waiters:
             self._release_open_waiters()
@@ -637,10 +662,10 @@ class YamuxSession(Protocol):
     # -- keepalive -----------------------------------------------------------
 
     def _heard(self) -> None:
-        if not self._heard_peer:
-            self._heard_peer = True
-            if self._quiet:
-                self._start_keepalive()
+        """The peer's first frame arrived."""
+        self._heard_peer = True
+        if self._quiet:
+            self._start_keepalive()
 
     def _start_keepalive(self) -> None:
         if self.config.enable_keepalive and self._keepalive_timer is None and not self._closing:
@@ -726,14 +751,28 @@ class YamuxSession(Protocol):
         if not self._write_paused:
             self._drain()
 
+    def expect_fin(self, stream: YamuxStream) -> None:
+        """``stream`` is fully closed by us: reset it unless the peer's FIN comes in time."""
+        timeout = self.config.stream_close_timeout
+        if timeout is None or self._closed is not None:
+            return
+        waiting = self._fin_deadlines
+        if waiting is None:
+            waiting = self._fin_deadlines = Deadlines(
+                self.clock, timeout, YamuxStream.close_timed_out
+            )
+        waiting.add(stream)
+
     def stream_ended(self, stream: YamuxStream) -> None:
         """``stream`` is over: forget it (its id is not reused)."""
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
-            if stream.id in self._unacked:
-                del self._unacked[stream.id]
+            unacked = self._unacked
+            if unacked is not None and unacked.discard(stream):
                 if self._open_waiters and self._release_call is None:
                     self._release_call = self.clock.callLater(0, self._release_later)
+            if self._fin_deadlines is not None:
+                self._fin_deadlines.discard(stream)
             if self._idle_events:
                 self._check_idle()
         self._ready.pop(stream, None)
