@@ -20,8 +20,10 @@ buffers, its lifecycle (``Phase``, see ``stream.py``) and its protocol.
 
 The session calls on a stream (frame events, already routed by stream id):
 
-- ``YamuxStream(session, id, outbound=...)``: a stream we open (its SYN goes
-  out next) or one the peer opened (ACKed at once);
+- ``YamuxStream(session, id, outbound=..., window=...)``: a stream we open
+  (its SYN goes out next) or one the peer opened (ACKed at once), with the
+  receive window the session chose (``max_stream_window`` within
+  ``receive_budget``), announced by the SYN/ACK delta;
 - ``data_header(length)``: a Data header arrived; the stream checks it
   against its receive window and returns the sink for the body
   (``data_received``) or None to skip it;
@@ -152,6 +154,7 @@ class YamuxSession(Protocol):
         "_control_backlog",
         "_max_frame",
         "_window_delta",
+        "_extra_window",
         "local_go_away",
         "remote_go_away",
         "_closing",
@@ -211,6 +214,8 @@ class YamuxSession(Protocol):
         self._control_backlog = 0
         self._max_frame = self.config.max_frame_size
         self._window_delta = self.config.max_stream_window - INITIAL_WINDOW
+        #: window beyond INITIAL_WINDOW granted to the open streams (receive_budget)
+        self._extra_window = 0
         # lifecycle
         self.local_go_away = False
         self.remote_go_away: int | None = None
@@ -277,10 +282,11 @@ class YamuxSession(Protocol):
         if sid >= MAX_STREAM_ID - 1:
             raise TooManyStreams("stream ids exhausted")
         self._next_id = sid + 2
-        stream = YamuxStream(self, sid, outbound=True)
+        delta = self._reserve_window()
+        stream = YamuxStream(self, sid, outbound=True, window=INITIAL_WINDOW + delta)
         self._streams[sid] = stream
         unacked.add(stream)
-        self.send_window_update(sid, FLAG_SYN, self._window_delta)
+        self.send_window_update(sid, FLAG_SYN, delta)
         return stream
 
     def request_stream(self) -> Deferred:
@@ -602,14 +608,25 @@ class YamuxSession(Protocol):
             self.send_window_update(sid, FLAG_RST)
             return None
         self._last_remote_id = sid
-        stream = YamuxStream(self, sid, outbound=False)
+        delta = self._reserve_window()
+        stream = YamuxStream(self, sid, outbound=False, window=INITIAL_WINDOW + delta)
         self._streams[sid] = stream
-        self.send_window_update(sid, FLAG_ACK, self._window_delta)
+        self.send_window_update(sid, FLAG_ACK, delta)
         if self._handler is not None:
             self._hand_over(self._handler, stream)
         else:
             self._backlog.append(stream)
         return stream if self._streams.get(sid) is stream else None
+
+    def _reserve_window(self) -> int:
+        """The window delta for a new stream: max_stream_window's extra, within receive_budget."""
+        delta = self._window_delta
+        if delta:
+            budget = self.config.receive_budget
+            if budget is not None and self._extra_window + delta > budget:
+                return 0
+            self._extra_window += delta
+        return delta
 
     def _hand_over(self, handler: StreamHandler, stream: YamuxStream) -> None:
         """Give a new stream to the application; its failure costs that stream only."""
@@ -767,6 +784,7 @@ class YamuxSession(Protocol):
         """``stream`` is over: forget it (its id is not reused)."""
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
+            self._extra_window -= stream.window_size - INITIAL_WINDOW
             unacked = self._unacked
             if unacked is not None and unacked.discard(stream):
                 if self._open_waiters and self._release_call is None:

@@ -218,7 +218,14 @@ class YamuxStream:
         "_notified",
     )
 
-    def __init__(self, session: YamuxSession, stream_id: int, *, outbound: bool) -> None:
+    def __init__(
+        self,
+        session: YamuxSession,
+        stream_id: int,
+        *,
+        outbound: bool,
+        window: int = INITIAL_WINDOW,
+    ) -> None:
         config = session.config
         self.session = session
         self.id = stream_id
@@ -237,9 +244,9 @@ class YamuxStream:
         self._producer: Any = None
         self._producer_paused = False
         # receiving
-        self._max_window = config.max_stream_window
-        self._half_window = config.max_stream_window // 2
-        self._recv_window = config.max_stream_window
+        self._max_window = window
+        self._half_window = window // 2
+        self._recv_window = window
         #: what arrived while the protocol could not take it; a deque once needed
         self._recv_buf: deque[bytes] | None = None
         self._recv_buffered = 0
@@ -292,6 +299,11 @@ class YamuxStream:
     def receive_window(self) -> int:
         """Bytes the peer may still send before we grant more credit."""
         return self._recv_window
+
+    @property
+    def window_size(self) -> int:
+        """The receive window we grant this stream (the session chose it)."""
+        return self._max_window
 
     @property
     def buffered(self) -> tuple[int, int]:
