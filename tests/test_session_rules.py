@@ -1354,3 +1354,41 @@ def test_paused_transport_queues_data_but_not_control_frames():
     w.session.resumeProducing()
     assert heads(w.sent()) == [(DATA, 0, 1, 4)]
     finish(w)
+
+
+def test_receive_budget_bounds_the_extra_window_of_a_session():
+    """Streams get max_stream_window while the budget lasts, then the initial
+    window (delta 0); a stream that ends gives its extra back."""
+    w = make(is_client=True, max_stream_window=MIB, receive_budget=2 * (MIB - INITIAL_WINDOW))
+    delta = MIB - INITIAL_WINDOW
+    a, b, c = (w.session.open_stream() for _ in range(3))
+    w.feed(wu(FLAG_SYN, 2))
+    assert heads(w.sent()) == [
+        (WU, FLAG_SYN, 1, delta),
+        (WU, FLAG_SYN, 3, delta),
+        (WU, FLAG_SYN, 5, 0),
+        (WU, FLAG_ACK, 2, 0),
+    ]
+    assert [s.receive_window for s in (a, b, c)] == [MIB, MIB, INITIAL_WINDOW]
+    assert w.session.streams[2].receive_window == INITIAL_WINDOW
+    # the small stream holds the peer to its window
+    w.feed(frame(DATA, 0, 5, INITIAL_WINDOW + 1))
+    assert_protocol_error(w, WindowExceeded)
+
+
+def test_receive_budget_is_given_back_when_a_stream_ends():
+    w = make(is_client=True, max_stream_window=MIB, receive_budget=MIB - INITIAL_WINDOW)
+    delta = MIB - INITIAL_WINDOW
+    a = w.session.open_stream()
+    b = w.session.open_stream()
+    assert [a.window_size, b.window_size] == [MIB, INITIAL_WINDOW]
+    a.abortConnection()
+    c = w.session.open_stream()
+    assert c.window_size == MIB
+    assert heads(w.sent()) == [
+        (WU, FLAG_SYN, 1, delta),
+        (WU, FLAG_SYN, 3, 0),
+        (WU, FLAG_RST, 1, 0),
+        (WU, FLAG_SYN, 5, delta),
+    ]
+    finish(w)

@@ -47,6 +47,26 @@ class ControlProtocol(Protocol):
 
     log = Logger()
 
+    # one per tunnel, most of them idle (``transport`` and ``connected`` are
+    # BaseProtocol's)
+    __slots__ = (
+        "transport",
+        "connected",
+        "is_client",
+        "clock",
+        "on_message",
+        "timeout",
+        "ready",
+        "_expect",
+        "_buf",
+        "_decoder",
+        "_timer",
+        "_ready",
+        "_lost",
+        "_lost_reason",
+        "_error",
+    )
+
     def __init__(
         self,
         is_client: bool,
@@ -54,6 +74,8 @@ class ControlProtocol(Protocol):
         on_message: Callable[[ControlMessage], None] | None = None,
         timeout: float = 10.0,
     ) -> None:
+        self.transport = None
+        self.connected = 0
         self.is_client = is_client
         self.clock = clock
         self.on_message = on_message
@@ -61,7 +83,8 @@ class ControlProtocol(Protocol):
         self.ready = False
         self._expect = HANDSHAKE_RESPONSE if is_client else HANDSHAKE_REQUEST
         self._buf = b""
-        self._decoder = MessageDecoder()
+        #: made with the first message (the server side never receives any)
+        self._decoder: MessageDecoder | None = None
         self._timer = None
         self._ready = OneShot()
         self._lost = OneShot()
@@ -109,16 +132,19 @@ class ControlProtocol(Protocol):
             self._ready.fire(self)
             if not data or self.transport is None:
                 return
+        decoder = self._decoder
+        if decoder is None:
+            decoder = self._decoder = MessageDecoder()
         try:
-            messages = self._decoder.feed(data)
+            messages = decoder.feed(data)
         except ControlMessageError as e:
             self._fail(e)
             return
         for message in messages:
             if self.on_message is not None and self._error is None:
                 self.on_message(message)
-        if self._decoder.error is not None:
-            self._fail(self._decoder.error)
+        if decoder.error is not None:
+            self._fail(decoder.error)
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_timer()

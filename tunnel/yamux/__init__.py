@@ -1,6 +1,6 @@
 """hashicorp/yamux stream multiplexing for Twisted, byte-compatible with Go."""
 
-from .config import YamuxConfig
+from .config import LARGE_WINDOWS, YamuxConfig
 from .endpoints import StreamClientEndpoint, StreamServerEndpoint
 from .errors import (
     KeepAliveTimeout,
@@ -19,6 +19,7 @@ from .stream import Phase, StreamAddress, StreamState, YamuxStream
 
 __all__ = [
     "KeepAliveTimeout",
+    "LARGE_WINDOWS",
     "Phase",
     "PingTimeout",
     "ProtocolError",

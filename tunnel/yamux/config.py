@@ -1,4 +1,9 @@
-"""Tunables of a yamux session; the defaults match hashicorp/yamux."""
+"""Tunables of a yamux session; the defaults match hashicorp/yamux.
+
+``LARGE_WINDOWS`` is the variant for tunnel sessions: 1 MiB stream windows
+(a single download no longer waits for credit every 256 KiB on a fast link),
+with at most 16 MiB of extra window per session.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,14 @@ class YamuxConfig:
     #: seconds to wait for a ping reply before dropping the session.
     keepalive_timeout: float = 10.0
     #: receive window we grant per stream (>= 256 KiB; larger windows are
-    #: announced to the peer with the SYN/ACK delta).
+    #: announced to the peer with the SYN/ACK delta, which Go's sender honours;
+    #: Go's MaxStreamWindowSize).
     max_stream_window: int = INITIAL_WINDOW
+    #: window beyond the initial 256 KiB that the streams of one session may
+    #: hold together (None: no bound).  A stream opened while it is spent gets
+    #: the initial 256 KiB window, so what a session can be made to buffer is
+    #: at most 256 KiB per stream plus this.
+    receive_budget: int | None = None
     #: seconds to wait for the ACK of a stream we opened (None: forever).
     stream_open_timeout: float | None = 75.0
     #: seconds to wait for the peer's FIN after a full local close (None: forever).
@@ -53,6 +64,8 @@ class YamuxConfig:
                 f"max_stream_window must be within [{INITIAL_WINDOW}, {MAX_WINDOW}],"
                 f" got {self.max_stream_window}"
             )
+        if self.receive_budget is not None and self.receive_budget < 0:
+            raise ValueError("receive_budget must not be negative")
         for name in ("accept_backlog", "max_streams", "max_pending_opens", "max_pings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -62,3 +75,7 @@ class YamuxConfig:
             raise ValueError("write_buffer_size must be positive")
         if self.keepalive_interval <= 0 or self.keepalive_timeout <= 0:
             raise ValueError("keepalive_interval and keepalive_timeout must be positive")
+
+
+#: tunnel sessions: larger receive windows within a per-session budget
+LARGE_WINDOWS = YamuxConfig(max_stream_window=1024 * 1024, receive_budget=16 * 1024 * 1024)

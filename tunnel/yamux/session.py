@@ -20,8 +20,10 @@ buffers, its lifecycle (``Phase``, see ``stream.py``) and its protocol.
 
 The session calls on a stream (frame events, already routed by stream id):
 
-- ``YamuxStream(session, id, outbound=...)``: a stream we open (its SYN goes
-  out next) or one the peer opened (ACKed at once);
+- ``YamuxStream(session, id, outbound=..., window=...)``: a stream we open
+  (its SYN goes out next) or one the peer opened (ACKed at once), with the
+  receive window the session chose (``max_stream_window`` within
+  ``receive_budget``), announced by the SYN/ACK delta;
 - ``data_header(length)``: a Data header arrived; the stream checks it
   against its receive window and returns the sink for the body
   (``data_received``) or None to skip it;
@@ -32,7 +34,12 @@ The session calls on a stream (frame events, already routed by stream id):
 - ``check_fin()`` at the header (a second FIN is a protocol error), then
   ``fin_received()`` after the frame's payload; ``reset_received()``: RST;
 - ``session_lost(reason)``: the connection ended under the stream;
-- ``send_frame(budget)``: the stream's round-robin turn to send one frame.
+- ``send_frame(budget)``: the stream's round-robin turn to send one frame;
+- ``open_timed_out()``: our SYN got no ACK within ``stream_open_timeout``;
+  ``close_timed_out()``: no FIN came within ``stream_close_timeout`` of
+  ``expect_fin``.  The session keeps these deadlines for all its streams
+  on one DelayedCall per kind (``deadlines.Deadlines``), so a stream that
+  opens and closes in time arms no timer of its own.
 
 A stream calls on its session (what it needs from the connection):
 
@@ -42,6 +49,7 @@ A stream calls on its session (what it needs from the connection):
 - ``schedule_send(stream)``: queue the stream for the round-robin drain;
 - ``send_window_update(id, flags, delta)``: credit, FIN or RST (control
   frames are never queued behind data);
+- ``expect_fin(stream)``: our side is fully closed; wait for the peer's FIN;
 - ``stream_ended(stream)``: the stream is over; forget it.
 
 Frame routing, stream ids, accept/refuse, and the SYN/ACK frames stay with
@@ -67,6 +75,7 @@ from ..logs import RateLimitedLog
 from ..observe import OneShot
 from ..timers import cancel
 from .config import YamuxConfig
+from .deadlines import Deadlines
 from .errors import (
     DuplicateStream,
     InvalidStreamId,
@@ -118,6 +127,49 @@ class YamuxSession(Protocol):
 
     log = Logger()
 
+    # one session per tunnel, most of them idle: no instance dict for these
+    # (``transport`` and ``connected`` are BaseProtocol's)
+    __slots__ = (
+        "transport",
+        "connected",
+        "clock",
+        "_late_frames_log",
+        "config",
+        "is_client",
+        "_next_id",
+        "_last_remote_id",
+        "_streams",
+        "_handler",
+        "_backlog",
+        "_unacked",
+        "_fin_deadlines",
+        "_open_waiters",
+        "_release_call",
+        "_parser",
+        "_quiet",
+        "_heard_peer",
+        "_write_paused",
+        "_ready",
+        "_draining",
+        "_control_backlog",
+        "_max_frame",
+        "_window_delta",
+        "_extra_window",
+        "local_go_away",
+        "remote_go_away",
+        "_closing",
+        "_closed",
+        "_close_reason",
+        "_close_timer",
+        "_closed_event",
+        "_idle_events",
+        "_ping_id",
+        "_pings",
+        "_keepalive_timer",
+        "_peer_address",
+        "host_address",
+    )
+
     def __init__(
         self,
         is_client: bool,
@@ -129,10 +181,13 @@ class YamuxSession(Protocol):
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # noqa: PLC0415
+        self.transport: Any = None
+        self.connected = 0
         self.clock = clock
         #: frames for streams already gone are routine after a reset, one per
         #: reset: a peer resetting streams on purpose must not fill the log
-        self._late_frames_log = RateLimitedLog(self.log, clock=clock)
+        #: (a RateLimitedLog, made when the first such frame comes)
+        self._late_frames_log: RateLimitedLog | None = None
         self.config = config or YamuxConfig()
         self.is_client = is_client
         self._next_id = 1 if is_client else 2
@@ -140,9 +195,14 @@ class YamuxSession(Protocol):
         self._streams: dict[int, YamuxStream] = {}
         self._handler = on_stream
         self._backlog: list[YamuxStream] = []
-        #: ids of our streams whose SYN awaits an ACK (bounded by max_pending_opens)
-        self._unacked: set[int] = set()
-        self._open_waiters: deque[Deferred] = deque()
+        #: our streams whose SYN awaits an ACK (bounded by max_pending_opens),
+        #: each reset if not ACKed within stream_open_timeout; made on first open
+        self._unacked: Deadlines | None = None
+        #: our streams fully closed, waiting for the peer's FIN up to
+        #: stream_close_timeout; made on first use
+        self._fin_deadlines: Deadlines | None = None
+        #: request_stream() calls waiting for a slot (a deque once needed)
+        self._open_waiters: deque[Deferred] | None = None
         self._release_call: Any = None
         self._parser = FrameParser(self)
         self._quiet = quiet_until_peer_speaks
@@ -154,6 +214,8 @@ class YamuxSession(Protocol):
         self._control_backlog = 0
         self._max_frame = self.config.max_frame_size
         self._window_delta = self.config.max_stream_window - INITIAL_WINDOW
+        #: window beyond INITIAL_WINDOW granted to the open streams (receive_budget)
+        self._extra_window = 0
         # lifecycle
         self.local_go_away = False
         self.remote_go_away: int | None = None
@@ -168,7 +230,7 @@ class YamuxSession(Protocol):
         self._ping_id = 0
         self._pings: dict[int, tuple[Deferred, float, Any]] = {}
         self._keepalive_timer: Any = None
-        self.peer_address: Any = None
+        self._peer_address: Any = None
         self.host_address: Any = None
 
     def __repr__(self) -> str:
@@ -176,6 +238,14 @@ class YamuxSession(Protocol):
         return f"<YamuxSession {role} streams={len(self._streams)}>"
 
     # -- public API ----------------------------------------------------------
+
+    @property
+    def peer_address(self) -> Any:
+        """The transport's peer (asked for at first use, then kept)."""
+        address = self._peer_address
+        if address is None and self.transport is not None:
+            address = self._peer_address = self.transport.getPeer()
+        return address
 
     @property
     def streams(self) -> dict[int, YamuxStream]:
@@ -199,18 +269,24 @@ class YamuxSession(Protocol):
         refusal = self._cannot_open()
         if refusal is not None:
             raise refusal
-        if len(self._unacked) >= self.config.max_pending_opens:
-            raise TooManyStreams(f"{len(self._unacked)} opens already await an ACK")
+        unacked = self._unacked
+        if unacked is None:
+            unacked = self._unacked = Deadlines(
+                self.clock, self.config.stream_open_timeout, YamuxStream.open_timed_out
+            )
+        if len(unacked) >= self.config.max_pending_opens:
+            raise TooManyStreams(f"{len(unacked)} opens already await an ACK")
         if len(self._streams) >= self.config.max_streams:
             raise TooManyStreams(f"{len(self._streams)} streams are open")
         sid = self._next_id
         if sid >= MAX_STREAM_ID - 1:
             raise TooManyStreams("stream ids exhausted")
         self._next_id = sid + 2
-        stream = YamuxStream(self, sid, outbound=True)
+        delta = self._reserve_window()
+        stream = YamuxStream(self, sid, outbound=True, window=INITIAL_WINDOW + delta)
         self._streams[sid] = stream
-        self._unacked.add(sid)
-        self.send_window_update(sid, FLAG_SYN, self._window_delta)
+        unacked.add(stream)
+        self.send_window_update(sid, FLAG_SYN, delta)
         return stream
 
     def request_stream(self) -> Deferred:
@@ -221,7 +297,7 @@ class YamuxSession(Protocol):
         session ends or the peer sends GoAway first.  Cancelling it withdraws
         the request.
         """
-        if not self._open_waiters and len(self._unacked) < self.config.max_pending_opens:
+        if not self._open_waiters and self._pending_opens() < self.config.max_pending_opens:
             try:
                 return succeed(self.open_stream())
             except Exception as e:
@@ -229,8 +305,11 @@ class YamuxSession(Protocol):
         refusal = self._cannot_open()
         if refusal is not None:
             return fail(refusal)
-        d: Deferred = Deferred(self._open_waiters.remove)
-        self._open_waiters.append(d)
+        waiters = self._open_waiters
+        if waiters is None:
+            waiters = self._open_waiters = deque()
+        d: Deferred = Deferred(waiters.remove)
+        waiters.append(d)
         return d
 
     def _cannot_open(self) -> YamuxError | None:
@@ -243,7 +322,7 @@ class YamuxSession(Protocol):
 
     def _release_open_waiters(self) -> None:
         waiters = self._open_waiters
-        while waiters and len(self._unacked) < self.config.max_pending_opens:
+        while waiters and self._pending_opens() < self.config.max_pending_opens:
             d = waiters.popleft()
             try:
                 stream = self.open_stream()
@@ -252,13 +331,17 @@ class YamuxSession(Protocol):
             else:
                 d.callback(stream)
 
+    def _pending_opens(self) -> int:
+        """How many of our SYNs await an ACK."""
+        return 0 if self._unacked is None else len(self._unacked)
+
     def _release_later(self) -> None:
         self._release_call = None
         self._release_open_waiters()
 
     def _fail_open_waiters(self, error: Exception) -> None:
-        waiters, self._open_waiters = self._open_waiters, deque()
-        for d in waiters:
+        waiters, self._open_waiters = self._open_waiters, None
+        for d in waiters or ():
             d.errback(Failure(error))
 
     def set_stream_handler(self, handler: StreamHandler | None) -> None:
@@ -369,7 +452,6 @@ class YamuxSession(Protocol):
         set_no_delay = getattr(transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        self.peer_address = transport.getPeer()
         self.host_address = transport.getHost()
         transport.registerProducer(self, True)
         if not self._quiet:
@@ -407,6 +489,9 @@ class YamuxSession(Protocol):
         self._streams.clear()
         self._backlog.clear()
         self._ready.clear()
+        for deadlines in (self._unacked, self._fin_deadlines):
+            if deadlines is not None:
+                deadlines.clear()
         self._check_idle()
         self._closed_event.fire(reason.value)
 
@@ -427,7 +512,8 @@ class YamuxSession(Protocol):
     # -- FrameReceiver -------------------------------------------------------
 
     def dataHeaderReceived(self, header: Header) -> Callable[[bytes], None] | None:
-        self._heard()
+        if not self._heard_peer:
+            self._heard()
         stream = self._process_flags(header)
         if stream is None:
             return None
@@ -438,7 +524,8 @@ class YamuxSession(Protocol):
             self._process_fin(header.stream_id)
 
     def controlFrameReceived(self, header: Header) -> None:
-        self._heard()
+        if not self._heard_peer:
+            self._heard()
         ftype = header.type
         if ftype == TYPE_WINDOW_UPDATE:
             self._window_update(header)
@@ -475,6 +562,8 @@ class YamuxSession(Protocol):
         else:
             stream = self._streams.get(sid)
             if stream is None:
+                if self._late_frames_log is None:
+                    self._late_frames_log = RateLimitedLog(self.log, clock=self.clock)
                 self._late_frames_log.emit(
                     LogLevel.debug,
                     "unknown-stream",
@@ -519,14 +608,25 @@ class YamuxSession(Protocol):
             self.send_window_update(sid, FLAG_RST)
             return None
         self._last_remote_id = sid
-        stream = YamuxStream(self, sid, outbound=False)
+        delta = self._reserve_window()
+        stream = YamuxStream(self, sid, outbound=False, window=INITIAL_WINDOW + delta)
         self._streams[sid] = stream
-        self.send_window_update(sid, FLAG_ACK, self._window_delta)
+        self.send_window_update(sid, FLAG_ACK, delta)
         if self._handler is not None:
             self._hand_over(self._handler, stream)
         else:
             self._backlog.append(stream)
         return stream if self._streams.get(sid) is stream else None
+
+    def _reserve_window(self) -> int:
+        """The window delta for a new stream: max_stream_window's extra, within receive_budget."""
+        delta = self._window_delta
+        if delta:
+            budget = self.config.receive_budget
+            if budget is not None and self._extra_window + delta > budget:
+                return 0
+            self._extra_window += delta
+        return delta
 
     def _hand_over(self, handler: StreamHandler, stream: YamuxStream) -> None:
         """Give a new stream to the application; its failure costs that stream only."""
@@ -537,10 +637,10 @@ class YamuxSession(Protocol):
             stream.abortConnection()
 
     def _acked(self, stream: YamuxStream) -> None:
-        if stream.id not in self._unacked:
+        unacked = self._unacked
+        if unacked is None or not unacked.discard(stream):
             self.log.warn("unexpected ACK on stream {sid}", sid=stream.id)
             return
-        self._unacked.discard(stream.id)
         stream.ack_received()
         if self._open_waiters:
             self._release_open_waiters()
@@ -579,10 +679,10 @@ class YamuxSession(Protocol):
     # -- keepalive -----------------------------------------------------------
 
     def _heard(self) -> None:
-        if not self._heard_peer:
-            self._heard_peer = True
-            if self._quiet:
-                self._start_keepalive()
+        """The peer's first frame arrived."""
+        self._heard_peer = True
+        if self._quiet:
+            self._start_keepalive()
 
     def _start_keepalive(self) -> None:
         if self.config.enable_keepalive and self._keepalive_timer is None and not self._closing:
@@ -668,14 +768,29 @@ class YamuxSession(Protocol):
         if not self._write_paused:
             self._drain()
 
+    def expect_fin(self, stream: YamuxStream) -> None:
+        """``stream`` is fully closed by us: reset it unless the peer's FIN comes in time."""
+        timeout = self.config.stream_close_timeout
+        if timeout is None or self._closed is not None:
+            return
+        waiting = self._fin_deadlines
+        if waiting is None:
+            waiting = self._fin_deadlines = Deadlines(
+                self.clock, timeout, YamuxStream.close_timed_out
+            )
+        waiting.add(stream)
+
     def stream_ended(self, stream: YamuxStream) -> None:
         """``stream`` is over: forget it (its id is not reused)."""
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
-            if stream.id in self._unacked:
-                self._unacked.discard(stream.id)
+            self._extra_window -= stream.window_size - INITIAL_WINDOW
+            unacked = self._unacked
+            if unacked is not None and unacked.discard(stream):
                 if self._open_waiters and self._release_call is None:
                     self._release_call = self.clock.callLater(0, self._release_later)
+            if self._fin_deadlines is not None:
+                self._fin_deadlines.discard(stream)
             if self._idle_events:
                 self._check_idle()
         self._ready.pop(stream, None)

@@ -68,7 +68,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..timers import cancel
 from .errors import (
     StreamCloseTimeout,
     StreamOpenTimeout,
@@ -122,6 +121,8 @@ class _Event(enum.Enum):
     EOF_DELIVERED = enum.auto()
     DETACHED = enum.auto()
 
+    __hash__ = object.__hash__  # as Phase: _TRANSITIONS is looked up per event
+
 
 _TRANSITIONS: dict[tuple[Phase, _Event], Phase] = {
     (Phase.OPEN, _Event.FIN_SENT): Phase.WRITE_CLOSED,
@@ -134,6 +135,10 @@ _TRANSITIONS: dict[tuple[Phase, _Event], Phase] = {
     (Phase.READ_CLOSED, _Event.FIN_SENT): Phase.CLOSING,
     (Phase.DRAINING, _Event.EOF_DELIVERED): Phase.CLOSING,
 }
+
+#: the reason of every clean close, shared as twisted.internet.protocol's
+#: ``connectionDone`` is (a Failure without a traceback is never changed)
+STREAM_CLOSED = Failure(ConnectionDone("stream closed"))
 
 _OVER = frozenset({Phase.CLOSED, Phase.RESET})
 #: phases before our FIN went out
@@ -185,7 +190,42 @@ class YamuxStream:
 
     log = Logger()
 
-    def __init__(self, session: YamuxSession, stream_id: int, *, outbound: bool) -> None:
+    # many streams live at once (one per tunnel request, one control stream
+    # per idle tunnel): no instance dict
+    __slots__ = (
+        "session",
+        "id",
+        "outbound",
+        "protocol",
+        "_phase",
+        "_reason",
+        "_awaiting_ack",
+        "_closing",
+        "_send_window",
+        "_send_buf",
+        "_send_buffered",
+        "_high_water",
+        "_producer",
+        "_producer_paused",
+        "_max_window",
+        "_half_window",
+        "_recv_window",
+        "_recv_buf",
+        "_recv_buffered",
+        "_paused",
+        "_delivering",
+        "_late_reason",
+        "_notified",
+    )
+
+    def __init__(
+        self,
+        session: YamuxSession,
+        stream_id: int,
+        *,
+        outbound: bool,
+        window: int = INITIAL_WINDOW,
+    ) -> None:
         config = session.config
         self.session = session
         self.id = stream_id
@@ -197,24 +237,23 @@ class YamuxStream:
         self._closing: Closing | None = None
         # sending
         self._send_window = INITIAL_WINDOW
-        self._send_buf: deque[bytes] = deque()
+        #: what waits for window or for the socket; a deque once needed
+        self._send_buf: deque[bytes] | None = None
         self._send_buffered = 0
         self._high_water = config.write_buffer_size
         self._producer: Any = None
         self._producer_paused = False
         # receiving
-        self._max_window = config.max_stream_window
-        self._half_window = config.max_stream_window // 2
-        self._recv_window = config.max_stream_window
-        self._recv_buf: deque[bytes] = deque()
+        self._max_window = window
+        self._half_window = window // 2
+        self._recv_window = window
+        #: what arrived while the protocol could not take it; a deque once needed
+        self._recv_buf: deque[bytes] | None = None
         self._recv_buffered = 0
         self._paused = False
         self._delivering = False
         self._late_reason: Failure | None = None
         self._notified = False
-        self._timer: Any = None
-        if outbound:  # the session sends our SYN right away
-            self._start_open_timer()
 
     def __repr__(self) -> str:
         return f"<YamuxStream {self.id} {self.state.value}>"
@@ -262,6 +301,11 @@ class YamuxStream:
         return self._recv_window
 
     @property
+    def window_size(self) -> int:
+        """The receive window we grant this stream (the session chose it)."""
+        return self._max_window
+
+    @property
     def buffered(self) -> tuple[int, int]:
         """(bytes waiting to be sent, bytes received but not yet consumed)."""
         return self._send_buffered, self._recv_buffered
@@ -289,7 +333,10 @@ class YamuxStream:
             data = self._send_now(data)
             if not data:
                 return
-        self._send_buf.append(data)
+        buf = self._send_buf
+        if buf is None:
+            buf = self._send_buf = deque()
+        buf.append(data)
         self._send_buffered += len(data)
         if self._send_window > 0:
             self.session.schedule_send(self)
@@ -410,7 +457,10 @@ class YamuxStream:
                 self._maybe_grant()
             return  # else over
         if self._paused or self.protocol is None or self._recv_buf or self._delivering:
-            self._recv_buf.append(data)
+            buf = self._recv_buf
+            if buf is None:
+                buf = self._recv_buf = deque()
+            buf.append(data)
             self._recv_buffered += n
             return
         self._delivering = True
@@ -439,9 +489,8 @@ class YamuxStream:
     def ack_received(self) -> None:
         """The peer acknowledged our SYN (the session calls this once, for our streams)."""
         self._awaiting_ack = False
-        self._cancel_timer()  # the open timer
         if self._phase is Phase.LINGERING:
-            self._start_close_timer()
+            self.session.expect_fin(self)
 
     def check_fin(self) -> None:
         """A frame for us carries FIN: raise UnexpectedFin if the peer's FIN came already."""
@@ -620,53 +669,48 @@ class YamuxStream:
             return
         self._move(_Event.DETACHED)
         self._notify(None)
-        self._recv_buf.clear()
-        self._recv_buffered = 0
+        self._drop_received()
         self._maybe_grant()
-        if not self._awaiting_ack:  # else the ACK starts it
-            self._start_close_timer()
+        if not self._awaiting_ack:  # else the ACK starts the wait
+            self.session.expect_fin(self)
 
-    def _start_close_timer(self) -> None:
-        timeout = self.session.config.stream_close_timeout
-        if timeout is not None and self._timer is None and self._phase not in _OVER:
-            self._timer = self.session.clock.callLater(timeout, self._close_timed_out)
+    def _drop_received(self) -> None:
+        """Forget what was received and not delivered (a delivery loop stops too)."""
+        buf = self._recv_buf
+        if buf is not None:
+            buf.clear()
+            self._recv_buf = None
+        self._recv_buffered = 0
 
-    def _close_timed_out(self) -> None:
-        self._timer = None
+    def close_timed_out(self) -> None:
+        """The peer's FIN did not come within ``stream_close_timeout`` of our full close."""
+        if self._phase in _OVER:
+            return
         self.log.info("stream {sid}: no FIN from the peer in time, resetting", sid=self.id)
         self.session.send_window_update(self.id, FLAG_RST)
         self._end(
             Failure(StreamCloseTimeout(f"stream {self.id}: no FIN from the peer")), reset=True
         )
 
-    def _start_open_timer(self) -> None:
-        timeout = self.session.config.stream_open_timeout
-        if timeout is not None:
-            self._timer = self.session.clock.callLater(timeout, self._open_timed_out)
-
-    def _open_timed_out(self) -> None:
-        self._timer = None
+    def open_timed_out(self) -> None:
+        """Our SYN was not ACKed within ``stream_open_timeout``."""
+        if self._phase in _OVER:
+            return
         self.log.info("stream {sid}: no ACK from the peer in time, resetting", sid=self.id)
         self.session.send_window_update(self.id, FLAG_RST)
         self._end(Failure(StreamOpenTimeout(f"stream {self.id} was not acknowledged")), reset=True)
-
-    def _cancel_timer(self) -> None:
-        cancel(self._timer)
-        self._timer = None
 
     def _end(self, reason: Failure | None, reset: bool = False) -> None:
         """The stream is over (both FINs, RST, abort or session loss): CLOSED or RESET."""
         if self._phase in _OVER:
             return
         if reason is None:
-            reason = Failure(ConnectionDone("stream closed"))
+            reason = STREAM_CLOSED
         self._phase = Phase.RESET if reset else Phase.CLOSED
         self._reason = reason
-        self._cancel_timer()
-        self._send_buf.clear()
+        self._send_buf = None
         self._send_buffered = 0
-        self._recv_buf.clear()
-        self._recv_buffered = 0
+        self._drop_received()
         self.session.stream_ended(self)
         producer, self._producer = self._producer, None
         if producer is not None:
@@ -689,11 +733,11 @@ class YamuxStream:
         if self._delivering:
             # like TCP, never call connectionLost from inside dataReceived
             if self._late_reason is None:
-                self._late_reason = reason or Failure(ConnectionDone("stream closed"))
+                self._late_reason = reason or STREAM_CLOSED
             return
         self._notified = True
         protocol = self.protocol
         try:
-            protocol.connectionLost(reason or Failure(ConnectionDone("stream closed")))
+            protocol.connectionLost(reason or STREAM_CLOSED)
         except Exception:
             self.log.failure("stream {sid}: connectionLost failed", sid=self.id)
