@@ -40,6 +40,7 @@ from tunnel.koding.identifiers import redact
 from tunnel.koding.states import ClientState
 from tunnel.koding.wire import ControlMessage
 from tunnel.server import TunnelResource, TunnelServer
+from tunnel.yamux import YamuxConfig
 from tunnel.yamux.frame import (
     FLAG_ACK,
     FLAG_FIN,
@@ -274,11 +275,15 @@ class ServerHarness:
     The recordings were made with the Go server, which opens a stream for
     every request and closes it after the response, so the server keeps no
     stream between requests here (``max_idle_streams=0``) unless a test asks;
-    keep-alive over the tunnel is tested in test_pool.py.
+    keep-alive over the tunnel is tested in test_pool.py.  The Go sessions had
+    hashicorp's windows: so do ours here (a tunnel session's larger windows,
+    ``LARGE_WINDOWS``, differ on the wire only in the SYN/ACK window delta;
+    test_interop_go.py runs them against the Go programs).
     """
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("max_idle_streams", 0)
+        kwargs.setdefault("yamux_config", YamuxConfig())
         self.clock = Clock()
         self.server = TunnelServer(clock=self.clock, **kwargs)
         self.server.add_host("app.test", "app")
@@ -895,7 +900,10 @@ class ClientHarness:
         self.forwarded: list[tuple[int, ControlMessage]] = []
         self.recorders: dict[int, Recorder] = {}
         self.streams = {}
-        self.protocol = TunnelClientProtocol(identifier, host, self.forward, self.clock)
+        # hashicorp's windows, as the recorded Go client had (see ServerHarness)
+        self.protocol = TunnelClientProtocol(
+            identifier, host, self.forward, self.clock, yamux_config=YamuxConfig()
+        )
         self.protocol.makeConnection(self.transport)
         self.connect_request = self.transport.value()
         self.transport.clear()

@@ -25,7 +25,7 @@ from ..koding.identifiers import redact
 from ..koding.wire import CONNECTED_STATUS, CONTROL_PATH, IDENTIFIER_HEADER, ControlMessage
 from ..observe import OneShot
 from ..timers import cancel
-from ..yamux import YamuxConfig, YamuxSession, YamuxStream
+from ..yamux import LARGE_WINDOWS, YamuxConfig, YamuxSession, YamuxStream
 
 #: the longest reply head (or error body) we read from the server
 MAX_REPLY = 16 * 1024
@@ -167,7 +167,7 @@ class TunnelClientProtocol(Protocol):
         return TunnelServerError(f"tunnel server error: status={code}, body={body}")
 
     def _start_session(self, leftover: bytes) -> None:
-        session = YamuxSession(True, clock=self.clock, config=self.yamux_config)
+        session = YamuxSession(True, clock=self.clock, config=self.yamux_config or LARGE_WINDOWS)
         self.session = session
         session.makeConnection(self.transport)
         stream = session.open_stream()

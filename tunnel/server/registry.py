@@ -27,7 +27,7 @@ from ..koding.states import ClientState, StateChange
 from ..koding.wire import ControlMessage, TransportProtocol
 from ..observe import Observers, OneShot
 from ..timers import cancel
-from ..yamux import YamuxConfig, YamuxSession, YamuxStream
+from ..yamux import LARGE_WINDOWS, YamuxConfig, YamuxSession, YamuxStream
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
 from .pool import OriginLeg, StreamPool
 from .tcp import TCPTunnelFactory
@@ -242,7 +242,7 @@ class TunnelServer:
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
-        self.yamux_config = yamux_config or YamuxConfig()
+        self.yamux_config = yamux_config or LARGE_WINDOWS
         self.control_timeout = control_timeout
         self.tunnel_timeout = tunnel_timeout
         self.probe_timeout = probe_timeout
