@@ -55,15 +55,20 @@ if TYPE_CHECKING:
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def is_upgrade(request) -> bool:
-    """A WebSocket upgrade: GET with ``Connection: upgrade`` and ``Upgrade: websocket``."""
+def is_upgrade(request, hop: set[bytes] | None = None) -> bool:
+    """A WebSocket upgrade: GET with ``Connection: upgrade`` and ``Upgrade: websocket``.
+
+    :param hop: the request's Connection tokens, if the caller has them already.
+    """
     if request.method != b"GET":
         return False
     headers = request.requestHeaders
-    upgrade = b",".join(headers.getRawHeaders(b"upgrade", [])).lower()
-    return b"upgrade" in connection_tokens(headers.getRawHeaders(b"connection", [])) and (
-        b"websocket" in upgrade
-    )
+    upgrade = headers.getRawHeaders(b"upgrade")
+    if not upgrade:
+        return False
+    if hop is None:
+        hop = connection_tokens(headers.getRawHeaders(b"connection", []))
+    return b"upgrade" in hop and b"websocket" in b",".join(upgrade).lower()
 
 
 #: methods a request may be sent again for (RFC 9110 9.2.2), when it has no body
@@ -105,7 +110,10 @@ class Forward:
         self.request = request
         self.identifier = identifier
         self.port = port
-        self.upgrade = is_upgrade(request)
+        connection = request.requestHeaders.getRawHeaders(b"connection")
+        #: the public request's Connection tokens: they name its hop-by-hop fields
+        self.hop = connection_tokens(connection) if connection else set()
+        self.upgrade = is_upgrade(request, self.hop)
         self.upload = body_of(request)
         self.reader = ResponseReader(self, head_request=request.method == b"HEAD")
         self.phase = Phase.OPENING
@@ -174,11 +182,12 @@ class Forward:
                 request.uri,
                 request.getHeader(b"host") or b"",
                 headers.getAllRawHeaders(),
-                forwarded_headers(request),
+                forwarded_headers(request, self.hop),
                 length=body.length,
                 upgrade=upgrade,
                 expect_continue=self._expect_continue,
                 keep_alive=self.server.max_idle_streams > 0,
+                hop=self.hop,
             )
         )
         if not self._body_written:

@@ -66,6 +66,7 @@ def request_head(
     upgrade: bytes | None = None,
     expect_continue: bool = False,
     keep_alive: bool = False,
+    hop: set[bytes] | None = None,
 ) -> bytes:
     """An HTTP/1.1 request head with our framing.
 
@@ -78,14 +79,19 @@ def request_head(
         Upgrade``).
     :param keep_alive: the stream may carry another request after this one
         (HTTP/1.1's default: no Connection field); else ``Connection: close``.
+    :param hop: the public request's Connection tokens, if the caller has them
+        (else they are read from ``headers``).
     """
     extra = list(extra)
     headers = list(headers)
     ours = {name.lower() for name, _ in extra}
     skip = _NOT_COPIED | ours
-    for name, values in headers:
-        if name.lower() == b"connection":
-            skip = skip | connection_tokens(values)
+    if hop is None:
+        for name, values in headers:
+            if name.lower() == b"connection":
+                skip = skip | connection_tokens(values)
+    elif hop:
+        skip = skip | hop
     lines = [b"%s %s HTTP/1.1" % (method, origin_form(target)), b"Host: " + host]
     for name, values in headers:
         lower = name.lower()

@@ -44,6 +44,8 @@ from .takeover import CannotTakeOver, take_over
 
 def is_control_path(path: bytes) -> bool:
     """``path.Clean(p) + "/" == "/_controlPath/"``, as the Go server checks."""
+    if b"_controlPath" not in path:  # no cleaning makes it up: the common case, cheaply
+        return False
     text = "/" + path.decode("latin-1").lstrip("/")
     return posixpath.normpath(text).rstrip("/") + "/" == CONTROL_PATH
 
