@@ -82,7 +82,8 @@ class _Attempt:
         """Nothing: makeConnection() above already told the protocol."""
 
     def dataReceived(self, data: bytes) -> None:
-        self.proxy.dataReceived(data)
+        # the proxy only forwards this (by __getattr__): straight to the protocol
+        self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
         told = self.proxy if self.link is _Link.READY else self.protocol

@@ -61,10 +61,25 @@ class HeadDeadlineChannel(HTTPChannel):
     _head_timer = None
     _linger_timer = None
     _refused = False
+    _host = None
+    _peer = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._arm()
+
+    def getHost(self):
+        """The local address, read once: twisted.web asks for it on every request
+        (a ``getsockname`` system call each time)."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self):
+        """The public client's address, made once per connection, not per request."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def _arm(self) -> None:
         self._disarm()
