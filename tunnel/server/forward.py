@@ -15,6 +15,13 @@ origin-form, our own framing, no hop-by-hop header, X-Forwarded-* from
 * any other final response is relayed through twisted.web with backpressure
   (the stream is the request's producer).
 
+The stream comes from the client's pool of kept streams when one waits
+(``pool``: keep-alive over the tunnel), else from a control message; after a
+response whose end is exact and that lets the connection outlive it, it goes
+back to the pool instead of being closed.  A kept stream that dies before
+any byte of the answer (the local server closed it while it waited) is
+replaced by a fresh one for an idempotent request without a body.
+
 An origin that breaks HTTP framing gets the public client a 502 while nothing
 was sent, a closed connection after; the stream is reset.  A public client
 that leaves resets the stream.  The registry's errors are Go's texts

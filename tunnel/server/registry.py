@@ -8,6 +8,9 @@ message.  A waiter that timed out or was cancelled stays in the FIFO, and the
 stream that arrives for it is reset; an unsolicited stream is reset too.
 
 The server never opens streams (a Go client would never accept them).
+Streams that carried an HTTP request may be kept for the next one to the
+same local port (``reuse_stream`` / ``keep_stream``, see ``pool``); a
+graceful stop closes them first.
 """
 
 from __future__ import annotations
