@@ -93,12 +93,16 @@ def request_head(
     elif hop:
         skip = skip | hop
     lines = [b"%s %s HTTP/1.1" % (method, origin_form(target)), b"Host: " + host]
+    add = lines.append
     for name, values in headers:
         lower = name.lower()
         # CGI, WSGI, PHP and Rack read "X_Forwarded_Host" as "X-Forwarded-Host"
-        if lower not in skip and lower.replace(b"_", b"-") not in ours:
-            lines.extend(name + b": " + value for value in values)
-    lines.extend(name + b": " + value for name, value in extra)
+        if lower in skip or (b"_" in lower and lower.replace(b"_", b"-") in ours):
+            continue
+        for value in values:
+            add(name + b": " + value)
+    for name, value in extra:
+        add(name + b": " + value)
     if upgrade is not None:
         lines.append(b"Connection: Upgrade")
         lines.append(b"Upgrade: " + upgrade)

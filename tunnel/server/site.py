@@ -63,6 +63,7 @@ class HeadDeadlineChannel(HTTPChannel):
     _refused = False
     _host = None
     _peer = None
+    _secure: bool | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -80,6 +81,13 @@ class HeadDeadlineChannel(HTTPChannel):
         if self._peer is None:
             self._peer = super().getPeer()
         return self._peer
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS, asked of the transport once (an interface
+        adaptation each time otherwise: X-Forwarded-Proto asks on every request)."""
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
 
     def _arm(self) -> None:
         self._disarm()
