@@ -185,7 +185,11 @@ def test_a_local_server_that_closes_an_idle_connection_retires_its_stream_at_onc
         origin.connections[0].transport.loseConnection()
         env.flush()  # our client turns the EOF into a FIN on the stream
         assert streams(env) == 0
-        assert not any("_sweep" in repr(call) for call in env.clock.getDelayedCalls())
+        # the pool's timer fires once more, finds nothing waiting and stops
+        sweeps = [c for c in env.clock.getDelayedCalls() if "_sweep" in repr(c)]
+        assert len(sweeps) == 1
+        env.advance_to(sweeps[0].getTime())
+        assert not any("_sweep" in repr(c) for c in env.clock.getDelayedCalls())
         assert get(env, b"/b").body == b"/b"
         assert [c.paths for c in origin.connections] == [[b"/a"], [b"/b"]]
 
@@ -204,6 +208,30 @@ def test_a_kept_stream_waits_at_most_the_idle_timeout():
         env.flush()
         assert origin.open == []
         assert origin.connections[0].reason.check(Exception) is not None
+
+
+def test_a_busy_pool_arms_its_timer_once_not_once_a_request():
+    origin = Origin()
+    with tunnel(origin) as env:
+        armed = []
+        call_later = env.clock.callLater
+
+        def spy(delay, f, *args, **kwargs):
+            if getattr(f, "__name__", "") == "_sweep":
+                armed.append(env.now + delay)
+            return call_later(delay, f, *args, **kwargs)
+
+        env.clock.callLater = spy
+        for i in range(10):
+            assert get(env, b"/%d" % i).code == 200
+            env.advance(0.1)
+        assert len(origin.connections) == 1
+        assert len(armed) == 1  # not one a request
+        # it fires while the stream is in use again and again, and re-arms
+        # for the stream's own deadline: 1.5 s after its last use
+        last_use = env.now - 0.1
+        closed_at = env.run_until(lambda: streams(env) == 0)
+        assert abs(closed_at - (last_use + 1.5)) < 1e-9
 
 
 def test_at_most_max_idle_streams_wait_and_the_rest_close():
@@ -431,7 +459,9 @@ def test_a_waiting_leg_retires_on_data_or_eof_and_is_forgotten_when_lost():
     b.readConnectionLost()
     c.connectionLost()
     assert (a.transport.closed, b.transport.closed, c.transport.closed) == ("rst", "fin", None)
-    assert len(pool) == 0 and clock.getDelayedCalls() == []
+    assert len(pool) == 0 and len(clock.getDelayedCalls()) == 1
+    clock.advance(2.0)  # the timer finds the pool empty and stops
+    assert clock.getDelayedCalls() == []
     assert not pool.keep(c)  # lost: never kept
 
 

@@ -133,6 +133,7 @@ class Forward:
         self._expect_continue = False
         self._answered = False  # a byte of the response arrived on this stream
         self._persistent = False  # the final response lets the stream outlive it
+        self._relaying = False  # a body follows: the stream is to produce for the request
         self._keep = False  # complete, and the stream may carry the next request
 
     def start(self) -> None:
@@ -221,6 +222,9 @@ class Forward:
             self._keep = False
             self._settle(keep=not self.reader.overrun)
             self.request.finish()
+        elif self._relaying and self.phase is Phase.BODY:
+            self._relaying = False
+            self.request.registerProducer(self.stream, True)
 
     def origin_eof(self) -> None:
         if self.phase not in (Phase.HEAD, Phase.BODY):
@@ -370,8 +374,9 @@ class Forward:
                 headers.addRawHeader(name, value)
         if length is not None and head.code != 204:  # a 204 must not have one (RFC 9110 8.6)
             headers.setRawHeaders(b"content-length", [length])  # last, as it always was
-        if head.framing is not Framing.NONE:
-            request.registerProducer(self.stream, True)
+        # the stream becomes the public request's producer once this piece of
+        # the stream is read, and only if the body goes on beyond it
+        self._relaying = head.framing is not Framing.NONE
 
     def body(self, data: bytes) -> None:
         self.request.write(data)

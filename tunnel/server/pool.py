@@ -18,7 +18,10 @@ The pool rules (design.md section 9):
   it is out of step (RST), a FIN means the local server closed (our client
   sends one; a Go client does not, which is why the forwarder retries an
   idempotent request that fails on a kept stream before any response byte);
-* one timer per pool, armed only while a stream waits.
+* one timer per pool, armed when a stream begins to wait and none is armed;
+  it is never cancelled while the pool is in use (a busy pool would arm and
+  cancel one per request): when it fires it retires what waited too long and
+  re-arms only if something still waits.
 
 ``OriginLeg`` is the stream's one protocol for its whole life: it hands what
 the stream says to its current ``LegUser`` (a forwarder), to its pool while
@@ -127,8 +130,6 @@ class StreamPool:
             return None
         leg, _ = self._idle.popitem()
         leg.pool = None
-        if not self._idle:
-            self._disarm()
         return leg
 
     def keep(self, leg: OriginLeg) -> bool:
@@ -149,8 +150,6 @@ class StreamPool:
         """Forget ``leg`` (it is gone)."""
         if self._idle.pop(leg, None) is not None:
             leg.pool = None
-            if not self._idle:
-                self._disarm()
 
     def retire(self, leg: OriginLeg, *, abort: bool) -> None:
         """Forget ``leg`` and close its stream (RST if ``abort``, else FIN)."""
@@ -165,6 +164,8 @@ class StreamPool:
         self.closed = True
         for leg in list(self._idle):
             self.retire(leg, abort=False)
+        cancel(self._timer)
+        self._timer = None
 
     def _sweep(self) -> None:
         self._timer = None
@@ -174,7 +175,3 @@ class StreamPool:
                 self._timer = self.clock.callLater(since - expired, self._sweep)
                 return
             self.retire(leg, abort=False)
-
-    def _disarm(self) -> None:
-        cancel(self._timer)
-        self._timer = None

@@ -59,6 +59,7 @@ class HeadDeadlineChannel(HTTPChannel):
     #: the log for what peers cause; TunnelSite gives each channel its own site's
     public_log: RateLimitedLog = RateLimitedLog(Logger(namespace=__name__))
     _head_timer = None
+    _head_due = False
     _linger_timer = None
     _refused = False
     _host = None
@@ -90,13 +91,28 @@ class HeadDeadlineChannel(HTTPChannel):
         return self._secure
 
     def _arm(self) -> None:
-        self._disarm()
-        if self.head_timeout is not None and self.transport is not None:
-            self._head_timer = self.callLater(self.head_timeout, self._too_slow)
+        """The next head is due within ``head_timeout`` from now.
+
+        One timer per connection, moved rather than replaced: a keep-alive
+        connection arms the deadline for every request, and a reset is much
+        cheaper than a new DelayedCall and a cancelled one each time."""
+        if self.head_timeout is None or self.transport is None:
+            return
+        self._head_due = True
+        timer = self._head_timer
+        if timer is not None and timer.active():
+            timer.reset(self.head_timeout)
+        else:
+            self._head_timer = self.callLater(self.head_timeout, self._head_deadline)
 
     def _disarm(self) -> None:
-        cancel(self._head_timer)
+        """No head is due (one is being processed): the timer, if it fires, stops."""
+        self._head_due = False
+
+    def _head_deadline(self) -> None:
         self._head_timer = None
+        if self._head_due:
+            self._too_slow()
 
     # -- parsing the head -------------------------------------------------------------
 
@@ -257,11 +273,21 @@ class HeadDeadlineChannel(HTTPChannel):
         self._arm()  # the next head (maybe pipelined, parsed just below) is due
         super().requestDone(request)
 
+    def handed_over(self) -> None:
+        """The connection left twisted.web (``takeover``): stop our timers,
+        since connectionLost will not reach this channel any more."""
+        self._stop_timers()
+
     def connectionLost(self, reason) -> None:
+        self._stop_timers()
+        super().connectionLost(reason)
+
+    def _stop_timers(self) -> None:
         self._disarm()
+        cancel(self._head_timer)
+        self._head_timer = None
         cancel(self._linger_timer)
         self._linger_timer = None
-        super().connectionLost(reason)
 
     def _too_slow(self) -> None:
         self._head_timer = None

@@ -58,6 +58,9 @@ def take_over(request, protocol: IProtocol, greeting: bytes = b"") -> None:
     if channel is None or transport is None or not hasattr(channel, "_dataBuffer"):
         raise CannotTakeOver("this request's connection cannot be taken over")
     channel.setTimeout(None)
+    handed_over = getattr(channel, "handed_over", None)
+    if handed_over is not None:
+        handed_over()  # a channel's own timers (TunnelSite's): they must not outlive it
     transport.unregisterProducer()
     channel._networkProducer = _Detached()
     buffered = b"".join(channel._dataBuffer)
