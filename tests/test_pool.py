@@ -274,6 +274,19 @@ def test_websocket_upgrades_never_take_a_kept_stream():
         peer.close()
 
 
+def test_a_client_that_stops_is_not_held_up_by_the_streams_kept_for_it():
+    origin = Origin()
+    with tunnel(origin) as env:
+        assert get(env, b"/a").code == 200
+        assert streams(env) == 1
+        stopping = env.client.stopService()  # GoAway, then it waits for its streams
+        env.flush()
+        assert env.result(stopping, limit=0.0) is None  # at once, no timer had to fire
+        assert origin.open == []
+        connection = env.server.connection(env.IDENT)
+        assert connection is None or connection.reuse(RAW_PORT) is None
+
+
 def test_a_graceful_stop_closes_kept_streams_without_waiting_for_the_grace():
     origin = Origin()
     env = tunnel(origin)

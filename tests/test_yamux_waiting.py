@@ -1,4 +1,4 @@
-"""when_closed() and when_idle(): each caller gets a Deferred of its own (OneShot)."""
+"""when_closed(), when_idle() and when_go_away(): a Deferred of its own for each caller."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
 
 from tunnel.yamux import YamuxConfig
-from tunnel.yamux.frame import FLAG_SYN, TYPE_WINDOW_UPDATE
+from tunnel.yamux.frame import FLAG_SYN, GOAWAY_NORMAL, TYPE_GO_AWAY, TYPE_WINDOW_UPDATE
 
 from .helpers import Wire, frame
 
@@ -44,3 +44,19 @@ def test_when_idle_fires_per_threshold_and_cancelled_waiters_are_withdrawn():
     w.session.streams[3].abortConnection()
     assert none.called
     w.lose()
+
+
+def test_when_go_away_fires_with_the_peer_s_code_or_none_if_the_session_ends_first():
+    w = wire()
+    before = w.session.when_go_away()
+    assert not before.called
+    w.feed(frame(TYPE_GO_AWAY, 0, 0, GOAWAY_NORMAL))
+    assert before.result == GOAWAY_NORMAL
+    assert w.session.when_go_away().result == GOAWAY_NORMAL  # late callers at once
+    w.lose()
+
+    quiet = wire()
+    waiting = quiet.session.when_go_away()
+    quiet.lose()
+    assert waiting.called and waiting.result is None
+    assert quiet.session.when_go_away().result is None

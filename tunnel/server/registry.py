@@ -113,12 +113,21 @@ class ClientConnection:
         return pool.take() if pool is not None else None
 
     def keep(self, port: int, leg: OriginLeg) -> bool:
-        """Keep ``leg`` for the next request to ``port``; False if it may not be kept."""
+        """Keep ``leg`` for the next request to ``port``; False if it may not be kept
+        (the server or the client is stopping, or keeping is off)."""
         server = self.server
-        if self.closed or not server.accepting or server.max_idle_streams <= 0:
+        if (
+            self.closed
+            or not server.accepting
+            or server.max_idle_streams <= 0
+            or self.session.remote_go_away is not None
+        ):
             return False
         pool = self._pools.get(port)
         if pool is None:
+            if not self._pools:
+                # a client that says GoAway is draining: what waits must not hold it up
+                self.session.when_go_away().addCallback(self._peer_going_away)
             pool = self._pools[port] = StreamPool(
                 server.clock,
                 max_idle=server.max_idle_streams,
@@ -131,6 +140,10 @@ class ClientConnection:
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             pool.close()
+
+    def _peer_going_away(self, code: int | None) -> None:
+        if code is not None:
+            self.retire_idle()
 
     def close(self) -> None:
         """Say GoAway and close the session."""

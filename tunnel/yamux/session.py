@@ -162,6 +162,7 @@ class YamuxSession(Protocol):
         "_close_reason",
         "_close_timer",
         "_closed_event",
+        "_go_away_event",
         "_idle_events",
         "_ping_id",
         "_pings",
@@ -224,6 +225,7 @@ class YamuxSession(Protocol):
         self._close_reason: Failure | None = None
         self._close_timer: Any = None
         self._closed_event = OneShot()
+        self._go_away_event: OneShot | None = None  # made when someone waits for it
         #: when_idle(n) waiters, one OneShot per threshold n
         self._idle_events: dict[int, OneShot] = {}
         # pings
@@ -401,6 +403,17 @@ class YamuxSession(Protocol):
         """
         return self._closed_event.when()
 
+    def when_go_away(self) -> Deferred:
+        """Fires with the code of the peer's GoAway once it arrives, or with
+        None if the session ends without one."""
+        if self.remote_go_away is not None:
+            return succeed(self.remote_go_away)
+        if self._closed is not None:
+            return succeed(None)
+        if self._go_away_event is None:
+            self._go_away_event = OneShot()
+        return self._go_away_event.when()
+
     def when_idle(self, streams: int = 0) -> Deferred:
         """Fires once at most ``streams`` streams are open, or the session ended.
 
@@ -493,6 +506,8 @@ class YamuxSession(Protocol):
             if deadlines is not None:
                 deadlines.clear()
         self._check_idle()
+        if self._go_away_event is not None:
+            self._go_away_event.fire(None)
         self._closed_event.fire(reason.value)
 
     # -- IPushProducer (the transport tells us when its buffer is full) ------
@@ -658,6 +673,8 @@ class YamuxSession(Protocol):
 
     def _go_away_received(self, code: int) -> None:
         self.remote_go_away = code
+        if self._go_away_event is not None:
+            self._go_away_event.fire(code)
         if self._open_waiters:
             self._fail_open_waiters(RemoteGoAway(code))
         if code == GOAWAY_NORMAL:
