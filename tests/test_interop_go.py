@@ -25,10 +25,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface import implementer
 
 from .goref import exit_status, missing_reason, spawn_go, wait_for_line
-from .live import http_client
+from .live import http_client, until
 from .processes import TIMEOUT, Twistd, free_port, reap_all, spawn_twistd
 
 REASON = missing_reason()
@@ -475,3 +477,51 @@ async def test_refused_websocket_upgrade_is_relayed_as_the_origin_sent_it(tmp_pa
         )
 
     await with_rig(tmp_path, OURS_GO, check)
+
+
+class _Counted(Resource):
+    """A local server that names each request's path and closes idle
+    connections fast (its Site's timeout), like a short keep-alive timeout."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: list[bytes] = []
+        self.live: set = set()
+
+    def render_GET(self, request):
+        self.paths.append(request.path)
+        self.live.add(request.channel)
+        return request.path
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_kept_for_the_go_client_after_its_local_server_closed_is_replaced(
+    tmp_path,
+):
+    """The Go client sends no FIN when its local server closes a kept
+    connection (design.md section 9): the stream fails only under the next
+    request, which, being a GET without a body, the server sends once more on
+    a fresh stream (spec.md 2.6.1).  The public client sees two 200s."""
+    resource = _Counted()
+    site = Site(resource, timeout=0.2)  # closes a connection idle for 0.2 s
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    local = f"{HOST}:{port.getHost().port}"
+
+    def open_connections() -> int:
+        return sum(1 for channel in resource.live if channel.transport.connected)
+
+    async def check(rig: Rig) -> None:
+        code, body, _ = await rig.request("GET", "/first", host=local)
+        assert (code, body) == (200, b"/first")
+        assert open_connections() == 1  # kept: the Go client's local connection stays
+        await until(lambda: open_connections() == 0, what="the local server's idle close")
+        code, body, _ = await rig.request("GET", "/second", host=local)
+        assert (code, body) == (200, b"/second"), rig.logs()
+        assert resource.paths == [b"/first", b"/second"]
+
+    try:
+        await with_rig(tmp_path, OURS_GO, check)
+    finally:
+        await port.stopListening()
