@@ -983,6 +983,16 @@ class MemoryTunnel:
             assert self.server.state(self.IDENT) == ClientState.CONNECTED
         return self
 
+    def start_with_local(self, factory, port: int) -> MemoryTunnel:
+        """Start with ``factory`` on 127.0.0.1:``port`` as the client's local
+        server (a raw origin, say) and the client connected to the tunnel."""
+        self.start(connect=False)
+        self.listen(factory, port)
+        self.client = self.make_client(local=f"tcp:127.0.0.1:{port}")
+        self.client.startService()
+        self.flush()
+        return self
+
     def make_client(
         self,
         identifier: str | None = None,

@@ -125,12 +125,8 @@ class Script:
 
 
 def raw_env(script: Script, **site_kwargs) -> MemoryTunnel:
-    env = MemoryTunnel(site_kwargs=site_kwargs).start(connect=False)
-    env.listen(Factory.forProtocol(lambda: RawOrigin(script)), RAW_PORT)
-    env.client = env.make_client(local=f"tcp:127.0.0.1:{RAW_PORT}")
-    env.client.startService()
-    env.flush()
-    return env
+    origin = Factory.forProtocol(lambda: RawOrigin(script))
+    return MemoryTunnel(site_kwargs=site_kwargs).start_with_local(origin, RAW_PORT)
 
 
 def exchange(env: MemoryTunnel, data: bytes):

@@ -166,14 +166,10 @@ class UpgradeEcho(Peer):
 
 
 def websocket_env():
-    env = MemoryTunnel().start(connect=False)
+    env = MemoryTunnel()
     env.origins = []
-    env.listen(
-        Factory.forProtocol(lambda: env.origins.append(UpgradeEcho()) or env.origins[-1]), 9000
-    )
-    env.client = env.make_client(local="tcp:127.0.0.1:9000")
-    env.client.startService()
-    return env
+    local = Factory.forProtocol(lambda: env.origins.append(UpgradeEcho()) or env.origins[-1])
+    return env.start_with_local(local, 9000)
 
 
 def test_websocket_after_101_carries_bytes_and_the_origin_s_half_close():

@@ -80,12 +80,8 @@ class Origin:
 
 
 def tunnel(origin: Origin, **server_kwargs) -> MemoryTunnel:
-    env = MemoryTunnel(server_kwargs=server_kwargs).start(connect=False)
-    env.listen(Factory.forProtocol(lambda: KeepAliveOrigin(origin)), RAW_PORT)
-    env.client = env.make_client(local=f"tcp:127.0.0.1:{RAW_PORT}")
-    env.client.startService()
-    env.flush()
-    return env
+    local = Factory.forProtocol(lambda: KeepAliveOrigin(origin))
+    return MemoryTunnel(server_kwargs=server_kwargs).start_with_local(local, RAW_PORT)
 
 
 def get(env: MemoryTunnel, path: bytes, head_request: bool = False):
