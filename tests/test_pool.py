@@ -12,6 +12,8 @@ under the next request written into it (design.md section 9).
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
@@ -292,6 +294,67 @@ def test_a_graceful_stop_closes_kept_streams_without_waiting_for_the_grace():
     env.flush()
     assert env.result(stopped, limit=1.0) is None
     env.stop(grace=30.0)
+
+
+# -- any mix of origin behaviours --------------------------------------------------------
+
+#: how the origin answers one request: (answer, closes after it, stream may be kept)
+KINDS = {
+    "length": (lambda body: ok(body), False, True),
+    "chunked": (
+        lambda body: (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        ),
+        False,
+        True,
+    ),
+    "close-field": (lambda body: ok(body, b"Connection: close"), True, False),
+    "http10": (
+        lambda body: b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        True,
+        False,
+    ),
+    "to-eof": (lambda body: b"HTTP/1.1 200 OK\r\n\r\n" + body, True, False),
+    "closes-after": (lambda body: ok(body), True, False),
+    "overrun": (lambda body: ok(body) + b"HTTP/1.1 200 OK\r\n\r\nextra", False, False),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(sorted(KINDS)), st.sampled_from([0.0, 0.5, 2.0])),
+        min_size=1,
+        max_size=8,
+    ),
+    max_idle=st.sampled_from([0, 1, 64]),
+)
+def test_any_mix_of_origin_behaviours_gets_every_answer_and_leaks_no_stream(steps, max_idle):
+    """Whatever the origin does after each response, each public request gets
+    its own answer, a stream is kept only when the answer allowed it, and
+    every stream the server holds is one the origin still holds (none leaks)."""
+    origin = Origin()
+    plan: dict[bytes, str] = {}
+
+    def script(path: bytes) -> bytes:
+        return KINDS[plan[path]][0](path)
+
+    origin.script = script
+    with tunnel(origin, max_idle_streams=max_idle, stream_idle_timeout=1.5) as env:
+        for n, (kind, pause) in enumerate(steps):
+            closes = KINDS[kind][1]
+            path = b"/close-%d" % n if closes else b"/%d" % n
+            plan[path] = kind
+            response = get(env, path)
+            assert (response.code, response.body) == (200, path), (kind, response)
+            env.flush()
+            kept = streams(env)
+            assert kept == len(origin.open)
+            # one request at a time: the stream that carried it is kept or nothing is
+            assert kept == (1 if KINDS[kind][2] and max_idle > 0 else 0), kind
+            env.advance(pause)
+            assert streams(env) == len(origin.open)
 
 
 # -- a stream that died while it waited (the Go client sends no FIN) ----------------------
