@@ -62,10 +62,10 @@ if TYPE_CHECKING:
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def is_upgrade(request, hop: set[bytes] | None = None) -> bool:
+def is_upgrade(request, hop: set[bytes]) -> bool:
     """A WebSocket upgrade: GET with ``Connection: upgrade`` and ``Upgrade: websocket``.
 
-    :param hop: the request's Connection tokens, if the caller has them already.
+    :param hop: the request's Connection tokens (``connection_tokens``).
     """
     if request.method != b"GET":
         return False
@@ -73,8 +73,6 @@ def is_upgrade(request, hop: set[bytes] | None = None) -> bool:
     upgrade = headers.getRawHeaders(b"upgrade")
     if not upgrade:
         return False
-    if hop is None:
-        hop = connection_tokens(headers.getRawHeaders(b"connection", []))
     return b"upgrade" in hop and b"websocket" in b",".join(upgrade).lower()
 
 

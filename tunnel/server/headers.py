@@ -40,7 +40,7 @@ def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
     return {t.strip(b" \t").lower() for value in values for t in value.split(b",") if t.strip()}
 
 
-def forwarded_headers(request, hop: set[bytes] | None = None) -> list[tuple[bytes, bytes]]:
+def forwarded_headers(request, hop: set[bytes]) -> list[tuple[bytes, bytes]]:
     """X-Forwarded-For (appended to), -Proto and -Host for a public request.
 
     -Proto and -Host say what this server saw (its own transport, the Host
@@ -48,15 +48,13 @@ def forwarded_headers(request, hop: set[bytes] | None = None) -> list[tuple[byte
     an outsider must not tell the origin which host or scheme it was
     reached by.  -For is appended to, since a proxy in front may have set it.
 
-    :param hop: the request's Connection tokens, if the caller has them already.
+    :param hop: the request's Connection tokens (``connection_tokens``).
     """
     out = []
     client_ip = getattr(request.getClientAddress(), "host", None)
     if client_ip:
         value = client_ip.encode("ascii")
         prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        if prior and hop is None:
-            hop = connection_tokens(request.requestHeaders.getRawHeaders(b"connection", []))
         if prior and b"x-forwarded-for" not in hop:  # named in Connection: hop-by-hop
             value = b", ".join(prior) + b", " + value
         out.append((b"X-Forwarded-For", value))

@@ -66,7 +66,7 @@ def request_head(
     upgrade: bytes | None = None,
     expect_continue: bool = False,
     keep_alive: bool = False,
-    hop: set[bytes] | None = None,
+    hop: set[bytes],
 ) -> bytes:
     """An HTTP/1.1 request head with our framing.
 
@@ -79,19 +79,12 @@ def request_head(
         Upgrade``).
     :param keep_alive: the stream may carry another request after this one
         (HTTP/1.1's default: no Connection field); else ``Connection: close``.
-    :param hop: the public request's Connection tokens, if the caller has them
-        (else they are read from ``headers``).
+    :param hop: the public request's Connection tokens (``headers.connection_tokens``).
     """
     extra = list(extra)
     headers = list(headers)
     ours = {name.lower() for name, _ in extra}
-    skip = _NOT_COPIED | ours
-    if hop is None:
-        for name, values in headers:
-            if name.lower() == b"connection":
-                skip = skip | connection_tokens(values)
-    elif hop:
-        skip = skip | hop
+    skip = _NOT_COPIED | ours | hop
     lines = [b"%s %s HTTP/1.1" % (method, origin_form(target)), b"Host: " + host]
     add = lines.append
     for name, values in headers:
@@ -152,10 +145,10 @@ class ResponseHead:
         phrase: bytes,
         headers: list[tuple[bytes, bytes]],
         raw: bytes,
-        lower: list[bytes] | None = None,
-        noted: dict[bytes, list[bytes]] | None = None,
+        lower: list[bytes],
+        noted: dict[bytes, list[bytes]],
     ):
-        """:param lower: each field's name in lower case, in order (computed if None).
+        """:param lower: each field's name in lower case, in order.
         :param noted: the values of the ``_NOTED`` fields by lower-case name."""
         self.code = code
         self.phrase = phrase
@@ -165,13 +158,6 @@ class ResponseHead:
         #: the connection may carry another request after this response
         #: (HTTP/1.1, no ``Connection: close``, a body that does not end with it)
         self.persistent = False
-        if lower is None:
-            lower = [name.lower() for name, _ in headers]
-        if noted is None:
-            noted = {}
-            for (_, value), name in zip(headers, lower, strict=True):
-                if name in _NOTED:
-                    noted.setdefault(name, []).append(value)
         self._lower = lower
         self._noted = noted
 
@@ -368,11 +354,11 @@ class ResponseReader:
             self.sink.interim(head)
             return  # the next head follows, in the same scanner (one bound for all)
         head.framing = self._framing = self._framing_of(head)
-        connection = callbacks.noted.get(b"connection")
+        connection = head.get(b"connection")
         head.persistent = (
             head.framing is not Framing.EOF
             and parser.get_http_version() == "1.1"
-            and (connection is None or b"close" not in connection_tokens(connection))
+            and b"close" not in connection_tokens(connection)
         )
         self.phase = ReadPhase.BODY
         self.sink.final(head)
@@ -397,7 +383,7 @@ class ResponseReader:
             # llhttp refused Content-Length beside it.  We relay the body
             # de-chunked and re-chunked, so any other coding would reach the
             # public client unlabelled (Go's client refuses them too)
-            if codings != {b"chunked"} or len(_tokens(head.get(b"transfer-encoding"))) != 1:
+            if codings != {b"chunked"} or len(_tokens(coding)) != 1:
                 self.phase = ReadPhase.DONE
                 raise OriginResponseError("unsupported transfer coding in the response")
             return Framing.CHUNKED

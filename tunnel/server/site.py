@@ -290,7 +290,6 @@ class HeadDeadlineChannel(HTTPChannel):
         self._linger_timer = None
 
     def _too_slow(self) -> None:
-        self._head_timer = None
         if self.transport is None:
             return
         self.public_log.info(
