@@ -18,10 +18,10 @@ The pool rules (design.md section 9):
   it is out of step (RST), a FIN means the local server closed (our client
   sends one; a Go client does not, which is why the forwarder retries an
   idempotent request that fails on a kept stream before any response byte);
-* one timer per pool, armed when a stream begins to wait and none is armed;
-  it is never cancelled while the pool is in use (a busy pool would arm and
-  cancel one per request): when it fires it retires what waited too long and
-  re-arms only if something still waits.
+* the waits are ``timers.Deadlines`` (lazy): one timer per pool, never
+  cancelled while the pool is in use (a busy pool would arm and cancel one
+  per request); when it fires it retires what waited too long and re-arms
+  only if something still waits.
 
 ``OriginLeg`` is the stream's one protocol for its whole life: it hands what
 the stream says to its current ``LegUser`` (a forwarder), to its pool while
@@ -30,14 +30,14 @@ it waits, and after a ``101`` it is one side of a splice.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from ..splice import SpliceProtocol
-from ..timers import cancel
+from ..timers import Deadlines
 
 _DONE = Failure(ConnectionDone())
 
@@ -113,13 +113,10 @@ class StreamPool:
     """Idle streams to one local port of one client, most recently used first."""
 
     def __init__(self, clock: IReactorTime, *, max_idle: int, idle_timeout: float) -> None:
-        self.clock = clock
         self.max_idle = max_idle
-        self.idle_timeout = idle_timeout
         self.closed = False
-        #: leg -> when it began to wait; insertion order is age order
-        self._idle: dict[OriginLeg, float] = {}
-        self._timer: Any = None
+        #: the waiting legs, each retired ``idle_timeout`` after it began to wait
+        self._idle = Deadlines(clock, idle_timeout, self._waited_too_long, lazy=True)
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -128,7 +125,7 @@ class StreamPool:
         """The most recently kept stream, or None; the caller becomes its user."""
         if not self._idle:
             return None
-        leg, _ = self._idle.popitem()
+        leg = self._idle.pop_newest()
         leg.pool = None
         return leg
 
@@ -139,16 +136,14 @@ class StreamPool:
         leg.user = None
         leg.pool = self
         leg.carried += 1
-        self._idle[leg] = self.clock.seconds()
+        self._idle.add(leg)
         # the last request may have left it paused; a waiting stream must hear its FIN
         leg.transport.resumeProducing()
-        if self._timer is None and leg.pool is self:
-            self._timer = self.clock.callLater(self.idle_timeout, self._sweep)
         return True
 
     def discard(self, leg: OriginLeg) -> None:
         """Forget ``leg`` (it is gone)."""
-        if self._idle.pop(leg, None) is not None:
+        if self._idle.discard(leg):
             leg.pool = None
 
     def retire(self, leg: OriginLeg, *, abort: bool) -> None:
@@ -164,14 +159,7 @@ class StreamPool:
         self.closed = True
         for leg in list(self._idle):
             self.retire(leg, abort=False)
-        cancel(self._timer)
-        self._timer = None
+        self._idle.clear()
 
-    def _sweep(self) -> None:
-        self._timer = None
-        expired = self.clock.seconds() - self.idle_timeout
-        for leg, since in list(self._idle.items()):
-            if since > expired:
-                self._timer = self.clock.callLater(since - expired, self._sweep)
-                return
-            self.retire(leg, abort=False)
+    def _waited_too_long(self, leg: OriginLeg) -> None:
+        self.retire(leg, abort=False)

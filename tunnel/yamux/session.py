@@ -38,7 +38,7 @@ The session calls on a stream (frame events, already routed by stream id):
 - ``open_timed_out()``: our SYN got no ACK within ``stream_open_timeout``;
   ``close_timed_out()``: no FIN came within ``stream_close_timeout`` of
   ``expect_fin``.  The session keeps these deadlines for all its streams
-  on one DelayedCall per kind (``deadlines.Deadlines``), so a stream that
+  on one DelayedCall per kind (``timers.Deadlines``), so a stream that
   opens and closes in time arms no timer of its own.
 
 A stream calls on its session (what it needs from the connection):
@@ -73,9 +73,8 @@ from zope.interface import implementer
 
 from ..logs import RateLimitedLog
 from ..observe import OneShot
-from ..timers import cancel
+from ..timers import Deadlines, cancel
 from .config import YamuxConfig
-from .deadlines import Deadlines
 from .errors import (
     DuplicateStream,
     InvalidStreamId,

@@ -1,11 +1,11 @@
-"""tunnel.yamux.deadlines: many equal timeouts on one DelayedCall."""
+"""tunnel.timers.Deadlines: many equal timeouts on one DelayedCall."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 
+from tunnel.timers import Deadlines
 from tunnel.yamux import YamuxConfig
-from tunnel.yamux.deadlines import Deadlines
 
 from .helpers import Wire
 
@@ -99,3 +99,23 @@ def test_many_streams_awaiting_their_ack_share_one_timer():
     assert all(s.state.value == "Reset" for s in streams)
     assert w.clock.getDelayedCalls() == []
     w.lose()
+
+
+def test_pop_newest_takes_the_last_added_and_a_lazy_queue_keeps_its_call():
+    for lazy in (False, True):
+        clock, expired = Clock(), []
+        d = Deadlines(clock, 10.0, expired.append, lazy=lazy)
+        d.add("a")
+        clock.advance(1)
+        d.add("b")
+        assert list(d) == ["a", "b"]
+        assert d.pop_newest() == "b"
+        assert d.pop_newest() == "a"
+        # emptied: cancelled at once, or (lazy) left to fire once for nothing
+        assert len(clock.getDelayedCalls()) == (1 if lazy else 0)
+        d.add("c")  # at t = 1: due at 11, whatever call is armed
+        assert len(clock.getDelayedCalls()) == 1
+        clock.advance(9)  # t = 10: a lazy call fires, finds "c" not due, waits on
+        assert expired == []
+        clock.advance(1)  # t = 11
+        assert expired == ["c"] and clock.getDelayedCalls() == []
