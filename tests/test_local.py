@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from tunnel.client.local import LocalForwarder, LocalTargets
+from tunnel.client.local import LocalForwarder, LocalTargets, connect_error
 from tunnel.koding.wire import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
 from tunnel.yamux.frame import FLAG_FIN, TYPE_DATA, TYPE_WINDOW_UPDATE
 
@@ -112,3 +114,17 @@ def test_no_local_server_reaches_the_public_client_as_go_s_503(local):
         raw = env.request(b"GET /echo HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         assert raw == NO_LOCAL_SERVER  # the client's answer, relayed byte for byte
         assert env.client.state.name == "CONNECTED"  # the tunnel is unharmed
+
+
+def test_a_connect_error_with_a_nested_failure_is_told_in_one_line():
+    """Twisted may wrap the reason a connect failed in a Failure inside a
+    ConnectError; its repr ("[Failure instance: Traceback ...]") must not
+    reach the log, only what went wrong."""
+    lost = Failure(ConnectionLost("gone"))
+    nested = Failure(ConnectError(string=lost))
+    assert connect_error(nested) == (
+        "An error occurred while connecting: " + lost.getErrorMessage()
+    )
+    assert "Traceback" not in connect_error(nested)
+    plain = Failure(ConnectError(string="refused"))
+    assert connect_error(plain) == plain.getErrorMessage()

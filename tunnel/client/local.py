@@ -141,10 +141,20 @@ class LocalForwarder:
             "local-unreachable",
             "local server for port {port} unreachable: {why}",
             port=message.local_port,
-            why=failure.getErrorMessage() if failure is not None else "no endpoint configured",
+            why=connect_error(failure) if failure is not None else "no endpoint configured",
         )
         if message.transport_protocol == TransportProtocol.TCP:
             stream.loseConnection()
             return
         stream.write(NO_LOCAL_SERVER)
         stream.loseConnection()
+
+
+def connect_error(failure: Failure) -> str:
+    """Why a connect failed, in one line: Twisted's ConnectError may carry a
+    nested Failure, whose repr (with a "Traceback" in it) would reach the log."""
+    error = failure.value
+    nested = [a for a in (getattr(error, "osError", None), *error.args) if isinstance(a, Failure)]
+    if nested:
+        return f"{getattr(error, 'MESSAGE', type(error).__name__)}: {nested[0].getErrorMessage()}"
+    return failure.getErrorMessage()
