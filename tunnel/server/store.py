@@ -1,0 +1,104 @@
+"""Where a server's hosts and TCP ports are kept: the registry's storage seam.
+
+A ``RegistryStore`` persists what an operator configured: which tunnel
+(``TunnelKey``, never an identifier) serves each public host, with that
+host's access rules, and which tunnel each public TCP port carries.  The
+server never asks the store on a request: it serves from memory
+(``vhosts``) and writes through the store when the configuration changes,
+so a slow or absent store never delays a public request.
+
+``MemoryStore`` keeps nothing past the process (what a server without
+``--db`` uses); ``sqlite.SQLiteStore`` keeps it in a file.  A store holds no
+SQL outside its own module and no knowledge of HTTP: rules are kept in
+their stored form (``rules.HostRules.stored()``: JSON-ready, passwords
+hashed), opaque to the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+
+from ..koding.identifiers import TunnelKey
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """A public host (normalised: ``name`` or ``name:port``), its tunnel and rules."""
+
+    host: str
+    key: TunnelKey
+    #: the rules' stored form (``HostRules.stored()``); empty: no rule
+    rules: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PortEntry:
+    """A public TCP port and the tunnel that carries its connections."""
+
+    port: int
+    key: TunnelKey
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a store holds, as loaded at start."""
+
+    hosts: tuple[HostEntry, ...] = ()
+    ports: tuple[PortEntry, ...] = ()
+
+
+class RegistryStore(Protocol):
+    """Persistence of hosts and TCP ports; every change is durable when its
+    Deferred fires, and fails the Deferred (changing nothing) when it cannot be."""
+
+    def load(self) -> Deferred[Snapshot]:
+        """Everything stored."""
+
+    def put_host(self, entry: HostEntry) -> Deferred[bool]:
+        """Store ``entry``, replacing the entry of the same host; True if it is new."""
+
+    def delete_host(self, host: str) -> Deferred[bool]:
+        """Forget ``host``; True if it was stored."""
+
+    def put_port(self, entry: PortEntry) -> Deferred[bool]:
+        """Store ``entry``, replacing the entry of the same port; True if it is new."""
+
+    def delete_port(self, port: int) -> Deferred[bool]:
+        """Forget ``port``; True if it was stored."""
+
+    def close(self) -> Deferred[None]:
+        """Release the store (pending changes first)."""
+
+
+class MemoryStore:
+    """A ``RegistryStore`` that lasts as long as the process."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, HostEntry] = {}
+        self._ports: dict[int, PortEntry] = {}
+
+    def load(self) -> Deferred[Snapshot]:
+        return succeed(Snapshot(tuple(self._hosts.values()), tuple(self._ports.values())))
+
+    def put_host(self, entry: HostEntry) -> Deferred[bool]:
+        created = entry.host not in self._hosts
+        self._hosts[entry.host] = entry
+        return succeed(created)
+
+    def delete_host(self, host: str) -> Deferred[bool]:
+        return succeed(self._hosts.pop(host, None) is not None)
+
+    def put_port(self, entry: PortEntry) -> Deferred[bool]:
+        created = entry.port not in self._ports
+        self._ports[entry.port] = entry
+        return succeed(created)
+
+    def delete_port(self, port: int) -> Deferred[bool]:
+        return succeed(self._ports.pop(port, None) is not None)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
