@@ -155,3 +155,13 @@ def test_a_second_fin_is_rejected_at_the_header_before_its_credit_is_used():
     assert [(h.type, h.length) for h, _ in w.sent()] == [(TYPE_GO_AWAY, GOAWAY_PROTOCOL_ERROR)]
     w.lose()
     assert isinstance(w.session.close_reason, UnexpectedFin)
+
+
+def test_traffic_counters_count_data_payloads_each_way():
+    w = wire()
+    stream, proto = accepted(w)
+    w.feed(data_frame(1, b"hello") + data_frame(1, b"!"))
+    stream.write(b"answer")
+    w.sent()
+    # control frames (the SYN, its ACK, window updates) are not traffic
+    assert (w.session.bytes_received, w.session.bytes_sent) == (6, 6)

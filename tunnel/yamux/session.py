@@ -168,6 +168,8 @@ class YamuxSession(Protocol):
         "_keepalive_timer",
         "_peer_address",
         "host_address",
+        "bytes_sent",
+        "bytes_received",
     )
 
     def __init__(
@@ -233,6 +235,9 @@ class YamuxSession(Protocol):
         self._keepalive_timer: Any = None
         self._peer_address: Any = None
         self.host_address: Any = None
+        #: payload bytes of the Data frames sent and received (traffic counters)
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def __repr__(self) -> str:
         role = "client" if self.is_client else "server"
@@ -528,6 +533,7 @@ class YamuxSession(Protocol):
     def dataHeaderReceived(self, header: Header) -> Callable[[bytes], None] | None:
         if not self._heard_peer:
             self._heard()
+        self.bytes_received += header.length
         stream = self._process_flags(header)
         if stream is None:
             return None
@@ -771,6 +777,7 @@ class YamuxSession(Protocol):
         """Write one Data frame (within the stream's window); True while the socket takes more."""
         transport = self.transport
         if transport is not None and self._closed is None:
+            self.bytes_sent += len(data)
             transport.writeSequence((encode(TYPE_DATA, 0, stream_id, len(data)), data))
         return not self._write_paused
 
