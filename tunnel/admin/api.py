@@ -1,0 +1,481 @@
+"""The admin API: JSON over HTTP, routed by klein, over the server's Routes.
+
+Every route works on the live server: a change goes through ``Routes``
+(which stores it and applies it at once) and a listing reads the registry
+and the connected clients as they are now.  Identifiers come in (a PUT's
+``"identifier"``) and never go out: a tunnel is named by its fingerprint
+in every answer and log line.
+
+Routes (all JSON, ``application/json``; errors ``{"error": "message"}``)::
+
+    GET    /api/hosts                 {"hosts": [HOST, ...]}
+    GET    /api/hosts/{host}          HOST, or 404
+    PUT    /api/hosts/{host}          {"identifier": "...", "rules": {...}}: 201 new / 200 replaced
+    DELETE /api/hosts/{host}          204, or 404
+    GET    /api/tcp                   {"ports": [PORT, ...]}
+    PUT    /api/tcp/{port}            {"identifier": "..."}: 201 / 200; 409 if it cannot listen
+    DELETE /api/tcp/{port}            204, or 404
+    GET    /api/tunnels               {"tunnels": [TUNNEL, ...]}
+    DELETE /api/tunnels/{fingerprint} 200 with the TUNNEL it was; 404; 409 if ambiguous
+
+    HOST   = {"host", "tunnel": fingerprint, "connected": bool, "rules": public rules}
+    PORT   = {"port", "tunnel": fingerprint, "connected": bool}
+    TUNNEL = {"fingerprint", "remote", "connected_since" (ISO 8601 UTC),
+              "connected_since_epoch", "ready", "streams_open", "requests",
+              "bytes_in", "bytes_out", "hosts": [host, ...], "ports": [port, ...]}
+
+``DELETE /api/tunnels/{fingerprint}`` takes 4 to 64 hex digits: the
+beginning of a tunnel key, like an abbreviated git commit.  The 8 digits of
+a listing name one tunnel unless two keys share them; more digits then tell
+them apart; if the digits given still match more than one connected tunnel,
+nothing is disconnected and the answer is 409 naming the candidates.
+
+Status codes: 400 for a body that is not a JSON object, unknown or missing
+fields, wrong types, or a host, port or fingerprint that does not parse;
+404 unknown; 405 wrong method; 409 conflict (a port that cannot be bound,
+an ambiguous fingerprint); 413 body too large (``service.AdminSite``); 415
+a body that is not sent as ``application/json``.
+
+The same app serves the status page (``status``) at ``/``.  Who may call
+it is decided in front of it (``auth.TokenGuard``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from klein import Klein
+from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from ..server.rules import HostRules, RulesError
+from . import status
+
+#: the fields a PUT body may hold
+HOST_FIELDS = frozenset({"identifier", "rules"})
+PORT_FIELDS = frozenset({"identifier"})
+#: the longest identifier taken (the client sends it in a request header)
+MAX_IDENTIFIER = 1024
+#: fewest hex digits that may name a tunnel to disconnect
+MIN_FINGERPRINT_DIGITS = 4
+
+_PORT = re.compile(r"[0-9]{1,5}")
+_HEX = re.compile(rf"[0-9a-fA-F]{{{MIN_FINGERPRINT_DIGITS},64}}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: headers on every answer: nothing cached, sniffed, framed or referred
+SECURITY_HEADERS = {
+    b"cache-control": b"no-store",
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+}
+#: the status page loads its own script and style sheet, nothing else
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class ApiError(Exception):
+    """An answer other than success: its status and a message safe to show."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AdminAPI:
+    """The admin routes over a server's ``Routes`` and its ``TunnelServer``.
+
+    :param routes: the registry facade (``tunnel.server.routes.Routes``):
+        what it is given takes effect at once and is stored.
+    :param server: the ``TunnelServer``, for the connected clients.
+    :param reactor: ``now`` is read from it, and a password is
+        hashed in its thread pool.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, routes: Any, server: Any, *, reactor: Any = None) -> None:
+        self.routes = routes
+        self.server = server
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+
+    def resource(self) -> IResource:
+        """The app as a (leaf) Resource; put ``auth.TokenGuard`` in front of it."""
+        return self.app.resource()
+
+    # -- what the routes show ----------------------------------------------------
+
+    def _connected(self, key: Any) -> bool:
+        connection = self.server.connection(key)
+        return connection is not None and bool(connection.ready)
+
+    def host_json(self, entry: Any) -> dict[str, Any]:
+        """A host entry as the API shows it (the rules without their secrets)."""
+        return {
+            "host": entry.host,
+            "tunnel": entry.key.fingerprint,
+            "connected": self._connected(entry.key),
+            "rules": HostRules.from_stored(entry.rules).public(),
+        }
+
+    def port_json(self, entry: Any) -> dict[str, Any]:
+        return {
+            "port": entry.port,
+            "tunnel": entry.key.fingerprint,
+            "connected": self._connected(entry.key),
+        }
+
+    def tunnels_json(self) -> list[dict[str, Any]]:
+        """Every connected client, with the hosts and ports that point at it."""
+        hosts: dict[Any, list[str]] = {}
+        for entry in self.routes.hosts():
+            hosts.setdefault(entry.key, []).append(entry.host)
+        ports: dict[Any, list[int]] = {}
+        for entry in self.routes.ports():
+            ports.setdefault(entry.key, []).append(entry.port)
+        out = [
+            self._tunnel_json(c, hosts.get(c.key, []), ports.get(c.key, []))
+            for c in self.server.connections()
+        ]
+        out.sort(key=lambda t: (t["fingerprint"], t["connected_since_epoch"]))
+        return out
+
+    def _tunnel_json(self, connection: Any, hosts: list[str], ports: list[int]) -> dict[str, Any]:
+        stats = connection.stats()
+        since = float(stats.connected_since)
+        return {
+            "fingerprint": stats.fingerprint,
+            "remote": str(stats.remote),
+            "connected_since": iso_utc(since),
+            "connected_since_epoch": since,
+            "ready": bool(connection.ready),
+            "streams_open": stats.streams_open,
+            "requests": stats.requests,
+            "bytes_in": stats.bytes_in,
+            "bytes_out": stats.bytes_out,
+            "hosts": sorted(hosts),
+            "ports": sorted(ports),
+        }
+
+    def hosts_json(self) -> list[dict[str, Any]]:
+        return [self.host_json(e) for e in sorted(self.routes.hosts(), key=lambda e: e.host)]
+
+    def ports_json(self) -> list[dict[str, Any]]:
+        return [self.port_json(e) for e in sorted(self.routes.ports(), key=lambda e: e.port)]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the status page shows, as of now."""
+        tunnels = self.tunnels_json()
+        totals = {
+            "clients": sum(1 for t in tunnels if t["ready"]),
+            "requests": sum(t["requests"] for t in tunnels),
+            "bytes_in": sum(t["bytes_in"] for t in tunnels),
+            "bytes_out": sum(t["bytes_out"] for t in tunnels),
+            "streams_open": sum(t["streams_open"] for t in tunnels),
+        }
+        hosts = self.hosts_json()
+        ports = self.ports_json()
+        totals["hosts"] = len(hosts)
+        totals["ports"] = len(ports)
+        return {
+            "now": iso_utc(self.reactor.seconds()),
+            "hosts": hosts,
+            "ports": ports,
+            "tunnels": tunnels,
+            "totals": totals,
+        }
+
+    # -- hosts -------------------------------------------------------------------
+
+    @app.route("/api/hosts", methods=["GET"])
+    def list_hosts(self, request: IRequest) -> bytes:
+        return json_answer(request, 200, {"hosts": self.hosts_json()})
+
+    @app.route("/api/hosts/<host>", methods=["GET"])
+    def show_host(self, request: IRequest, host: str) -> bytes:
+        entry = self._host_entry(host)
+        if entry is None:
+            raise ApiError(404, f"no such host: {_shown(host)}")
+        return json_answer(request, 200, self.host_json(entry))
+
+    @app.route("/api/hosts/<host>", methods=["PUT"])
+    async def put_host(self, request: IRequest, host: str) -> bytes:
+        body = read_object(request, allowed=HOST_FIELDS)
+        identifier = identifier_field(body)
+        try:
+            # off the reactor thread: a password is hashed with scrypt (tens of ms)
+            rules = await deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), HostRules.from_api, body.get("rules")
+            )
+        except RulesError as e:
+            raise ApiError(400, str(e))
+        try:
+            created = await self.routes.put_host(host, identifier, rules.stored())
+        except ValueError as e:
+            raise ApiError(400, str(e))
+        entry = self._host_entry(host)
+        if entry is None:  # removed again in the meantime
+            raise ApiError(409, f"{_shown(host)} was removed while it was being stored")
+        self.log.info(
+            "admin: host {host} {what}, served by tunnel {tunnel}",
+            host=entry.host,
+            what="added" if created else "replaced",
+            tunnel=entry.key.fingerprint,
+        )
+        return json_answer(request, 201 if created else 200, self.host_json(entry))
+
+    @app.route("/api/hosts/<host>", methods=["DELETE"])
+    async def delete_host(self, request: IRequest, host: str) -> bytes:
+        entry = self._host_entry(host)
+        if entry is None or not await self.routes.delete_host(entry.host):
+            raise ApiError(404, f"no such host: {_shown(host)}")
+        self.log.info("admin: host {host} removed", host=entry.host)
+        return empty_answer(request)
+
+    def _host_entry(self, host: str) -> Any:
+        try:
+            return self.routes.host(host)
+        except ValueError as e:
+            raise ApiError(400, str(e))
+
+    # -- TCP ports -----------------------------------------------------------------
+
+    @app.route("/api/tcp", methods=["GET"])
+    def list_ports(self, request: IRequest) -> bytes:
+        return json_answer(request, 200, {"ports": self.ports_json()})
+
+    @app.route("/api/tcp/<port>", methods=["PUT"])
+    async def put_port(self, request: IRequest, port: str) -> bytes:
+        number = port_number(port)
+        body = read_object(request, allowed=PORT_FIELDS)
+        identifier = identifier_field(body)
+        try:
+            created = await self.routes.put_port(number, identifier)
+        except CannotListenError as e:
+            raise ApiError(409, f"cannot listen on TCP port {number}: {_listen_reason(e)}")
+        entry = self._port_entry(number)
+        if entry is None:
+            raise ApiError(409, f"TCP port {number} was removed while it was being stored")
+        self.log.info(
+            "admin: TCP port {port} {what}, carried by tunnel {tunnel}",
+            port=number,
+            what="opened" if created else "replaced",
+            tunnel=entry.key.fingerprint,
+        )
+        return json_answer(request, 201 if created else 200, self.port_json(entry))
+
+    @app.route("/api/tcp/<port>", methods=["DELETE"])
+    async def delete_port(self, request: IRequest, port: str) -> bytes:
+        number = port_number(port)
+        if not await self.routes.delete_port(number):
+            raise ApiError(404, f"no such TCP port: {number}")
+        self.log.info("admin: TCP port {port} closed", port=number)
+        return empty_answer(request)
+
+    def _port_entry(self, number: int) -> Any:
+        for entry in self.routes.ports():
+            if entry.port == number:
+                return entry
+        return None
+
+    # -- tunnels -------------------------------------------------------------------
+
+    @app.route("/api/tunnels", methods=["GET"])
+    def list_tunnels(self, request: IRequest) -> bytes:
+        return json_answer(request, 200, {"tunnels": self.tunnels_json()})
+
+    @app.route("/api/tunnels/<fingerprint>", methods=["DELETE"])
+    def kick_tunnel(self, request: IRequest, fingerprint: str) -> bytes:
+        if not _HEX.fullmatch(fingerprint):
+            raise ApiError(
+                400,
+                f"a tunnel is named by {MIN_FINGERPRINT_DIGITS} to 64 hex digits"
+                " of its key (its fingerprint)",
+            )
+        prefix = fingerprint.lower()
+        matches = [c for c in self.server.connections() if c.key.hex().startswith(prefix)]
+        if not matches:
+            raise ApiError(404, f"no connected tunnel {prefix}")
+        if len(matches) > 1:
+            names = ", ".join(sorted(c.key.fingerprint for c in matches))
+            raise ApiError(
+                409, f"{prefix} names {len(matches)} tunnels ({names}): give more hex digits"
+            )
+        (connection,) = matches
+        key = connection.key
+        before = self.tunnels_json()
+        shown = next(t for t in before if t["fingerprint"] == key.fingerprint)
+        if not self.server.disconnect(key):
+            raise ApiError(404, f"no connected tunnel {prefix}")
+        self.log.info("admin: tunnel {tunnel} disconnected", tunnel=key.fingerprint)
+        return json_answer(request, 200, shown)
+
+    # -- the status page -------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def status_page(self, request: IRequest) -> bytes:
+        return page_answer(request, b"text/html; charset=utf-8", status.page(self.snapshot()))
+
+    @app.route("/status.js", methods=["GET"])
+    def status_script(self, request: IRequest) -> bytes:
+        return page_answer(request, b"text/javascript; charset=utf-8", status.SCRIPT)
+
+    @app.route("/status.css", methods=["GET"])
+    def status_style(self, request: IRequest) -> bytes:
+        return page_answer(request, b"text/css; charset=utf-8", status.STYLE)
+
+    # -- errors ----------------------------------------------------------------------
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        return json_answer(request, error.code, {"error": error.message})
+
+    @app.handle_errors(HTTPException)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            allowed = ", ".join(sorted(error.valid_methods))
+            request.responseHeaders.setRawHeaders(b"allow", [allowed.encode("ascii")])
+            message = f"{request.method.decode('latin-1')} is not allowed here (allowed: {allowed})"
+        else:
+            message = {404: "no such route"}.get(error.code, error.name.lower())
+        return json_answer(request, error.code or 500, {"error": message})
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure(
+            "admin request {method} {path} failed",
+            failure,
+            method=request.method,
+            path=request.path,
+        )
+        return json_answer(request, 500, {"error": "internal error (see the server's log)"})
+
+
+# -- requests and answers -----------------------------------------------------------------
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """Operator input, cut short for an error message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise ValueError(f"the field {name!r:.40} appears twice")
+        out[name] = value
+    return out
+
+
+def read_object(request: IRequest, *, allowed: frozenset[str]) -> dict[str, Any]:
+    """The request's body: a JSON object holding no field outside ``allowed``."""
+    content_type = request.getHeader(b"content-type") or b""
+    if content_type.split(b";", 1)[0].strip().lower() != b"application/json":
+        raise ApiError(415, "send the body as application/json")
+    data = request.content.read()
+    try:
+        document = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})")
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed JSON: not UTF-8")
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply")
+    except ValueError as e:  # from the hooks above
+        raise ApiError(400, f"malformed JSON: {e}")
+    if not isinstance(document, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    unknown = sorted(set(document) - allowed)
+    if unknown:
+        shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+        raise ApiError(400, f"unknown field(s): {shown} (allowed: {', '.join(sorted(allowed))})")
+    return document
+
+
+def identifier_field(body: Mapping[str, Any]) -> str:
+    """The body's ``identifier``: a non-empty string a client can send."""
+    if "identifier" not in body:
+        raise ApiError(400, "the field 'identifier' is required")
+    identifier = body["identifier"]
+    if not isinstance(identifier, str):
+        raise ApiError(400, "'identifier' must be a string")
+    if not identifier:
+        raise ApiError(400, "'identifier' must not be empty")
+    if len(identifier) > MAX_IDENTIFIER:
+        raise ApiError(400, f"'identifier' is longer than {MAX_IDENTIFIER} characters")
+    if _CONTROL.search(identifier):
+        raise ApiError(400, "'identifier' must not hold control characters")
+    return identifier
+
+
+def port_number(text: str) -> int:
+    """A TCP port from the path: 1 to 65535, in decimal digits."""
+    if not _PORT.fullmatch(text) or not 0 < int(text) <= 65535:
+        raise ApiError(400, f"{text[:20]!r} is not a TCP port (1 to 65535)")
+    return int(text)
+
+
+def _listen_reason(error: CannotListenError) -> str:
+    socket_error = error.socketError
+    reason = getattr(socket_error, "strerror", None) or str(socket_error)
+    return reason
+
+
+def iso_utc(epoch: float) -> str:
+    """``2025-01-02T03:04:05Z``: a time as ISO 8601 in UTC, to the second."""
+    moment = datetime.fromtimestamp(epoch, UTC).replace(microsecond=0)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _common_headers(request: IRequest) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        request.responseHeaders.setRawHeaders(name, [value])
+
+
+def json_answer(request: IRequest, code: int, document: Any) -> bytes:
+    """Answer ``code`` with ``document`` as JSON."""
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    request.setResponseCode(code)
+    _common_headers(request)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    return body
+
+
+def empty_answer(request: IRequest) -> bytes:
+    """Answer 204 No Content."""
+    request.setResponseCode(204)
+    _common_headers(request)
+    return b""
+
+
+def page_answer(request: IRequest, content_type: bytes, body: bytes) -> bytes:
+    """Answer 200 with a part of the status page."""
+    request.setResponseCode(200)
+    _common_headers(request)
+    request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+    request.responseHeaders.setRawHeaders(b"content-security-policy", [CONTENT_SECURITY_POLICY])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    return body
