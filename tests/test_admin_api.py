@@ -115,7 +115,8 @@ class AdminEnv:
         for client in self.clients:
             if client.running:
                 await client.stopService()
-        await self.admin.stopService()
+        if self.admin.running:
+            await self.admin.stopService()
         await self.routes.stop()
         self.metrics.close()
         await self.tunnel.stop()
@@ -588,7 +589,11 @@ async def test_the_status_page_and_its_parts(env):
     assert f'<td class="tunnel fingerprint">{fingerprint(IDENT)}</td>' in page
     assert '<td class="connected yes">yes</td>' in page
     assert IDENT not in page
-    for path, kind in (("/status.js", b"text/javascript"), ("/status.css", b"text/css")):
+    for path, kind in (
+        ("/status.js", b"text/javascript"),
+        ("/status.css", b"text/css"),
+        ("/status.svg", b"image/svg+xml"),
+    ):
         code, text, response = await env.call("GET", path)
         assert code == 200 and text
         assert response.headers.getRawHeaders(b"content-type")[0].startswith(kind)

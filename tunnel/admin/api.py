@@ -339,6 +339,10 @@ class AdminAPI:
     def status_style(self, request: IRequest) -> bytes:
         return page_answer(request, b"text/css; charset=utf-8", status.STYLE)
 
+    @app.route("/status.svg", methods=["GET"])
+    def status_icon(self, request: IRequest) -> bytes:
+        return page_answer(request, b"image/svg+xml", status.ICON)
+
     # -- errors ----------------------------------------------------------------------
 
     @app.handle_errors(ApiError)

@@ -23,8 +23,9 @@ import json
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -117,8 +118,22 @@ class BoundedRequest(Request):
         self.finish()
 
 
+class AdminChannel(HTTPChannel):
+    """An HTTP/1.1 channel its site knows of, so that a stop can close it."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channel_opened(self)
+
+    def connectionLost(self, reason) -> None:
+        self.site.channel_closed(self)
+        super().connectionLost(reason)
+
+
 class AdminSite(Site):
-    """The admin endpoint's Site: bounded bodies, no access log, idle timeout."""
+    """The admin endpoint's Site: bounded bodies, no access log, idle timeout,
+    and ``close_connections`` (a browser keeps its connection to the status
+    page open: stopping the endpoint must end it too)."""
 
     requestFactory = BoundedRequest
     displayTracebacks = False
@@ -126,6 +141,32 @@ class AdminSite(Site):
     def __init__(self, resource: IResource, *, reactor: Any = None) -> None:
         kwargs = {} if reactor is None else {"reactor": reactor}
         super().__init__(resource, timeout=IDLE_TIMEOUT, **kwargs)
+        self._channels: set[AdminChannel] = set()
+        self._all_closed: OneShot | None = None
+
+    def protocol(self) -> AdminChannel:
+        return AdminChannel()
+
+    def channel_opened(self, channel: AdminChannel) -> None:
+        self._channels.add(channel)
+
+    def channel_closed(self, channel: AdminChannel) -> None:
+        self._channels.discard(channel)
+        if not self._channels and self._all_closed is not None:
+            self._all_closed.fire(None)
+            self._all_closed = None
+
+    def close_connections(self) -> Deferred:
+        """Close every open connection (what was written is still sent; a
+        request still being answered gets no answer); fires once all are closed."""
+        if not self._channels:
+            return succeed(None)
+        if self._all_closed is None:
+            self._all_closed = OneShot()
+        waiting = self._all_closed.when()
+        for channel in list(self._channels):
+            channel.loseConnection()
+        return waiting
 
     def log(self, request: IRequest) -> None:
         """No access log: each line would be caused by whoever reaches the port."""
@@ -197,6 +238,11 @@ class AdminService(StreamServerEndpointService):
         # as twisted.application.strports.service() does: twistd exits with
         # the error rather than run a server whose admin port is not there
         self._raiseSynchronously = True
+
+    def stopService(self) -> Deferred:
+        """Stop listening, then close the connections still open."""
+        d = super().stopService()
+        return d.addCallback(lambda _: self.factory.close_connections())
 
     def when_listening(self) -> Deferred:
         """Fires with the listening port (``getHost()`` tells its address)."""

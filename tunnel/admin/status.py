@@ -190,6 +190,7 @@ def page(snapshot: Mapping[str, Any]) -> bytes:
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         "<title>tunnel server</title>"
+        '<link rel="icon" href="/status.svg" type="image/svg+xml">'
         '<link rel="stylesheet" href="/status.css">'
         '<script src="/status.js" defer></script>'
         "</head><body>"
@@ -236,6 +237,12 @@ _SCRIPT = """\
 """
 SCRIPT = _SCRIPT.replace("@REFRESH_MS@", str(REFRESH_MS)).encode("utf-8")
 
+
+#: the page's icon (else a browser asks for /favicon.ico)
+ICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<circle cx="8" cy="8" r="6" fill="#070"/></svg>'
+)
 
 STYLE = b"""\
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
