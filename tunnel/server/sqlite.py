@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..koding.identifiers import TunnelKey
-from .store import HostEntry, PortEntry, Snapshot
+from .store import HostEntry, PortEntry, Snapshot, StoreClosed, StoreError
 
 #: ``PRAGMA application_id`` of a tunnel registry ("tunl"): a SQLite file
 #: carrying another id belongs to another application and is refused
@@ -74,14 +74,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 #: the version this code writes
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class StoreError(Exception):
-    """The registry file cannot be used, or a change to it failed."""
-
-
-class StoreClosed(StoreError):
-    """The store was closed; nothing more can be read or changed."""
 
 
 class _State(enum.Enum):
