@@ -19,6 +19,7 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
@@ -26,13 +27,20 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from tunnel.admin import status
-from tunnel.admin.api import MAX_IDENTIFIER, ApiError, port_number, read_object
+from tunnel.admin.api import (
+    MAX_IDENTIFIER,
+    ApiError,
+    uncancellable,
+    port_number,
+    read_object,
+)
 from tunnel.admin.auth import TokenFileError, offered_token, parse_token, read_token_file
 from tunnel.admin.service import MAX_BODY, AdminService
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server.metrics import Metrics
 from tunnel.server.routes import Routes, TCPPorts
-from tunnel.server.store import MemoryStore
+from tunnel.server.sqlite import SQLiteStore
+from tunnel.server.store import MemoryStore, StoreError
 
 from .live import http_client, until
 from .tunnel_env import TunnelEnv
@@ -84,7 +92,8 @@ class AdminEnv:
     Routes start empty: every host and port is added through the API.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, store=None) -> None:
+        self.store = store if store is not None else MemoryStore()
         self.clients = []
         #: every body the admin endpoint answered (checked for identifiers)
         self.bodies: list[bytes] = []
@@ -94,7 +103,7 @@ class AdminEnv:
         self.server = self.tunnel.server
         self.server.delete_host(HOST)  # TunnelEnv adds one directly; ours come from the API
         self.routes = Routes(
-            self.server, MemoryStore(), listen_tcp=TCPPorts(self.server, interface="127.0.0.1")
+            self.server, self.store, listen_tcp=TCPPorts(self.server, interface="127.0.0.1")
         )
         await self.routes.start()
         self.metrics = Metrics(self.server)
@@ -352,6 +361,24 @@ async def test_bad_host_requests_are_400_with_a_message(env):
         assert (await env.call("GET", f"/api/hosts/{host}"))[0] == 400, host
         assert (await env.call("DELETE", f"/api/hosts/{host}"))[0] == 400, host
     assert env.routes.hosts() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_the_store_cannot_make_is_503_and_changes_nothing(tmp_path):
+    env = await AdminEnv(await SQLiteStore.open(tmp_path / "registry.db")).start()
+    try:
+        assert (await env.call("PUT", f"/api/hosts/{HOST}", {"identifier": IDENT}))[0] == 201
+        await env.store.close()  # as if the disk went away
+        with global_log() as log:
+            code, body, _ = await env.call("PUT", "/api/hosts/b.localhost", {"identifier": IDENT})
+            assert code == 503
+            assert body["error"].startswith("the change was not stored: put_host: the registry")
+            assert (await env.call("DELETE", f"/api/hosts/{HOST}"))[0] == 503
+        assert [h.host for h in env.routes.hosts()] == [HOST]  # as it was
+        assert not any(e.get("log_failure") for e in log.events)  # one line, no traceback
+        assert sum("admin: a change was not stored" in line for line in log.lines) == 2
+    finally:
+        await env.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -685,6 +712,25 @@ def test_any_body_is_an_object_or_a_400(data):
         assert e.code == 400 and e.message
         return
     assert isinstance(body, dict) and set(body) <= {"identifier", "rules"}
+
+
+def test_a_client_leaving_does_not_cancel_a_change():
+    change = Deferred()
+    answer = uncancellable(change)
+    answer.cancel()  # what klein does when the client goes away
+    assert not change.called  # the change goes on
+    failures = []
+    answer.addErrback(failures.append)
+    assert failures[0].check(CancelledError)
+    with global_log() as log:
+        change.errback(StoreError("disk full"))  # reported, not left unhandled
+    assert change.result is None
+    assert any("a change failed after its client left" in line for line in log.lines)
+    # uncancelled, results pass through
+    done = Deferred()
+    passed = uncancellable(done)
+    done.callback(True)
+    assert passed.result is True
 
 
 def test_the_page_escapes_what_it_shows():

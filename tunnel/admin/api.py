@@ -34,7 +34,8 @@ Status codes: 400 for a body that is not a JSON object, unknown or missing
 fields, wrong types, or a host, port or fingerprint that does not parse;
 404 unknown; 405 wrong method; 409 conflict (a port that cannot be bound,
 an ambiguous fingerprint); 413 body too large (``service.AdminSite``); 415
-a body that is not sent as ``application/json``.
+a body that is not sent as ``application/json``; 503 a change the
+registry's store could not make (nothing changed).
 
 The same app serves the status page (``status``) at ``/``.  Who may call
 it is decided in front of it (``auth.TokenGuard``).
@@ -49,6 +50,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -58,6 +60,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..server.rules import HostRules, RulesError
+from ..server.store import StoreError
 from . import status
 
 #: the fields a PUT body may hold
@@ -200,6 +203,20 @@ class AdminAPI:
             "totals": totals,
         }
 
+    async def _change(self, change: Deferred) -> Any:
+        """What a change to ``routes`` fired with; a 503 if it could not be stored
+        (then nothing changed, ``RegistryStore``'s promise).
+
+        A client that goes away does not cancel the change (klein cancels
+        the handler): a change half made would leave what is stored and what
+        is served apart.  It completes, unanswered.
+        """
+        try:
+            return await uncancellable(change)
+        except StoreError as e:
+            self.log.warn("admin: a change was not stored: {why}", why=str(e))
+            raise ApiError(503, f"the change was not stored: {e}")
+
     # -- hosts -------------------------------------------------------------------
 
     @app.route("/api/hosts", methods=["GET"])
@@ -225,7 +242,7 @@ class AdminAPI:
         except RulesError as e:
             raise ApiError(400, str(e))
         try:
-            created = await self.routes.put_host(host, identifier, rules.stored())
+            created = await self._change(self.routes.put_host(host, identifier, rules.stored()))
         except ValueError as e:
             raise ApiError(400, str(e))
         entry = self._host_entry(host)
@@ -242,7 +259,7 @@ class AdminAPI:
     @app.route("/api/hosts/<host>", methods=["DELETE"])
     async def delete_host(self, request: IRequest, host: str) -> bytes:
         entry = self._host_entry(host)
-        if entry is None or not await self.routes.delete_host(entry.host):
+        if entry is None or not await self._change(self.routes.delete_host(entry.host)):
             raise ApiError(404, f"no such host: {_shown(host)}")
         self.log.info("admin: host {host} removed", host=entry.host)
         return empty_answer(request)
@@ -265,7 +282,7 @@ class AdminAPI:
         body = read_object(request, allowed=PORT_FIELDS)
         identifier = identifier_field(body)
         try:
-            created = await self.routes.put_port(number, identifier)
+            created = await self._change(self.routes.put_port(number, identifier))
         except CannotListenError as e:
             raise ApiError(409, f"cannot listen on TCP port {number}: {_listen_reason(e)}")
         entry = self._port_entry(number)
@@ -282,7 +299,7 @@ class AdminAPI:
     @app.route("/api/tcp/<port>", methods=["DELETE"])
     async def delete_port(self, request: IRequest, port: str) -> bytes:
         number = port_number(port)
-        if not await self.routes.delete_port(number):
+        if not await self._change(self.routes.delete_port(number)):
             raise ApiError(404, f"no such TCP port: {number}")
         self.log.info("admin: TCP port {port} closed", port=number)
         return empty_answer(request)
@@ -373,6 +390,20 @@ class AdminAPI:
 
 
 # -- requests and answers -----------------------------------------------------------------
+
+
+def uncancellable(d: Deferred) -> Deferred:
+    """A Deferred with ``d``'s result whose cancelling leaves ``d`` running."""
+    out: Deferred = Deferred(lambda _: None)  # cancel() then fails ``out`` alone
+
+    def passed(result: Any) -> None:
+        if not out.called:
+            (out.errback if isinstance(result, Failure) else out.callback)(result)
+        elif isinstance(result, Failure):
+            AdminAPI.log.failure("admin: a change failed after its client left", result)
+
+    d.addBoth(passed)
+    return out
 
 
 def _shown(text: str, limit: int = 100) -> str:
