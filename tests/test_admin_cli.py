@@ -192,7 +192,8 @@ async def test_usage_errors_exit_2_with_one_line(cli):
         (("hosts", "add", HOST, "--identifier-file", missing), "--identifier-file: cannot read"),
         (("tcp", "add", "7000", "--identifier-file", "-"), "--identifier-file: '-' holds no"),
         (("--url", "ftp://x", "hosts", "list"), "--url must be an http:// or https:// URL"),
-        (("--timeout", "soon", "hosts", "list"), "argument --timeout: invalid float value"),
+        (("--timeout", "soon", "hosts", "list"), "argument --timeout: 'soon' is not a number"),
+        (("hosts", "list", "--timeout", "0"), "argument --timeout: '0' is not between 0 and"),
     ]
     bad_rules = cli.tmp / "rules.json"
     bad_rules.write_text("[1]")

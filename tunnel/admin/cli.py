@@ -80,6 +80,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 86400 seconds")
+    return value
+
+
 def _globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """The options every command takes, before or after the command's name."""
     default = argparse.SUPPRESS if suppress else None
@@ -102,7 +112,7 @@ def _globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=argparse.SUPPRESS if suppress else 10.0,
         metavar="SECONDS",
         help="give up on the API after this long [default: 10]",
