@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tunnel.client import TunnelClientService
+from tunnel.koding.identifiers import TunnelKey
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
@@ -145,7 +146,8 @@ def test_server_make_service():
     service = server_tap.makeService(options)
     assert IService.providedBy(service)
     assert len(list(service)) == 2  # one listener per --listen
-    assert service.server.vhosts.lookup("app.test") == ("id", 0)
+    route, port = service.server.vhosts.lookup("app.test")
+    assert (route.key, port) == (TunnelKey.of("id"), 0)  # the server keeps the key
     assert not service.running  # nothing listens until twistd starts it
 
 
@@ -172,8 +174,8 @@ def test_server_tcp_tunnels_and_site_options():
     tcp_endpoints = [svc.endpoint for svc in listeners[1:]]
     assert {e._port for e in tcp_endpoints} == {2222, 2223}
     assert {e._interface for e in tcp_endpoints} == {"127.0.0.1"}
-    assert service.server.addrs.lookup("127.0.0.1", 2222) == "ops"
-    assert service.server.addrs.lookup("127.0.0.1", 2223) == "a=b"
+    assert service.server.addrs.lookup("127.0.0.1", 2222) == TunnelKey.of("ops")
+    assert service.server.addrs.lookup("127.0.0.1", 2223) == TunnelKey.of("a=b")
 
 
 def test_server_tcp_alone_is_enough_and_bad_ports_are_usage_errors():

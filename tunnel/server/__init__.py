@@ -1,6 +1,8 @@
 """The public tunnel server.
 
-``registry`` keeps the hosts, TCP routes and connected clients (no HTTP);
+``registry`` keeps the connected clients and their traffic figures, by
+``TunnelKey`` (a server keeps no identifier), and the routing tables of
+``vhosts`` (host -> ``Route``, TCP port -> key; no HTTP);
 ``web`` is the twisted.web Resource that routes public requests and takes
 over control connections; ``forward`` carries one request (HTTP or a
 WebSocket upgrade) through a tunnel stream, writing it and reading the
@@ -10,7 +12,7 @@ graceful-stop service.
 """
 
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelError, TunnelTimeout
-from .registry import ClientConnection, TunnelServer
+from .registry import ClientConnection, TunnelServer, TunnelStats
 from .service import TunnelServerService
 from .site import TunnelSite
 from .web import TunnelResource
@@ -24,5 +26,6 @@ __all__ = [
     "TunnelServer",
     "TunnelServerService",
     "TunnelSite",
+    "TunnelStats",
     "TunnelTimeout",
 ]
