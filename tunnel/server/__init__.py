@@ -2,7 +2,9 @@
 
 ``registry`` keeps the connected clients and their traffic figures, by
 ``TunnelKey`` (a server keeps no identifier), and the routing tables of
-``vhosts`` (host -> ``Route``, TCP port -> key; no HTTP);
+``vhosts`` (host -> ``Route``, TCP port -> key; no HTTP); ``routes`` is the
+facade through which hosts and TCP ports are configured, written to a
+``store`` (``store.RegistryStore``) before they are served;
 ``web`` is the twisted.web Resource that routes public requests and takes
 over control connections; ``forward`` carries one request (HTTP or a
 WebSocket upgrade) through a tunnel stream, writing it and reading the
@@ -13,6 +15,7 @@ graceful-stop service.
 
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelError, TunnelTimeout
 from .registry import ClientConnection, TunnelServer, TunnelStats
+from .routes import Routes
 from .service import TunnelServerService
 from .site import TunnelSite
 from .web import TunnelResource
@@ -20,6 +23,7 @@ from .web import TunnelResource
 __all__ = [
     "ClientConnection",
     "NoClientSession",
+    "Routes",
     "TooManyPendingTunnels",
     "TunnelError",
     "TunnelResource",
