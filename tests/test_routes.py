@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import Routes, TunnelServer
-from tunnel.server.routes import TCPPorts
+from tunnel.server.routes import RoutesStopped, TCPPorts
 from tunnel.server.store import HostEntry, MemoryStore, PortEntry, Snapshot
 from tunnel.server.vhosts import VirtualAddrs, VirtualHosts, host_key
 
@@ -440,6 +440,27 @@ def test_seed_is_idempotent_and_keeps_stored_rules():
     assert routes.host("app.test") == HostEntry("app.test", TWO, {"rate": 3})
     assert served(server)["app.test"] == (TWO, {"rate": 3})
     assert routes.ports() == [PortEntry(2222, TWO)] and len(listen.opened) == 1
+
+
+def test_stopped_routes_refuse_changes():
+    store = CountingStore()
+    listen = RecordingListen()
+    routes, server = make_routes(store, listen)
+    result(routes.put_host("app.test", ONE))
+    pending = routes.stop()
+    for d in (
+        routes.put_host("b.test", ONE),
+        routes.delete_host("app.test"),
+        routes.put_port(2222, ONE),
+        routes.delete_port(2222),
+        routes.seed({"c.test": ONE}, {}),
+        routes.start(),
+    ):
+        with pytest.raises(RoutesStopped):
+            result(d)
+    result(pending)
+    assert store.writes == [("put_host", "app.test")] and listen.opened == []
+    assert served(server) == {"app.test": (ONE, None)}  # what was served stays in memory
 
 
 # -- real sockets ---------------------------------------------------------------------

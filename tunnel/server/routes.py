@@ -40,6 +40,10 @@ def default_rules(stored: Mapping[str, Any]) -> object:
     return dict(stored) if stored else None
 
 
+class RoutesStopped(Exception):
+    """A change was asked of routes that are stopped (or stopping)."""
+
+
 def check_port(port: int) -> int:
     """``port`` if it is a TCP port number (1..65535); ValueError otherwise."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
@@ -110,18 +114,27 @@ class Routes:
         self._listeners: dict[int, IListeningPort] = {}
         #: one change at a time: the tables follow the store's order
         self._lock = DeferredLock()
+        #: stop() was called: what is asked from then on is refused
+        self._stopping = False
 
     # -- start and stop ---------------------------------------------------------
 
     def start(self) -> Deferred[None]:
         """Load the store into the server's tables and open the stored ports'
         listeners.  Fails (closing what it opened) if a port cannot be bound."""
+        if self._stopping:
+            return fail(RoutesStopped("the routes are stopped"))
         return self._lock.run(lambda: Deferred.fromCoroutine(self._load()))
 
     def stop(self) -> Deferred[None]:
-        """Close the listeners opened here, then the store (changes under way
-        finish first)."""
+        """Close the listeners opened here, then the store.  Changes asked
+        before finish first; changes asked after fail with ``RoutesStopped``."""
+        self._stopping = True
         return self._lock.run(lambda: Deferred.fromCoroutine(self._close()))
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise RoutesStopped("the routes are stopped")
 
     async def _load(self) -> None:
         snapshot = await self.store.load()
@@ -168,6 +181,7 @@ class Routes:
         passwords already hashed); True if the host is new, False if its
         entry was replaced."""
         try:
+            self._check_running()
             entry = HostEntry(host_key(host), TunnelKey.coerce(tunnel), dict(rules))
             route_rules = self._rules_of(entry.rules)
         except Exception:
@@ -184,8 +198,9 @@ class Routes:
     def delete_host(self, host: str) -> Deferred[bool]:
         """Stop serving ``host`` (its requests get a 502); False if it was unknown."""
         try:
+            self._check_running()
             name = host_key(host)
-        except ValueError:
+        except Exception:
             return fail()
         return self._lock.run(lambda: Deferred.fromCoroutine(self._delete_host(name)))
 
@@ -212,6 +227,7 @@ class Routes:
         (its listener stays).  A port that cannot be bound fails the call and
         stores nothing."""
         try:
+            self._check_running()
             entry = PortEntry(check_port(port), TunnelKey.coerce(tunnel))
         except Exception:
             return fail()
@@ -233,8 +249,9 @@ class Routes:
     def delete_port(self, port: int) -> Deferred[bool]:
         """Stop carrying ``port`` and close its listener; False if it was unknown."""
         try:
+            self._check_running()
             check_port(port)
-        except ValueError:
+        except Exception:
             return fail()
         return self._lock.run(lambda: Deferred.fromCoroutine(self._delete_port(port)))
 
@@ -267,6 +284,7 @@ class Routes:
         hosts: Mapping[str, str | TunnelKey],
         ports: Mapping[int, str | TunnelKey],
     ) -> None:
+        self._check_running()
         for host, tunnel in hosts.items():
             name, key = host_key(host), TunnelKey.coerce(tunnel)
             existing = self._hosts.get(name)
