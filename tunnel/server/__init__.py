@@ -4,13 +4,13 @@
 ``TunnelKey`` (a server keeps no identifier), and the routing tables of
 ``vhosts`` (host -> ``Route``, TCP port -> key; no HTTP); ``routes`` is the
 facade through which hosts and TCP ports are configured, written to a
-``store`` (``store.RegistryStore``) before they are served;
-``web`` is the twisted.web Resource that routes public requests and takes
-over control connections; ``forward`` carries one request (HTTP or a
-WebSocket upgrade) through a tunnel stream, writing it and reading the
-answer with ``http1``, its body streaming through ``bodies``; ``tcp``
-carries raw TCP connections; ``site`` is the hardened Site; ``service`` the
-graceful-stop service.
+``store`` (``store.RegistryStore``) before they are served; ``web`` is the
+twisted.web Resource that routes public requests and takes over control
+connections; ``forward`` carries one request (HTTP or a WebSocket upgrade)
+through a tunnel stream, writing it and reading the answer with ``http1``,
+its body streaming through ``bodies``; ``tcp`` carries raw TCP connections;
+``site`` is the hardened Site; ``service`` the service that loads the routes
+before listening and stops gracefully.
 """
 
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelError, TunnelTimeout
