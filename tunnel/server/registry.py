@@ -4,9 +4,11 @@
 known by its ``TunnelKey`` (the identifier's SHA-256): the server keeps,
 indexes and logs keys, never identifiers.  Every method that names a tunnel
 takes ``str | TunnelKey``; a ``str`` is an identifier, hashed at once by
-``TunnelKey.coerce`` (so code written for identifiers keeps working).  To reach a
-client's local server it sends a control message and waits for the stream
-the client opens in answer.  Clients open streams in message order, so each
+``TunnelKey.coerce`` (so code written for identifiers keeps working).
+Each connection counts what it carries (``ClientConnection.stats``).
+
+To reach a client's local server the server sends a control message and
+waits for the stream the client opens in answer.  Clients open streams in message order, so each
 connection keeps a FIFO of waiters: the n-th stream belongs to the n-th
 message.  A waiter that timed out or was cancelled stays in the FIFO, and the
 stream that arrives for it is reset; an unsolicited stream is reset too.
