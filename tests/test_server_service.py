@@ -238,3 +238,26 @@ def test_stopping_while_the_routes_load_starts_no_listener():
     loaded.callback(None)
     assert "listen" not in log and log[-1] == "store closed"
     assert stopped.called and not service.running
+
+
+def test_a_listener_that_fails_late_stops_the_server_and_stop_closes_the_rest():
+    log: list = []
+    loaded: Deferred = Deferred()
+    service, server = service_with(log, loaded)
+
+    class Taken:
+        def listen(self, factory):
+            log.append("listen taken")
+            return fail(CannotListenError("127.0.0.1", 80, OSError(98, "Address in use")))
+
+    service.listen(Taken(), Factory.forProtocol(Protocol))  # after the one that binds
+    fatal: list = []
+    service.fatal = fatal.append
+    service.startService()
+    loaded.callback(None)
+    assert [f.type for f in fatal] == [CannotListenError]
+    assert log == ["load", "tcp 2222", "listen", "listen taken", "stop listening", "store closed"]
+    stopped = service.stopService()
+    assert stopped.called and not service.running
+    # the listener that did start is closed; the routes are not closed twice
+    assert log[6:] == ["stop listening"]

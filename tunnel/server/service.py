@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -128,8 +128,11 @@ class TunnelServerService(MultiService):
         if phase is Phase.SERVING:
             d.addCallback(lambda _: MultiService.stopService(self))
         else:
+            # FAILED: the listeners that did start; LOADING, IDLE: none
             Service.stopService(self)
-        if self.routes is not None:
+            started = [child for child in self if child.running]
+            d.addCallback(lambda _: gatherResults([c.stopService() for c in started]))
+        if self.routes is not None and phase is not Phase.FAILED:  # FAILED closed them
             d.addCallback(lambda _: self.routes.stop())
         return d
 
