@@ -82,7 +82,8 @@ async def test_hosts_add_list_show_rm(cli):
         "hosts", "add", HOST, "--identifier-file", str(cli.ident_file), "--rules-file", str(rules)
     )
     assert out == (
-        f"replaced {HOST}: tunnel {FP} (not connected), rules: allow 127.0.0.0/8; rate 50/s, burst 50\n"
+        f"replaced {HOST}: tunnel {FP} (not connected),"
+        " rules: allow 127.0.0.0/8; rate 50/s, burst 50\n"
     )
     # an identifier from standard input, for a second host
     out = await cli.ok("hosts", "add", "b.localhost", "--identifier-file", "-", stdin=IDENT)

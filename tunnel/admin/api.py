@@ -35,7 +35,8 @@ fields, wrong types, or a host, port or fingerprint that does not parse;
 404 unknown; 405 wrong method; 409 conflict (a port that cannot be bound,
 an ambiguous fingerprint); 413 body too large (``service.AdminSite``); 415
 a body that is not sent as ``application/json``; 503 a change the
-registry's store could not make (nothing changed).
+registry's store could not make (nothing changed), or asked of a server
+that is stopping.
 
 The same app serves the status page (``status``) at ``/``.  Who may call
 it is decided in front of it (``auth.TokenGuard``).
@@ -59,6 +60,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from ..server.routes import RoutesStopped
 from ..server.rules import HostRules, RulesError
 from ..server.store import StoreError
 from . import status
@@ -216,6 +218,8 @@ class AdminAPI:
         except StoreError as e:
             self.log.warn("admin: a change was not stored: {why}", why=str(e))
             raise ApiError(503, f"the change was not stored: {e}")
+        except RoutesStopped:
+            raise ApiError(503, "the server is stopping: no more changes")
 
     # -- hosts -------------------------------------------------------------------
 
