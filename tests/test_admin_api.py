@@ -225,11 +225,14 @@ async def test_a_token_in_the_query_string_is_ignored(env):
 
 
 @pytest_twisted.ensureDeferred
-async def test_metrics_need_no_token(env):
+async def test_metrics_need_no_token_and_are_the_servers(env):
+    await env.call("PUT", f"/api/hosts/{HOST}", {"identifier": IDENT})
+    await env.connect(IDENT)
     response = await env.http.get(env.url + "/metrics")
     text = (await response.content()).decode()
     assert response.code == 200
-    assert "# TYPE" in text
+    assert "\ntunnel_clients_connected 1.0\n" in text
+    assert IDENT not in text
 
 
 @pytest_twisted.ensureDeferred
