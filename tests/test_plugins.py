@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import treq
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
@@ -30,6 +32,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tunnel.client import TunnelClientService
+from tunnel.koding.identifiers import TunnelKey
+from tunnel.server.routes import TCPPorts
+from tunnel.server.store import HostEntry
+from tunnel.server.vhosts import host_key
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
@@ -145,8 +151,14 @@ def test_server_make_service():
     service = server_tap.makeService(options)
     assert IService.providedBy(service)
     assert len(list(service)) == 2  # one listener per --listen
-    assert service.server.vhosts.lookup("app.test") == ("id", 0)
     assert not service.running  # nothing listens until twistd starts it
+    # the hosts are seeded into the routes when the service starts, as keys
+    assert service.seed_hosts == {"app.test": TunnelKey.of("id")}
+    assert service.server.vhosts.lookup("app.test") == (None, 0)
+    service.prepare()  # what starting does first (a MemoryStore loads at once)
+    route, port = service.server.vhosts.lookup("app.test")
+    assert (route.key, port) == (TunnelKey.of("id"), 0)  # the server keeps the key
+    assert service.routes.hosts() == [HostEntry("app.test", TunnelKey.of("id"))]
 
 
 @pytest.mark.parametrize("listen", ["nonsense:1", "tcp:not-a-port"])
@@ -165,15 +177,16 @@ def test_server_tcp_tunnels_and_site_options():
     assert options["tcp"] == {2222: "ops", 2223: "a=b"}  # split on the first '='
     service = server_tap.makeService(options)
     listeners = list(service)
-    assert len(listeners) == 3  # one --listen, two --tcp
+    assert len(listeners) == 1  # one --listen; the --tcp ports are the routes'
     site = listeners[0].factory
     assert (site.head_timeout, site.timeOut, site.access_log) == (5.0, 20.0, "-")
     assert site.max_body == 1048576
-    tcp_endpoints = [svc.endpoint for svc in listeners[1:]]
-    assert {e._port for e in tcp_endpoints} == {2222, 2223}
-    assert {e._interface for e in tcp_endpoints} == {"127.0.0.1"}
-    assert service.server.addrs.lookup("127.0.0.1", 2222) == "ops"
-    assert service.server.addrs.lookup("127.0.0.1", 2223) == "a=b"
+    # the routes open the --tcp ports when the service starts, as run-time ones
+    assert service.seed_ports == {2222: TunnelKey.of("ops"), 2223: TunnelKey.of("a=b")}
+    listen = service.routes.listen_tcp
+    assert isinstance(listen, TCPPorts)
+    assert (listen.interface, listen.backlog) == ("127.0.0.1", server_tap.LISTEN_BACKLOG)
+    assert listen.factory.server is service.server
 
 
 def test_server_tcp_alone_is_enough_and_bad_ports_are_usage_errors():
@@ -181,6 +194,90 @@ def test_server_tcp_alone_is_enough_and_bad_ports_are_usage_errors():
     for bad in ("x=ops", "0=ops", "70000=ops", "2222", "=ops"):
         with pytest.raises(usage.UsageError, match="--tcp"):
             server_options("--tcp", bad)
+
+
+VHOST_FILE = """\
+# the hosts of this server
+App.Localhost.=sekrit-one
+
+  other.test:8080 =  sekrit=two==  \r
+\t# indented comment
+third.test=sekrit-one
+"""
+
+
+def test_server_vhost_file_is_read_like_vhost_flags(tmp_path):
+    path = tmp_path / "vhosts"
+    path.write_bytes(VHOST_FILE.encode())
+    options = server_options("--vhost", "flag.test=from-flag", "--vhost-file", str(path))
+    assert options["vhosts"] == {
+        "flag.test": "from-flag",
+        "app.localhost": "sekrit-one",
+        "other.test:8080": "sekrit=two==",  # split on the first '=', stripped
+        "third.test": "sekrit-one",  # several hosts may share an identifier
+    }
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing yet\n\n")
+    with pytest.raises(usage.UsageError, match="at least one --vhost"):
+        server_options("--vhost-file", str(empty))
+    second = tmp_path / "second"
+    second.write_text("app.localhost=replaced\n")
+    options = server_options("--vhost-file", str(path), "--vhost-file", str(second))
+    assert options["vhosts"]["app.localhost"] == "replaced"  # repeatable, the last wins
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("sekrit-without-host", "not HOST[:PORT]=IDENTIFIER"),
+        ("=sekrit-without-host", "not HOST[:PORT]=IDENTIFIER"),
+        ("host.test=", "no identifier"),
+        ("host.test=   ", "no identifier"),
+        ("host.test:99999=sekrit", "malformed host"),
+        ("sek rit=sekrit", "malformed host"),
+        ("sekrit-part=of=it", None),  # a host, for all the file knows: accepted
+    ],
+)
+def test_server_vhost_file_bad_line_is_named_by_number_only(tmp_path, line, why):
+    path = tmp_path / "vhosts"
+    path.write_text(f"# comment\nok.test=fine\n\n{line}\n")
+    if why is None:
+        assert server_options("--vhost-file", str(path))["vhosts"]["sekrit-part"] == "of=it"
+        return
+    with pytest.raises(usage.UsageError) as info:
+        server_options("--vhost-file", str(path))
+    assert str(info.value) == f"--vhost-file {path}: line 4: {why}"
+    assert "sekrit" not in str(info.value)
+
+
+def test_server_vhost_file_that_cannot_be_read_is_a_usage_error(tmp_path):
+    with pytest.raises(usage.UsageError, match="--vhost-file: No such file"):
+        server_options("--vhost-file", str(tmp_path / "missing"))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"app.test=\xff\xfe\n")
+    with pytest.raises(usage.UsageError, match="not UTF-8"):
+        server_options("--vhost-file", str(binary))
+
+
+_LINE = st.text(alphabet=st.sampled_from("aZ.:=#é -_\t9[]"), max_size=20)
+
+
+@given(st.lists(_LINE, max_size=6))
+def test_server_vhost_file_parses_any_text_or_names_a_line(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("vhosts") / "file"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        hosts = server_tap.read_vhost_file(str(path))
+    except usage.UsageError as e:
+        number, _, why = str(e).removeprefix(f"--vhost-file {path}: line ").partition(": ")
+        assert why in ("not HOST[:PORT]=IDENTIFIER", "no identifier", "malformed host")
+        bad = lines[int(number) - 1].strip()
+        assert bad and not bad.startswith("#")
+        return
+    for host, identifier in hosts.items():
+        assert host_key(host) == host
+        assert identifier and identifier == identifier.strip()
+        assert any(line.strip().endswith(identifier) for line in lines)
 
 
 def test_server_stream_keeping_options_reach_the_server():
@@ -432,6 +529,7 @@ SERVER_HELP = {
     "tcp-interface": ("ADDRESS", "0.0.0.0"),
     "tunnel-timeout": ("Seconds", "10.0"),
     "vhost": ("HOST[:PORT]=IDENTIFIER", None),
+    "vhost-file": ("PATH", None),
 }
 CLIENT_HELP = {
     "allow-any-local-port": (None, None),
@@ -713,8 +811,11 @@ async def until_children(what: str, check, *processes: Twistd, timeout: float = 
     return result
 
 
-async def start_server(processes: list[Twistd]) -> tuple[Twistd, int]:
-    """twistd tunnel-server on a free port (one retry if someone took the port).
+async def start_server(
+    processes: list[Twistd], routes: tuple[str, ...] = ("--vhost", f"App.Localhost.={IDENTIFIER}")
+) -> tuple[Twistd, int]:
+    """twistd tunnel-server on a free port (one retry if someone took the port),
+    with ``routes`` for its hosts.
 
     Each child is added to ``processes`` at once, so the caller can reap it."""
     for attempt in range(2):
@@ -722,7 +823,7 @@ async def start_server(processes: list[Twistd]) -> tuple[Twistd, int]:
         server = spawn_twistd(
             "tunnel-server",
             "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--vhost", f"App.Localhost.={IDENTIFIER}",
+            *routes,
             "--shutdown-grace", "5",
         )  # fmt: skip
         processes.append(server)
@@ -842,3 +943,42 @@ def _none_if(value):
         return None if value() else True
 
     return check
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_server_with_a_vhost_file_keeps_identifiers_out_of_argv(tmp_path):
+    """--vhost-file: the hosts of a file are served, and the server's command
+    line (what ps shows) and log never hold an identifier."""
+    origin = Origin()
+    origin_port = reactor.listenTCP(0, Site(origin), interface="127.0.0.1")
+    vhosts = tmp_path / "vhosts"
+    vhosts.write_text(f"# served by the e2e client\n\nApp.Localhost.={IDENTIFIER}\n")
+    ident_file = tmp_path / "identifier"
+    ident_file.write_text(IDENTIFIER + "\n")
+    processes: list[Twistd] = []
+    try:
+        server, port = await start_server(processes, ("--vhost-file", str(vhosts)))
+        with open(f"/proc/{server.transport.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"--vhost-file" in argv and IDENTIFIER.encode() not in b" ".join(argv)
+        client = spawn_twistd(
+            "tunnel-client",
+            "--server", f"tcp:127.0.0.1:{port}",
+            "--identifier-file", str(ident_file),
+            "--local", f"tcp:127.0.0.1:{origin_port.getHost().port}",
+        )  # fmt: skip
+        processes.append(client)
+
+        async def served():
+            code, body = await public_get(port, "/from-file")
+            return (code, body) if code == 200 else None
+
+        code, body = await until_children("the tunnel to come up", served, server, client)
+        assert body.startswith(b"origin says hi: /from-file host=app.localhost")
+        await stop(client)
+        await stop(server)
+        for p in processes:
+            assert IDENTIFIER not in p.log, p.log
+    finally:
+        await reap_all(processes)
+        await origin_port.stopListening()

@@ -29,6 +29,7 @@ from tunnel.client import TunnelClientProtocol, TunnelClientService
 from tunnel.client.backoff import exponential_backoff
 from tunnel.client.local import LocalForwarder, LocalTargets
 from tunnel.koding.control import ControlProtocol
+from tunnel.koding.identifiers import TunnelKey
 from tunnel.koding.states import ClientState
 from tunnel.server import ClientConnection, TunnelResource, TunnelServer
 from tunnel.yamux import YamuxConfig, YamuxSession, YamuxStream
@@ -695,7 +696,7 @@ async def test_thousand_connect_disconnect_cycles_leak_nothing():
         assert fds_after <= fds_before + 10
         assert calls_after <= calls_before
         assert server.connections() == []
-        assert list(server._states) == [ident]
+        assert list(server._states) == [TunnelKey.of(ident)]  # the server keeps keys
         assert server.state(ident) == ClientState.CLOSED
         assert server._on_disconnect == {} and server._on_connect == {}
         for name, count in objects_after.items():

@@ -1,5 +1,6 @@
 """TunnelServer's API: director, one-shot callbacks, run-time hosts, the FIFO
-of waiting tunnels (bounds, timeouts, cancellation).
+of waiting tunnels (bounds, timeouts, cancellation), tunnels known by their
+keys, per-tunnel figures and disconnect.
 
 End to end on the in-memory network (tests/memory.py), or with frames written
 by hand to a session on a StringTransport."""
@@ -10,9 +11,17 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 
+from tunnel.koding.identifiers import TunnelKey
 from tunnel.koding.states import ClientState
-from tunnel.server import NoClientSession, TooManyPendingTunnels, TunnelServer, TunnelTimeout
+from tunnel.server import (
+    NoClientSession,
+    TooManyPendingTunnels,
+    TunnelServer,
+    TunnelStats,
+    TunnelTimeout,
+)
 from tunnel.yamux import YamuxSession
 from tunnel.yamux.frame import FLAG_RST, FLAG_SYN, TYPE_DATA, TYPE_WINDOW_UPDATE
 
@@ -154,3 +163,130 @@ def test_waiters_fail_when_the_session_ends():
     assert server.connection("ident") is None
     assert server.state("ident") == ClientState.CLOSED
     assert clock.getDelayedCalls() == []
+
+
+# -- the server keeps keys, not identifiers ------------------------------------------
+
+KEY = TunnelKey.of(MemoryTunnel.IDENT)
+
+
+def test_the_server_keeps_keys_and_logs_fingerprints_only():
+    with capturedLogs() as events:
+        with MemoryTunnel() as env:
+            connection = env.server.connection(env.IDENT)
+            assert env.server.connection(KEY) is connection  # an identifier is hashed
+            assert connection.key == KEY and not hasattr(connection, "identifier")
+            route, port = env.server.vhosts.lookup(env.HOST)
+            assert (route.host, route.key, route.rules, port) == (env.HOST, KEY, None, 0)
+            assert env.server.state(KEY) == env.server.state(env.IDENT) == ClientState.CONNECTED
+            assert get(env, env.HOST) == (200, b"hi")
+            assert env.server.disconnect(KEY)
+            env.run_until(lambda: env.server.state(KEY) == ClientState.CONNECTED)
+    text = "\n".join(formatEvent(e) for e in events)
+    assert f"client {KEY!r} connected" in text and f"client {KEY!r} disconnected" in text
+    assert f"disconnecting client {KEY!r}" in text
+    assert MemoryTunnel.IDENT not in text
+    # and no event carries it as a field either
+    assert all(MemoryTunnel.IDENT not in repr(value) for e in events for value in e.values())
+
+
+def test_server_state_changes_carry_the_key():
+    env = MemoryTunnel().start(connect=False)
+    server_changes, client_changes = [], []
+    env.server.observe_states(server_changes.append)
+    with env:
+        env.client = env.make_client()
+        env.client.observe_states(client_changes.append)
+        env.client.startService()
+        env.flush()
+    assert [(c.identifier, c.current) for c in server_changes[:1]] == [(KEY, ClientState.CONNECTED)]
+    assert all(c.identifier == KEY for c in server_changes)
+    # the client names itself by its identifier; both sides agree on the key
+    assert {c.identifier for c in client_changes} == {env.IDENT}
+    assert {c.key for c in client_changes + server_changes} == {KEY}
+
+
+def test_a_client_whose_identifier_has_only_a_tcp_port_is_taken():
+    env = MemoryTunnel().start(connect=False)
+    with env:
+        assert env.server.delete_host(env.HOST) and not env.server.delete_host(env.HOST)
+        assert env.server.canonical(env.IDENT) is None
+        env.server.add_addr(KEY, port=2222)
+        assert env.server.canonical(env.IDENT) == KEY
+        assert env.server.canonical(env.IDENT + "x") is None
+        env.client = env.make_client()
+        env.client.startService()
+        env.flush()
+        assert env.server.state(KEY) == ClientState.CONNECTED
+
+
+# -- per-tunnel figures and disconnect ------------------------------------------------
+
+
+def test_stats_count_requests_open_streams_and_bytes_since_connect():
+    env = MemoryTunnel(server_kwargs={"max_idle_streams": 0}).start(connect=False)
+    with env:
+        env.advance(100)
+        env.client = env.make_client()
+        env.client.startService()
+        env.flush()
+        connection = env.server.connection(KEY)
+        local = env.client.protocol.transport.getHost()
+        session = connection.session
+        stats = connection.stats()
+        assert stats == TunnelStats(
+            fingerprint=KEY.fingerprint,
+            remote=f"{local.host}:{local.port}",
+            connected_since=100.0,
+            streams_open=0,  # the control stream is not counted
+            requests=0,
+            bytes_in=session.bytes_received,
+            bytes_out=session.bytes_sent,
+        )
+        assert stats.bytes_in > 0 and stats.bytes_out > 0  # the control handshake
+        for i in range(3):
+            assert get(env, env.HOST, b"/echo?echo=%d" % (10**i)) == (200, b"%d" % (10**i))
+        after = connection.stats()
+        assert after.requests == 3 and after.streams_open == 0
+        assert after.bytes_in >= stats.bytes_in + 3 * len(b"HTTP/1.1 200 OK\r\n")
+        assert after.bytes_out >= stats.bytes_out + 3 * len(b"GET /echo?echo=1 HTTP/1.1\r\n")
+        assert (after.bytes_in, after.bytes_out) == (session.bytes_received, session.bytes_sent)
+
+        waiting = env.connect()
+        waiting.send(b"GET /delay?n=5 HTTP/1.1\r\nHost: %s\r\n\r\n" % env.HOST.encode())
+        env.flush()
+        assert connection.stats().streams_open == 1 and connection.stats().requests == 4
+        env.advance(5)
+        assert b"late" in waiting.received
+        assert connection.stats().streams_open == 0
+        waiting.close()
+
+        # what no tunnel serves is not counted
+        assert get(env, "other.test")[0] == 502
+        assert connection.stats().requests == 4
+        assert env.server.connections() == [connection]
+
+
+def test_disconnect_closes_the_session_and_the_client_comes_back():
+    with MemoryTunnel() as env:
+        first = env.server.connection(KEY)
+        assert get(env, env.HOST) == (200, b"hi")
+        assert env.server.disconnect(env.IDENT) is True
+        env.run_until(
+            lambda: (c := env.server.connection(KEY)) is not None and c is not first and c.ready
+        )
+        assert first.closed
+        assert env.server.connection(KEY).stats().requests == 0  # figures since connect
+        assert env.server.disconnect("nobody") is False
+        assert get(env, env.HOST) == (200, b"hi")
+
+
+def test_a_disconnected_client_whose_hosts_were_removed_stays_out():
+    with MemoryTunnel() as env:
+        env.server.delete_host(env.HOST)
+        assert env.server.connection(KEY).ready  # open connections are left alone
+        assert env.server.disconnect(KEY)
+        env.advance(5)  # several attempts to reconnect
+        assert env.server.connection(KEY) is None
+        assert env.client.state != ClientState.CONNECTED
+        assert "no host associated" in str(env.client.last_error)

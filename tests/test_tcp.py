@@ -117,3 +117,27 @@ def test_an_abort_by_the_public_client_resets_the_local_connection():
         client.abort()
         env.flush()
         assert env.echoes[0].transport.reason.check(ConnectionLost)
+
+
+def test_each_tcp_connection_counts_as_a_request_of_its_tunnel():
+    with tcp_env() as env:
+        connection = env.server.connection(env.IDENT)
+        before = connection.stats()
+        peers = [env.connect(TCP_PORT) for _ in range(3)]
+        for peer in peers:
+            peer.send(b"ping")
+        env.flush()
+        during = connection.stats()
+        assert during.requests == before.requests + 3
+        assert during.streams_open == 3  # one stream each, the control stream not counted
+        assert during.bytes_out >= before.bytes_out + 3 * 4  # "ping" to the client
+        assert during.bytes_in >= before.bytes_in + 3 * 4  # and echoed back
+        for peer in peers:
+            assert peer.take() == b"ping"
+            peer.close()
+        env.flush()
+        assert connection.stats().streams_open == 0
+        env.server.delete_addr(port=TCP_PORT)
+        refused = env.connect(TCP_PORT)  # no tunnel for it: not counted
+        assert refused.closed
+        assert connection.stats().requests == before.requests + 3

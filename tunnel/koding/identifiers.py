@@ -54,6 +54,21 @@ class TunnelKey:
         return cls(digest(identifier))
 
     @classmethod
+    def coerce(cls, tunnel: str | TunnelKey) -> TunnelKey:
+        """The one way the server's API turns what it is given into a key.
+
+        A ``TunnelKey`` is returned as it is; a ``str`` is an identifier and
+        is hashed here (so code that embeds the server may keep passing
+        identifiers, and nothing past this call holds one).  An empty
+        identifier is a ValueError, anything else a TypeError.
+        """
+        if isinstance(tunnel, TunnelKey):
+            return tunnel
+        if isinstance(tunnel, str):
+            return cls.of(tunnel)
+        raise TypeError(f"a tunnel is an identifier or a TunnelKey, not {type(tunnel).__name__}")
+
+    @classmethod
     def from_hex(cls, text: str) -> TunnelKey:
         """The key written by ``hex()`` (64 hex digits); ValueError otherwise."""
         if len(text) != 64:

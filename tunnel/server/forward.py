@@ -37,7 +37,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from ..koding.identifiers import redact
+from ..koding.identifiers import TunnelKey
 from ..koding.wire import TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
@@ -101,19 +101,20 @@ class Forward:
         self,
         server: TunnelServer,
         request,
-        identifier: str,
+        key: TunnelKey,
         port: int,
         *,
         public_log: RateLimitedLog | None = None,
     ) -> None:
-        """:param public_log: where what a peer causes is logged, rate limited
+        """:param key: the tunnel (``route.key``) that serves the request.
+        :param public_log: where what a peer causes is logged, rate limited
         (the resource's, shared by its requests); one of the forwarder's own if None."""
         self.server = server
         self.public_log = (
             public_log if public_log is not None else RateLimitedLog(self.log, clock=server.clock)
         )
         self.request = request
-        self.identifier = identifier
+        self.key = key
         self.port = port
         connection = request.requestHeaders.getRawHeaders(b"connection")
         #: the public request's Connection tokens: they name its hop-by-hop fields
@@ -138,7 +139,7 @@ class Forward:
         self.request.notifyFinish().addErrback(self._public_gone)
         self.upload.claim(self)
         if not self.upgrade:
-            leg = self.server.reuse_stream(self.identifier, self.port)
+            leg = self.server.reuse_stream(self.key, self.port)
             if leg is not None:
                 self._send(leg)
                 return
@@ -146,7 +147,7 @@ class Forward:
 
     def _open(self) -> None:
         kind = TransportProtocol.WS if self.upgrade else TransportProtocol.HTTP
-        d = self._pending = self.server.open_tunnel(self.identifier, kind, self.port)
+        d = self._pending = self.server.open_tunnel(self.key, kind, self.port)
         d.addCallbacks(self._opened, self._open_failed)
 
     # -- the request ----------------------------------------------------------------
@@ -265,7 +266,7 @@ class Forward:
         self.log.debug(
             "{why} before answering a request to {ident}; sending it on a fresh stream",
             why=why,
-            ident=redact(self.identifier),
+            ident=self.key,
         )
         self.reader = ResponseReader(self, head_request=self.request.method == b"HEAD")
         self.phase = Phase.OPENING
@@ -291,7 +292,7 @@ class Forward:
         self.public_log.info(
             "body-too-large",
             "request body to {ident} over the limit",
-            ident=redact(self.identifier),
+            ident=self.key,
         )
         if self._pending is not None:
             self._pending.cancel()  # no stream yet: withdraw the wait for it
@@ -351,7 +352,7 @@ class Forward:
             LogLevel.debug,
             "websocket-switched",
             "websocket for {ident} switched",
-            ident=redact(self.identifier),
+            ident=self.key,
         )
         self.leg.splice(public)
 
@@ -393,7 +394,7 @@ class Forward:
     def _settle(self, *, keep: bool) -> None:
         """The exchange is over: leave the stream for the next request, or close it."""
         leg = self.leg
-        if keep and self.server.keep_stream(self.identifier, self.port, leg):
+        if keep and self.server.keep_stream(self.key, self.port, leg):
             self.upload.drop()
             self.leg = self.stream = None
             return
@@ -413,7 +414,7 @@ class Forward:
         self.public_log.info(
             "bad-response",
             "bad response from {ident}: {why}",
-            ident=redact(self.identifier),
+            ident=self.key,
             why=why[:200],
         )
         if self.request.startedWriting:

@@ -1,8 +1,14 @@
 """The tunnel server: connected clients, their control streams, and tunnels.
 
-``TunnelServer`` keeps one ``ClientConnection`` per identifier.  To reach a
-client's local server it sends a control message and waits for the stream
-the client opens in answer.  Clients open streams in message order, so each
+``TunnelServer`` keeps one ``ClientConnection`` per tunnel.  A tunnel is
+known by its ``TunnelKey`` (the identifier's SHA-256): the server keeps,
+indexes and logs keys, never identifiers.  Every method that names a tunnel
+takes ``str | TunnelKey``; a ``str`` is an identifier, hashed at once by
+``TunnelKey.coerce`` (so code written for identifiers keeps working).
+Each connection counts what it carries (``ClientConnection.stats``).
+
+To reach a client's local server the server sends a control message and
+waits for the stream the client opens in answer.  Clients open streams in message order, so each
 connection keeps a FIFO of waiters: the n-th stream belongs to the n-th
 message.  A waiter that timed out or was cancelled stays in the FIFO, and the
 stream that arrives for it is reset; an unsolicited stream is reset too.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
@@ -25,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..koding.control import ControlProtocol
-from ..koding.identifiers import redact
+from ..koding.identifiers import TunnelKey
 from ..koding.states import ClientState, StateChange
 from ..koding.wire import ControlMessage, TransportProtocol
 from ..observe import Observers, OneShot
@@ -34,7 +41,7 @@ from ..yamux import LARGE_WINDOWS, YamuxConfig, YamuxSession, YamuxStream
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
 from .pool import OriginLeg, StreamPool
 from .tcp import TCPTunnelFactory
-from .vhosts import VirtualAddrs, VirtualHosts
+from .vhosts import Route, VirtualAddrs, VirtualHosts
 
 
 class _Waiter:
@@ -46,15 +53,49 @@ class _Waiter:
         self.cancelled = False
 
 
+@dataclass(frozen=True)
+class TunnelStats:
+    """What an operator sees of one connected client (``ClientConnection.stats``)."""
+
+    #: the tunnel's public short name (``TunnelKey.fingerprint``)
+    fingerprint: str
+    #: "ip:port" ("[ip]:port" for IPv6) of the client's control connection
+    remote: str
+    #: when the control connection was taken over (seconds, the server's clock)
+    connected_since: float
+    #: streams open in its session, the control stream not counted
+    streams_open: int
+    #: public HTTP requests and TCP connections sent its way since it connected
+    requests: int
+    #: Data payload bytes from the client, and to it (yamux framing not counted)
+    bytes_in: int
+    bytes_out: int
+
+
+def format_address(address: Any) -> str:
+    """``ip:port`` for an IPv4 address, ``[ip]:port`` for IPv6, else its str()."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return str(address) if address is not None else ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ClientConnection:
-    """One connected tunnel client: its yamux session and control stream."""
+    """One connected tunnel client: its yamux session and control stream.
+
+    It knows its tunnel by ``key`` only (it never holds the identifier).
+    """
 
     log = Logger()
 
-    def __init__(self, server: TunnelServer, identifier: str, session: YamuxSession) -> None:
+    def __init__(self, server: TunnelServer, key: TunnelKey, session: YamuxSession) -> None:
         self.server = server
-        self.identifier = identifier
+        self.key = key
         self.session = session
+        #: when it was taken over, on the server's clock
+        self.since = server.clock.seconds()
+        self._requests = 0
+        self._control_id: int | None = None
         self.control: ControlProtocol | None = None
         self.ready = False
         self.closed = False
@@ -65,7 +106,7 @@ class ClientConnection:
         self._pools: dict[int, StreamPool] = {}
 
     def __repr__(self) -> str:
-        return f"<ClientConnection {redact(self.identifier)} ready={self.ready}>"
+        return f"<ClientConnection {self.key} ready={self.ready}>"
 
     def start(self) -> Deferred:
         """Wait for the control stream and its handshake; fires with self."""
@@ -84,6 +125,24 @@ class ClientConnection:
     def pending(self) -> int:
         return len(self._waiters)
 
+    def dispatched(self) -> None:
+        """A public HTTP request or TCP connection was sent this client's way
+        (counted once, however many streams it takes)."""
+        self._requests += 1
+
+    def stats(self) -> TunnelStats:
+        """Its traffic and streams now, for an operator."""
+        session = self.session
+        return TunnelStats(
+            fingerprint=self.key.fingerprint,
+            remote=format_address(session.peer_address),
+            connected_since=self.since,
+            streams_open=sum(1 for sid in session.streams if sid != self._control_id),
+            requests=self._requests,
+            bytes_in=session.bytes_received,
+            bytes_out=session.bytes_sent,
+        )
+
     def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
         if not self.ready or self.closed:
             return fail(NoClientSession())
@@ -101,9 +160,7 @@ class ClientConnection:
         try:
             self.control.send(ControlMessage(1, int(protocol), port))
         except Exception:
-            self.log.failure(
-                "sending a control message to {ident} failed", ident=redact(self.identifier)
-            )
+            self.log.failure("sending a control message to {ident} failed", ident=self.key)
             self.close()
         return waiter.deferred
 
@@ -154,6 +211,7 @@ class ClientConnection:
     def _stream_opened(self, stream: YamuxStream) -> None:
         if self.control is None:
             self._cancel_timer()
+            self._control_id = stream.id
             self.control = ControlProtocol(
                 False, self.server.clock, timeout=self.server.control_timeout
             )
@@ -173,7 +231,7 @@ class ClientConnection:
         self.log.info(
             "unsolicited stream {sid} from {ident}, resetting",
             sid=stream.id,
-            ident=redact(self.identifier),
+            ident=self.key,
         )
         stream.abortConnection()
 
@@ -193,7 +251,7 @@ class ClientConnection:
     def _control_failed(self, failure: Failure) -> None:
         self.log.info(
             "control handshake with {ident} failed: {why}",
-            ident=redact(self.identifier),
+            ident=self.key,
             why=failure.getErrorMessage(),
         )
         self.close()
@@ -204,7 +262,7 @@ class ClientConnection:
 
     def _no_control_stream(self) -> None:
         self._timer = None
-        self.log.info("{ident} opened no control stream in time", ident=redact(self.identifier))
+        self.log.info("{ident} opened no control stream in time", ident=self.key)
         self.close()
 
     def _cancel_timer(self) -> None:
@@ -230,15 +288,17 @@ class TunnelServer:
     """The registry of virtual hosts and connected tunnel clients.
 
     It knows no HTTP: the web layer routes public requests to it and turns
-    its errors into responses.
+    its errors into responses.  Tunnels are ``TunnelKey``s; a method given a
+    ``str`` takes it for an identifier and hashes it (``TunnelKey.coerce``).
+    Its ``StateChange``s carry the key.
 
-    Duplicate identifiers: while a client with an identifier is connected, a
-    second one is refused (``check_duplicate`` says so) if the
-    first still answers a ping within ``probe_timeout``; if it does not, the
-    first session is closed and the newcomer takes its place.  A live
-    session is never torn down by a newcomer, so two clients sharing an
-    identifier cannot evict each other in a loop, and clean-up of an old
-    session never touches a newer one (entries are removed by identity).
+    Duplicate tunnels: while a client of a tunnel is connected, a second one
+    is refused (``check_duplicate`` says so) if the first still answers a
+    ping within ``probe_timeout``; if it does not, the first session is
+    closed and the newcomer takes its place.  A live session is never torn
+    down by a newcomer, so two clients sharing an identifier cannot evict
+    each other in a loop, and clean-up of an old session never touches a
+    newer one (entries are removed by identity).
     """
 
     log = Logger()
@@ -268,30 +328,42 @@ class TunnelServer:
         self.stream_idle_timeout = stream_idle_timeout
         self.vhosts = VirtualHosts()
         self.addrs = VirtualAddrs()
-        self._clients: dict[str, ClientConnection] = {}
-        self._states: dict[str, ClientState] = {}
+        self._clients: dict[TunnelKey, ClientConnection] = {}
+        self._states: dict[TunnelKey, ClientState] = {}
         self._observers = Observers()
-        self._on_connect: dict[str, list[Callable[[], Any]]] = {}
-        self._on_disconnect: dict[str, list[Callable[[], Any]]] = {}
-        self._connected: dict[str, OneShot] = {}
+        self._on_connect: dict[TunnelKey, list[Callable[[], Any]]] = {}
+        self._on_disconnect: dict[TunnelKey, list[Callable[[], Any]]] = {}
+        self._connected: dict[TunnelKey, OneShot] = {}
         self._accepting = True
 
     # -- configuration ---------------------------------------------------------
 
-    def add_host(self, host: str, identifier: str) -> None:
-        """Serve public requests for ``host`` (``name`` or ``name:port``) by ``identifier``."""
-        self.vhosts.add(host, identifier)
+    def add_host(self, host: str, tunnel: str | TunnelKey, rules: Any = None) -> Route:
+        """Serve public requests for ``host`` (``name`` or ``name:port``) by
+        ``tunnel``, checked by the web layer against ``rules`` (None: none).
 
-    def delete_host(self, host: str) -> None:
-        self.vhosts.delete(host)
+        ValueError if ``host`` is malformed (``vhosts.host_key``)."""
+        return self.vhosts.add(host, tunnel, rules)
 
-    def add_addr(self, identifier: str, port: int | None = None, ip: str | None = None) -> None:
+    def delete_host(self, host: str) -> bool:
+        """Stop serving ``host``; False if it was not served."""
+        return self.vhosts.delete(host)
+
+    def add_addr(
+        self, tunnel: str | TunnelKey, port: int | None = None, ip: str | None = None
+    ) -> None:
         """Route TCP connections accepted on local ``port`` (or local ``ip``) to
-        ``identifier`` (listen with ``tcp_factory()`` to accept them)."""
-        self.addrs.add(identifier, port=port, ip=ip)
+        ``tunnel`` (listen with ``tcp_factory()`` to accept them)."""
+        self.addrs.add(tunnel, port=port, ip=ip)
 
-    def delete_addr(self, port: int | None = None, ip: str | None = None) -> None:
-        self.addrs.delete(port=port, ip=ip)
+    def delete_addr(self, port: int | None = None, ip: str | None = None) -> bool:
+        return self.addrs.delete(port=port, ip=ip)
+
+    def canonical(self, offered: str) -> TunnelKey | None:
+        """The key of a configured tunnel (host or TCP route) that the
+        identifier ``offered`` by a client hashes to, or None."""
+        key = self.vhosts.canonical(offered)
+        return key if key is not None else self.addrs.canonical(offered)
 
     def tcp_factory(self) -> TCPTunnelFactory:
         """A protocol factory that carries accepted connections through TCP tunnels."""
@@ -299,42 +371,44 @@ class TunnelServer:
 
     # -- states and callbacks --------------------------------------------------
 
-    def state(self, identifier: str) -> ClientState:
-        return self._states.get(identifier, ClientState.UNKNOWN)
+    def state(self, tunnel: str | TunnelKey) -> ClientState:
+        return self._states.get(TunnelKey.coerce(tunnel), ClientState.UNKNOWN)
 
     def observe_states(self, callback: Callable[[StateChange], Any]) -> Callable[[], None]:
-        """Call ``callback(StateChange)`` on every change; returns a remover."""
+        """Call ``callback(StateChange)`` on every change (its ``identifier``
+        is the tunnel's key); returns a remover."""
         return self._observers.add(callback)
 
-    def on_connect(self, identifier: str, callback: Callable[[], Any]) -> None:
-        """Run ``callback()`` once, the next time ``identifier`` connects."""
-        self._on_connect.setdefault(identifier, []).append(callback)
+    def on_connect(self, tunnel: str | TunnelKey, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` once, the next time ``tunnel`` connects."""
+        self._on_connect.setdefault(TunnelKey.coerce(tunnel), []).append(callback)
 
-    def on_disconnect(self, identifier: str, callback: Callable[[], Any]) -> None:
-        """Run ``callback()`` once, the next time ``identifier`` disconnects."""
-        self._on_disconnect.setdefault(identifier, []).append(callback)
+    def on_disconnect(self, tunnel: str | TunnelKey, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` once, the next time ``tunnel`` disconnects."""
+        self._on_disconnect.setdefault(TunnelKey.coerce(tunnel), []).append(callback)
 
-    def when_connected(self, identifier: str) -> Deferred:
-        """Fires with None when ``identifier`` is connected, at once if it
+    def when_connected(self, tunnel: str | TunnelKey) -> Deferred:
+        """Fires with None when ``tunnel`` is connected, at once if it
         already is, else at its next connect.  Cancelling it withdraws it."""
-        if self.state(identifier) == ClientState.CONNECTED:
+        key = TunnelKey.coerce(tunnel)
+        if self.state(key) == ClientState.CONNECTED:
             return succeed(None)
-        return self._connected.setdefault(identifier, OneShot()).when()
+        return self._connected.setdefault(key, OneShot()).when()
 
-    def _set_state(self, identifier: str, state: ClientState, error=None) -> None:
-        previous = self.state(identifier)
-        self._states[identifier] = state
-        self._observers.notify(StateChange(identifier, previous, state, error))
+    def _set_state(self, key: TunnelKey, state: ClientState, error=None) -> None:
+        previous = self.state(key)
+        self._states[key] = state
+        self._observers.notify(StateChange(key, previous, state, error))
         hooks = {ClientState.CONNECTED: self._on_connect, ClientState.CLOSED: self._on_disconnect}
         table = hooks.get(state)
         if table is not None:
-            for callback in table.pop(identifier, []):
+            for callback in table.pop(key, []):
                 try:
                     callback()
                 except Exception:
-                    self.log.failure("state callback for {ident} failed", ident=redact(identifier))
+                    self.log.failure("state callback for {ident} failed", ident=key)
         if state == ClientState.CONNECTED:
-            waiting = self._connected.pop(identifier, None)
+            waiting = self._connected.pop(key, None)
             if waiting is not None:
                 waiting.fire(None)
 
@@ -344,87 +418,106 @@ class TunnelServer:
     def accepting(self) -> bool:
         return self._accepting
 
-    def connection(self, identifier: str) -> ClientConnection | None:
-        return self._clients.get(identifier)
+    def connection(self, tunnel: str | TunnelKey) -> ClientConnection | None:
+        return self._clients.get(TunnelKey.coerce(tunnel))
 
     def connections(self) -> list[ClientConnection]:
+        """The clients connected now (or taking over), in no set order."""
         return list(self._clients.values())
 
-    def check_duplicate(self, identifier: str) -> Deferred:
-        """Fires True if a live client already holds ``identifier``.
+    def disconnect(self, tunnel: str | TunnelKey) -> bool:
+        """Close the session of ``tunnel``'s client (GoAway, then close); False
+        if none is connected.
+
+        Its open requests fail.  The client will reconnect, as after any
+        lost session, and is taken back if its tunnel is still configured (a
+        host or a TCP route uses its key); remove those first to keep it out.
+        """
+        connection = self._clients.get(TunnelKey.coerce(tunnel))
+        if connection is None or connection.closed:
+            return False
+        self.log.info("disconnecting client {ident}", ident=connection.key)
+        connection.close()
+        return True
+
+    def check_duplicate(self, tunnel: str | TunnelKey) -> Deferred:
+        """Fires True if a live client already holds ``tunnel``.
 
         An incumbent that does not answer a ping in time is closed (False).
         """
-        existing = self._clients.get(identifier)
+        key = TunnelKey.coerce(tunnel)
+        existing = self._clients.get(key)
         if existing is None or existing.closed:
             return succeed(False)
         if not existing.ready:
             return succeed(True)
 
         def dead(failure: Failure) -> bool:
-            self.log.info("replacing unresponsive session of {ident}", ident=redact(identifier))
+            self.log.info("replacing unresponsive session of {ident}", ident=key)
             existing.session.abort()
             return False
 
         return existing.session.ping(self.probe_timeout).addCallbacks(lambda _: True, dead)
 
-    def attach_session(self, identifier: str, session: YamuxSession) -> ClientConnection:
-        """Register a freshly taken-over control connection for ``identifier``."""
-        old = self._clients.pop(identifier, None)
+    def attach_session(self, tunnel: str | TunnelKey, session: YamuxSession) -> ClientConnection:
+        """Register a freshly taken-over control connection for ``tunnel``."""
+        key = TunnelKey.coerce(tunnel)
+        old = self._clients.pop(key, None)
         if old is not None:
             # a dead session not cleaned up yet: it ends here, visibly
             if not old.closed:
                 old.session.abort()
-            self._set_state(identifier, ClientState.CLOSED)
-        connection = ClientConnection(self, identifier, session)
-        self._clients[identifier] = connection
+            self._set_state(key, ClientState.CLOSED)
+        connection = ClientConnection(self, key, session)
+        self._clients[key] = connection
 
         def connected(conn: ClientConnection) -> None:
-            if self._clients.get(identifier) is conn:
-                self.log.info("client {ident} connected", ident=redact(identifier))
-                self._set_state(identifier, ClientState.CONNECTED)
+            if self._clients.get(key) is conn:
+                self.log.info("client {ident} connected", ident=key)
+                self._set_state(key, ClientState.CONNECTED)
 
         connection.start().addCallbacks(connected, lambda f: None)
         return connection
 
     def connection_ended(self, connection: ClientConnection) -> None:
         """``connection``'s session is over (called by the connection itself)."""
-        identifier = connection.identifier
-        if self._clients.get(identifier) is connection:
-            del self._clients[identifier]
-            self.log.info("client {ident} disconnected", ident=redact(identifier))
-            self._set_state(identifier, ClientState.CLOSED)
+        key = connection.key
+        if self._clients.get(key) is connection:
+            del self._clients[key]
+            self.log.info("client {ident} disconnected", ident=key)
+            self._set_state(key, ClientState.CLOSED)
 
-    def control_refused(self, identifier: str, error: str) -> None:
-        """A control request for ``identifier`` was refused (Go reports Closed)."""
-        if identifier not in self._clients:
-            self._set_state(identifier, ClientState.CLOSED, error)
+    def control_refused(self, tunnel: str | TunnelKey, error: str) -> None:
+        """A control request for ``tunnel`` was refused (Go reports Closed)."""
+        key = TunnelKey.coerce(tunnel)
+        if key not in self._clients:
+            self._set_state(key, ClientState.CLOSED, error)
 
     def open_tunnel(
         self,
-        identifier: str,
+        tunnel: str | TunnelKey,
         protocol: int = TransportProtocol.HTTP,
         port: int = 0,
         timeout: float | None = None,
     ) -> Deferred:
-        """Ask ``identifier``'s client for a stream to its local side."""
-        connection = self._clients.get(identifier)
+        """Ask ``tunnel``'s client for a stream to its local side."""
+        connection = self._clients.get(TunnelKey.coerce(tunnel))
         if connection is None:
             return fail(NoClientSession())
         return connection.open_tunnel(
             protocol, port, self.tunnel_timeout if timeout is None else timeout
         )
 
-    def reuse_stream(self, identifier: str, port: int) -> OriginLeg | None:
-        """A stream to ``identifier``'s local ``port`` kept from an earlier HTTP
+    def reuse_stream(self, tunnel: str | TunnelKey, port: int) -> OriginLeg | None:
+        """A stream to ``tunnel``'s local ``port`` kept from an earlier HTTP
         request (see ``pool``), or None: then ask for one with ``open_tunnel``."""
-        connection = self._clients.get(identifier)
+        connection = self._clients.get(TunnelKey.coerce(tunnel))
         return connection.reuse(port) if connection is not None else None
 
-    def keep_stream(self, identifier: str, port: int, leg: OriginLeg) -> bool:
+    def keep_stream(self, tunnel: str | TunnelKey, port: int, leg: OriginLeg) -> bool:
         """Keep ``leg`` (its response complete, its framing exact) for the next
         request; False if it may not be kept: then close it."""
-        connection = self._clients.get(identifier)
+        connection = self._clients.get(TunnelKey.coerce(tunnel))
         if connection is None or connection.session is not leg.transport.session:
             return False
         return connection.keep(port, leg)

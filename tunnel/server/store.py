@@ -25,6 +25,14 @@ from twisted.internet.defer import Deferred, succeed
 from ..koding.identifiers import TunnelKey
 
 
+class StoreError(Exception):
+    """The store cannot be used, or a change to it failed (nothing changed)."""
+
+
+class StoreClosed(StoreError):
+    """The store was closed; nothing more can be read or changed."""
+
+
 @dataclass(frozen=True)
 class HostEntry:
     """A public host (normalised: ``name`` or ``name:port``), its tunnel and rules."""

@@ -2,9 +2,10 @@
 
 Like Go's ``Server.AddAddr``: each connection accepted on a listening port
 the server was given is looked up by the connection's local IP (if that IP
-is mapped) or else by its local port, and spliced to a TCP stream of the
-identifier's client, which connects it to its ``--tcp-local`` endpoint.
+is mapped) or else by its local port, and spliced to a TCP stream of that
+tunnel's client, which connects it to its ``--tcp-local`` endpoint.
 Mappings can change at run time; connections already open are unaffected.
+Each connection counts as one request of its client (``TunnelStats``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..koding.identifiers import redact
 from ..koding.wire import TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
@@ -32,21 +32,25 @@ class PublicTCP(SpliceProtocol):
             public_log if public_log is not None else RateLimitedLog(self.log, clock=server.clock)
         )
         self._pending = None
+        self.key = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         host = self.transport.getHost()
-        identifier = self.server.addrs.lookup(host.host, host.port)
-        if identifier is None:
+        key = self.server.addrs.lookup(host.host, host.port)
+        if key is None:
             self.public_log.info(
                 "tcp-unmapped", "no TCP tunnel for {host}:{port}", host=host.host, port=host.port
             )
             self.transport.abortConnection()
             return
-        self.identifier = identifier
+        self.key = key
+        connection = self.server.connection(key)
+        if connection is not None and connection.ready:
+            connection.dispatched()
         # hold the public side back until the stream exists
         self.transport.pauseProducing()
-        self._pending = self.server.open_tunnel(identifier, TransportProtocol.TCP, host.port)
+        self._pending = self.server.open_tunnel(key, TransportProtocol.TCP, host.port)
         self._pending.addCallbacks(self._opened, self._failed)
 
     def _opened(self, stream) -> None:
@@ -67,7 +71,7 @@ class PublicTCP(SpliceProtocol):
         self.public_log.info(
             "tcp-failed",
             "TCP tunnel to {ident} failed: {why}",
-            ident=redact(self.identifier),
+            ident=self.key,
             why=failure.getErrorMessage(),
         )
         if not self.lost:

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..koding.identifiers import redact
+from ..koding.identifiers import TunnelKey, redact
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
 from ..logs import RateLimitedLog, excerpt
 from ..yamux import YamuxSession
@@ -107,9 +107,11 @@ class TunnelResource(Resource):
         if request.method != b"CONNECT":
             return error_page(request, 405, "405 must CONNECT\n")
         raw = request.getHeader(IDENTIFIER_HEADER) or b""
+        # what the peer sent goes back to that peer only (Go's texts); the log
+        # and the server see its key
         offered = raw.decode("utf-8", "replace")
-        identifier = self.server.vhosts.canonical(offered) if offered else None
-        if identifier is None:
+        key = self.server.canonical(offered) if offered else None
+        if key is None:
             self.public_log.info(
                 "control-refused",
                 "refused a control request from {peer}: unknown identifier {ident}",
@@ -134,27 +136,27 @@ class TunnelResource(Resource):
                     "control-refused",
                     "refused a control request from {peer}: {ident} is connected already",
                     peer=request.getClientAddress(),
-                    ident=redact(identifier),
+                    ident=key,
                 )
-                self.server.control_refused(identifier, "duplicate")
+                self.server.control_refused(key, "duplicate")
                 request.write(
-                    error_page(request, 502, f"control conn for {identifier} already exist. \n")
+                    error_page(request, 502, f"control conn for {offered} already exist. \n")
                 )
                 request.finish()
                 return
-            self._take_over(request, identifier)
+            self._take_over(request, key)
 
-        self.server.check_duplicate(identifier).addCallback(decided)
+        self.server.check_duplicate(key).addCallback(decided)
         return NOT_DONE_YET
 
-    def _take_over(self, request, identifier: str) -> None:
+    def _take_over(self, request, key: TunnelKey) -> None:
         session = YamuxSession(
             False,
             clock=self.server.clock,
             config=self.server.yamux_config,
             quiet_until_peer_speaks=True,
         )
-        self.server.attach_session(identifier, session)
+        self.server.attach_session(key, session)
         try:
             take_over(request, session, CONNECTED_REPLY)
         except CannotTakeOver as e:
@@ -169,7 +171,7 @@ class TunnelResource(Resource):
         if not host:  # Go's text; a 400 as Go's net/http gives (RFC 9112 3.2)
             return error_page(request, 400, "request host is empty")
         try:
-            identifier, port = self.server.vhosts.lookup(host.decode("latin-1"))
+            route, port = self.server.vhosts.lookup(host.decode("latin-1"))
         except ValueError:
             self.public_log.info(
                 "bad-host",
@@ -178,14 +180,15 @@ class TunnelResource(Resource):
                 host=excerpt(host),
             )
             return error_page(request, 400, f"malformed host {host.decode('latin-1')!r}")
-        if identifier is None:
+        if route is None:
             return error_page(
                 request, 502, f'no virtual host available for "{host.decode("latin-1").lower()}"'
             )
-        connection = self.server.connection(identifier)
+        connection = self.server.connection(route.key)
         if connection is None or not connection.ready:
             return error_page(request, 502, NO_CLIENT_SESSION)
-        Forward(self.server, request, identifier, port, public_log=self.public_log).start()
+        connection.dispatched()
+        Forward(self.server, request, route.key, port, public_log=self.public_log).start()
         return NOT_DONE_YET
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from twisted.application import service
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from ..server.vhosts import normalize_host, split_host
+from ..server.vhosts import host_key
 
 
 def _byte_count(text: str) -> int:
@@ -22,6 +22,42 @@ def _split_mapping(value: str, what: str) -> tuple[str, str]:
     return key.strip(), target
 
 
+def read_vhost_file(path: str) -> dict[str, str]:
+    """The ``HOST[:PORT]=IDENTIFIER`` lines of ``path`` as {normalised host: identifier}.
+
+    Blank lines and lines that start with ``#`` are skipped; whitespace
+    around a host or an identifier is not part of it.  A bad line is a
+    UsageError naming its number and never its text (it may hold an
+    identifier).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise usage.UsageError(f"--vhost-file: {e.strerror}: {e.filename}")
+    except UnicodeDecodeError:
+        raise usage.UsageError(f"--vhost-file {path}: not UTF-8 text")
+    hosts: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        host, sep, identifier = line.partition("=")
+        identifier = identifier.strip()
+        if not sep or not host.strip():
+            why = "not HOST[:PORT]=IDENTIFIER"
+        elif not identifier:
+            why = "no identifier"
+        else:
+            try:
+                hosts[host_key(host)] = identifier
+                continue
+            except ValueError:
+                why = "malformed host"
+        raise usage.UsageError(f"--vhost-file {path}: line {number}: {why}")
+    return hosts
+
+
 #: accept queue of the --tcp listeners; Twisted's default (50) makes a burst of
 #: connections wait for SYN retransmits (1 s)
 LISTEN_BACKLOG = 1024
@@ -33,8 +69,8 @@ class Options(usage.Options):
     longdesc = (
         "Run a public tunnel server. Public requests are routed by their Host header "
         "to the tunnel client that connected with the matching identifier; give at "
-        "least one --vhost or --tcp. ENDPOINT is a Twisted server endpoint string, "
-        "such as tcp:8080:interface=127.0.0.1 or "
+        "least one --vhost, --vhost-file or --tcp. ENDPOINT is a Twisted server "
+        "endpoint string, such as tcp:8080:interface=127.0.0.1 or "
         "ssl:443:privateKey=key.pem:certKey=cert.pem."
     )
     optParameters = [
@@ -111,13 +147,13 @@ class Options(usage.Options):
         """HOST[:PORT]=IDENTIFIER (repeatable): route requests for HOST[:PORT] to IDENTIFIER."""
         host, identifier = _split_mapping(value, "vhost")
         try:
-            name, _ = split_host(host)
-            key = normalize_host(host)
+            self["vhosts"][host_key(host)] = identifier
         except ValueError as e:
             raise usage.UsageError(f"--vhost: {e}")
-        if not name:
-            raise usage.UsageError(f"--vhost: no host name in {host!r}")
-        self["vhosts"][key] = identifier
+
+    def opt_vhost_file(self, path: str) -> None:
+        """PATH (repeatable): HOST[:PORT]=IDENTIFIER lines, as --vhost but not shown by ps."""
+        self["vhosts"].update(read_vhost_file(path))
 
     def opt_tcp(self, value: str) -> None:
         """PORT=IDENTIFIER (repeatable): listen on PORT; tunnel its connections to that client."""
@@ -133,25 +169,45 @@ class Options(usage.Options):
             raise usage.UsageError("--stream-idle-timeout must be more than 0")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        if not self["vhosts"] and not self["tcp"]:
+        if self.routes_required() and not self["vhosts"] and not self["tcp"]:
             raise usage.UsageError(
-                "at least one --vhost HOST=IDENTIFIER or --tcp PORT=IDENTIFIER is required"
+                "at least one --vhost HOST=IDENTIFIER, --vhost-file PATH"
+                " or --tcp PORT=IDENTIFIER is required"
             )
+
+    def routes_required(self) -> bool:
+        """Whether the command line must name a host or a port: yes while it
+        is the only source of routes (a stored registry or an admin API,
+        once given, would be another)."""
+        return True
 
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    from ..koding.identifiers import TunnelKey
     from ..server import TunnelResource, TunnelServer, TunnelServerService, TunnelSite
+    from ..server.routes import Routes, TCPPorts
+    from ..server.store import MemoryStore
 
     server = TunnelServer(
         tunnel_timeout=options["tunnel-timeout"],
         max_idle_streams=options["idle-streams"],
         stream_idle_timeout=options["stream-idle-timeout"],
     )
-    for host, identifier in options["vhosts"].items():
-        server.add_host(host, identifier)
-    top = TunnelServerService(server, options["shutdown-grace"])
+    # --tcp ports are opened by the routes, as ports added at run time are
+    tcp_ports = TCPPorts(
+        server, interface=options["tcp-interface"], backlog=LISTEN_BACKLOG, reactor=reactor
+    )
+    routes = Routes(server, MemoryStore(), listen_tcp=tcp_ports)
+    top = TunnelServerService(
+        server,
+        options["shutdown-grace"],
+        routes=routes,
+        # the service keeps keys: the identifiers stay with the options
+        seed_hosts={host: TunnelKey.of(i) for host, i in options["vhosts"].items()},
+        seed_ports={port: TunnelKey.of(i) for port, i in options["tcp"].items()},
+    )
     site = TunnelSite(
         TunnelResource(server),
         head_timeout=options["head-timeout"],
@@ -167,11 +223,4 @@ def makeService(options: Options) -> service.IService:
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--listen {description!r}: {e}")
         top.listen(endpoint, site)
-    tcp_factory = server.tcp_factory()
-    for port, identifier in options["tcp"].items():
-        server.add_addr(identifier, port=port)
-        endpoint = TCP4ServerEndpoint(
-            reactor, port, backlog=LISTEN_BACKLOG, interface=options["tcp-interface"]
-        )
-        top.listen(endpoint, tcp_factory)
     return top
