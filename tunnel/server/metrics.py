@@ -22,8 +22,10 @@ Metrics (``host`` only with ``host_labels``)::
     tunnel_errors_total                    counter  kind = an ErrorKind
 
 ``host_labels`` labels requests by the virtual host they were routed to,
-only for hosts the server knows (``server.vhosts``); every other Host is
-counted as ``other``, so an outsider cannot make a series.
+only for hosts the server has a route for (``server.vhosts``); every other
+Host is counted as ``other``, so an outsider cannot make a series.  A host's
+series stay after its route is deleted (counters do not vanish): their
+number is bounded by the routes an operator ever added.
 
 ``resource()`` serves the registry.  prometheus-client's own Twisted
 resource (``prometheus_client.twisted.MetricsResource``) runs the WSGI
@@ -52,7 +54,6 @@ from twisted.web.resource import Resource
 
 from ..koding.states import ClientState, StateChange
 from .events import ErrorKind, ServerEvents
-from .vhosts import split_host
 
 if TYPE_CHECKING:
     from ..yamux import YamuxSession
@@ -88,8 +89,10 @@ class _Answers:
 class Metrics(ServerEvents):
     """The metrics of ``server``, on ``registry`` (a new one if None).
 
-    Give it to the site and the resource as their ``events`` so that they
-    report requests and errors; ``close()`` stops observing the server.
+    Requests and errors are counted once it is the ``events`` of the site and
+    of the server (``TunnelSite(..., events=metrics)`` and ``server.events =
+    metrics``); clients, streams and bytes need neither.  ``close()`` stops
+    observing the server's state changes.
     """
 
     def __init__(
@@ -149,31 +152,22 @@ class Metrics(ServerEvents):
         return answers
 
     def host_label(self, host: bytes | None) -> str:
-        """The virtual host a Host header value is served as, or ``other``.
-
-        Only a host the server knows is ever a label value (``name:port`` if
-        that is what the server has, else ``name``).
-        """
+        """The virtual host a Host header value is routed to, or ``other``:
+        only a host the server has a route for is ever a label value."""
         if not host:
             return OTHER_HOST
-        vhosts = self.server.vhosts
         try:
-            text = host.decode("latin-1")
-            identifier, port = vhosts.lookup(text)
-            name, _ = split_host(text)
+            route, _ = self.server.vhosts.lookup(host.decode("latin-1"))
         except ValueError:
             return OTHER_HOST
-        if identifier is None:
-            return OTHER_HOST
-        # lookup() tries name:port, then name: name:port matched if name alone differs
-        return f"{name}:{port}" if port and vhosts.lookup(name)[0] != identifier else name
+        return route.host if route is not None else OTHER_HOST
 
     # -- the server's clients ----------------------------------------------------------
 
     def _state_changed(self, change: StateChange) -> None:
         if change.current == ClientState.CONNECTED:
             self._connects += 1
-            connection = self.server.connection(change.identifier)
+            connection = self.server.connection(change.key)
             if connection is not None:
                 self._track(connection.session)
         elif change.current == ClientState.CLOSED and change.previous == ClientState.CONNECTED:
@@ -231,7 +225,7 @@ class Metrics(ServerEvents):
         )
         if samples:
             clients.add_metric([], len(connections))
-            streams.add_metric([], sum(_streams_of(c) for c in connections))
+            streams.add_metric([], sum(c.stats().streams_open for c in connections))
             connects.add_metric([], self._connects)
             disconnects.add_metric([], self._disconnects)
             live = self._live
@@ -251,11 +245,6 @@ class Metrics(ServerEvents):
                 errors.add_metric([kind.value], count)
         yield from (clients, connects, disconnects, streams, received, sent)
         yield from (requests, duration, errors)
-
-
-def _streams_of(connection) -> int:
-    """Open streams of a ready connection's session, less its control stream."""
-    return max(0, len(connection.session.streams) - 1)
 
 
 class MetricsResource(Resource):
