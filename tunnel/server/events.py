@@ -3,10 +3,11 @@
 ``ServerEvents`` is the seam: the site calls ``request_done`` once per
 finished request, and the site, the resource, the forwarder and the TCP
 front end call ``error`` with one ``ErrorKind`` where a request or
-connection fails.  Every method is a no-op here; an observer
-(``tunnel.server.metrics.Metrics``) overrides them.  Where nobody listens
-the owners hold None instead and skip the call, so serving without an
-observer costs nothing.
+connection fails (``report``).  Every method is a no-op here; an observer
+(``tunnel.server.metrics.Metrics``) overrides them.  The observer is
+``TunnelSite.events`` for the site and ``TunnelServer.events`` for the
+others; where nobody listens they hold None and the call is skipped, so
+serving without an observer costs nothing.
 
 The kinds are a fixed enum, never text from a peer: an outsider cannot make
 an observer create a new label value.
@@ -15,6 +16,8 @@ an observer create a new label value.
 from __future__ import annotations
 
 import enum
+
+from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
 
 
 class ErrorKind(enum.StrEnum):
@@ -65,3 +68,23 @@ class ServerEvents:
 
     def error(self, kind: ErrorKind) -> None:
         """A request or connection failed for ``kind``."""
+
+
+def report(events: ServerEvents | None, kind: ErrorKind) -> None:
+    """Tell ``events`` (None: nobody) of an error of ``kind``."""
+    if events is not None:
+        events.error(kind)
+
+
+#: why the registry could not give a request its stream, as a kind
+_TUNNEL_ERRORS = {
+    NoClientSession: ErrorKind.NO_CLIENT,
+    TunnelTimeout: ErrorKind.TUNNEL_TIMEOUT,
+    TooManyPendingTunnels: ErrorKind.TOO_MANY_PENDING,
+}
+
+
+def tunnel_error_kind(error: BaseException) -> ErrorKind:
+    """The kind of a failure to open a tunnel (``registry.open_tunnel``); any
+    other error means the client could not give a stream: ``no_client``."""
+    return _TUNNEL_ERRORS.get(type(error), ErrorKind.NO_CLIENT)

@@ -39,7 +39,7 @@ from twisted.web.server import Site
 from ..logs import RateLimitedLog
 from ..timers import cancel
 from .bodies import StreamingChannel, streaming_request
-from .events import ErrorKind, ServerEvents
+from .events import ErrorKind, ServerEvents, report
 from .headers import connection_tokens
 from .pages import refusal_bytes
 
@@ -243,8 +243,7 @@ class HeadDeadlineChannel(HTTPChannel):
         self._disarm()
         self.setTimeout(None)
         self.clearLineBuffer()
-        if self.events is not None:
-            self.events.error(ErrorKind.BODY_TIMEOUT if code == 408 else ErrorKind.BAD_REQUEST)
+        report(self.events, ErrorKind.BODY_TIMEOUT if code == 408 else ErrorKind.BAD_REQUEST)
         if log:
             self.public_log.info(
                 "refused-request",
@@ -312,8 +311,7 @@ class HeadDeadlineChannel(HTTPChannel):
     def _too_slow(self) -> None:
         if self.transport is None:
             return
-        if self.events is not None:
-            self.events.error(ErrorKind.HEAD_TIMEOUT)
+        report(self.events, ErrorKind.HEAD_TIMEOUT)
         self.public_log.info(
             "slow-head",
             "dropping {peer}: no complete request head within {t} s",
