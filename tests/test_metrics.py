@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Site
 
 from tunnel.server.events import ErrorKind, ServerEvents
@@ -20,6 +21,7 @@ from tunnel.server.registry import TunnelServer
 from .memory import MemoryTunnel, parse_response
 
 KB100 = 100_000
+RAW_PORT = 9000
 
 
 def samples(metrics: Metrics) -> dict:
@@ -37,22 +39,26 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 @contextlib.contextmanager
-def tunnel(connect: bool = True, **options):
-    """A MemoryTunnel whose site reports to a Metrics of its server, the
-    client connected after the Metrics exists (so its connect is counted)."""
-    env = MemoryTunnel(site_kwargs=options.pop("site_kwargs", {}))
+def tunnel(connect: bool = True, *, local=None, site_kwargs=None, server_kwargs=None, **options):
+    """A MemoryTunnel whose site and server report to a Metrics of its server,
+    the client connected after the Metrics exists (so its connect is counted).
+    ``local``: a protocol factory to be the client's local server instead of
+    the Origin resource."""
+    env = MemoryTunnel(site_kwargs=site_kwargs, server_kwargs=server_kwargs)
     env.start(connect=False)
     metrics = Metrics(env.server, **options)
-    env.site.events = metrics
+    env.site.events = env.server.events = metrics
+    if local is not None:
+        env.listen(local, RAW_PORT)
     if connect:
-        connect_client(env)
+        connect_client(env, local=None if local is None else f"tcp:127.0.0.1:{RAW_PORT}")
     with env:
         yield env, metrics
     metrics.close()
 
 
-def connect_client(env: MemoryTunnel) -> None:
-    env.client = env.make_client()
+def connect_client(env: MemoryTunnel, local: str | None = None) -> None:
+    env.client = env.make_client(local=local)
     env.client.startService()
     env.run_until(lambda: env.server.state(env.IDENT).name == "CONNECTED", limit=5)
 
@@ -364,3 +370,136 @@ def test_a_site_without_events_times_nothing():
         channel = env.site.protocol()
         assert env.site.events is None
         assert channel.head_clock is None and channel.events is None
+
+
+# -- errors by kind, where they happen ----------------------------------------------------
+
+
+def errors(metrics: Metrics) -> dict[str, float]:
+    """The error kinds counted so far (non-zero only)."""
+    return {
+        dict(labels)["kind"]: v
+        for (name, labels), v in samples(metrics).items()
+        if name == "tunnel_errors_total" and v
+    }
+
+
+def test_no_virtual_host_and_no_client_session():
+    with tunnel() as (env, metrics):
+        assert env.get(b"/", host=b"nobody.example").code == 502
+        assert errors(metrics) == {"no_vhost": 1}
+        stop_client(env)
+        assert env.get(b"/").code == 502
+        assert errors(metrics) == {"no_vhost": 1, "no_client": 1}
+
+
+def test_refusals_of_the_resource_are_bad_requests():
+    with tunnel() as (env, metrics):
+        assert env.get(b"/", headers=b"Host: other\r\n").code == 400  # two Host headers
+        raw = env.request(b"CONNECT app.localhost:443 HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        assert parse_response(raw).code == 501
+        assert errors(metrics) == {"bad_request": 2}
+
+
+def test_a_tunnel_timeout():
+    with tunnel() as (env, metrics):
+        env.tunnel_connection().freeze()  # the client hears nothing from now on
+        peer = env.connect()
+        peer.send(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        env.advance(env.server.tunnel_timeout)
+        assert parse_response(peer.take()).code == 502
+        assert errors(metrics) == {"tunnel_timeout": 1}
+        env.tunnel_connection().thaw()
+        peer.close()
+        env.flush()
+
+
+def test_too_many_pending_tunnels():
+    with tunnel(server_kwargs={"max_pending_tunnels": 0}) as (env, metrics):
+        assert env.get(b"/").code == 502
+        assert errors(metrics) == {"too_many_pending": 1}
+
+
+class Garbage(Protocol):
+    """A local server that answers anything with what is not HTTP."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+
+def test_an_origin_error():
+    with tunnel(local=Factory.forProtocol(Garbage)) as (env, metrics):
+        assert env.get(b"/").code == 502
+        assert errors(metrics) == {"origin_error": 1}
+
+
+def test_a_public_client_gone_before_its_answer():
+    with tunnel() as (env, metrics):
+        peer = env.connect()
+        peer.send(b"GET /delay?n=5 HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        env.flush()
+        peer.abort()
+        env.flush()
+        assert errors(metrics) == {"client_gone": 1}
+        assert value(metrics, "tunnel_request_duration_seconds_count") == 0  # not answered
+        env.advance(env.server.stream_idle_timeout + 5)
+
+
+def test_a_chunked_body_over_the_limit():
+    with tunnel(site_kwargs={"max_body": 10}) as (env, metrics):
+        raw = env.request(
+            b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"10\r\n0123456789abcdef\r\n0\r\n\r\n"
+        )
+        assert parse_response(raw).code == 413
+        env.advance(1)  # the answer's linger
+        assert errors(metrics) == {"body_too_large": 1}
+
+
+def test_a_body_too_slow():
+    with tunnel(site_kwargs={"body_timeout": 1, "body_min_rate": 100}) as (env, metrics):
+        peer = env.connect()
+        peer.send(b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 1000\r\n\r\n")
+        env.advance(2)
+        assert parse_response(peer.received).code == 408
+        env.advance(1)
+        assert errors(metrics) == {"body_timeout": 1}
+
+
+def test_control_requests_refused():
+    with tunnel() as (env, metrics):
+        raw = env.request(
+            b"CONNECT /_controlPath/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-Ktunnel-Identifier: not-a-tunnel\r\n\r\n"
+        )
+        assert parse_response(raw).code == 502
+        raw = env.request(
+            b"CONNECT /_controlPath/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-Ktunnel-Identifier: %s\r\n\r\n" % env.IDENT.encode()
+        )
+        assert parse_response(raw).code == 502  # connected already
+        assert errors(metrics) == {"control_refused": 2}
+
+
+TCP_PORT = 7000
+
+
+def test_tcp_connections_unmapped_or_failed():
+    with tunnel() as (env, metrics):
+        env.listen(env.server.tcp_factory(), TCP_PORT)
+        env.listen(env.server.tcp_factory(), TCP_PORT + 1)
+        unmapped = env.connect(TCP_PORT)
+        env.flush()
+        assert unmapped.closed
+        env.server.add_addr("nobody-connects-with-this", port=TCP_PORT + 1)
+        failed = env.connect(TCP_PORT + 1)
+        env.flush()
+        assert failed.closed
+        assert errors(metrics) == {"tcp_unmapped": 1, "tcp_failed": 1}
+
+
+def test_a_server_without_events_reports_nothing_and_serves_the_same():
+    with MemoryTunnel() as env:
+        assert env.server.events is None
+        assert env.get(b"/", host=b"nobody.example").code == 502
+        assert env.get(b"/echo?echo=1").body == b"1"

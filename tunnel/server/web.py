@@ -16,7 +16,8 @@ peer can make it log is rate limited (``tunnel.logs``).
 
 Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
 A ``director`` may rewrite each request before it is routed, as Go's
-``Server.Director`` does.
+``Server.Director`` does.  What it refuses is reported to the server's
+``events`` (``tunnel.server.events``) by kind.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..koding.identifiers import TunnelKey, redact
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
 from ..logs import RateLimitedLog, excerpt
 from ..yamux import YamuxSession
+from .events import ErrorKind, report
 from .forward import Forward
 from .headers import PublicTarget, Refusal, public_target
 from .pages import NO_CLIENT_SESSION, error_page
@@ -92,6 +94,7 @@ class TunnelResource(Resource):
         return self._forward(request)
 
     def _refuse(self, request, code: int, text: str) -> bytes:
+        report(self.server.events, ErrorKind.BAD_REQUEST)
         self.public_log.info(
             "refused-request",
             "refused a request from {peer}: {code} {why}",
@@ -105,6 +108,7 @@ class TunnelResource(Resource):
 
     def _control(self, request):
         if request.method != b"CONNECT":
+            report(self.server.events, ErrorKind.BAD_REQUEST)
             return error_page(request, 405, "405 must CONNECT\n")
         raw = request.getHeader(IDENTIFIER_HEADER) or b""
         # what the peer sent goes back to that peer only (Go's texts); the log
@@ -112,6 +116,7 @@ class TunnelResource(Resource):
         offered = raw.decode("utf-8", "replace")
         key = self.server.canonical(offered) if offered else None
         if key is None:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             self.public_log.info(
                 "control-refused",
                 "refused a control request from {peer}: unknown identifier {ident}",
@@ -124,14 +129,17 @@ class TunnelResource(Resource):
                 f"no host associated for identifier {offered}. please use server.AddHost()",
             )
         if not self.server.accepting:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             return error_page(request, 503, "the tunnel server is shutting down")
         if getattr(request.channel, "transport", None) is None:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             return error_page(request, 502, "this connection cannot be taken over")
 
         def decided(duplicate: bool) -> None:
             if request.channel is None or getattr(request, "_disconnected", False):
                 return
             if duplicate:
+                report(self.server.events, ErrorKind.CONTROL_REFUSED)
                 self.public_log.info(
                     "control-refused",
                     "refused a control request from {peer}: {ident} is connected already",
@@ -160,6 +168,7 @@ class TunnelResource(Resource):
         try:
             take_over(request, session, CONNECTED_REPLY)
         except CannotTakeOver as e:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             session.connectionLost(Failure(ConnectionDone(str(e))))
             request.write(error_page(request, 502, str(e)))
             request.finish()
@@ -169,10 +178,12 @@ class TunnelResource(Resource):
     def _forward(self, request):
         host = request.getHeader(b"host")
         if not host:  # Go's text; a 400 as Go's net/http gives (RFC 9112 3.2)
+            report(self.server.events, ErrorKind.BAD_REQUEST)
             return error_page(request, 400, "request host is empty")
         try:
             route, port = self.server.vhosts.lookup(host.decode("latin-1"))
         except ValueError:
+            report(self.server.events, ErrorKind.BAD_REQUEST)
             self.public_log.info(
                 "bad-host",
                 "refused a request from {peer}: malformed host {host}",
@@ -181,11 +192,13 @@ class TunnelResource(Resource):
             )
             return error_page(request, 400, f"malformed host {host.decode('latin-1')!r}")
         if route is None:
+            report(self.server.events, ErrorKind.NO_VHOST)
             return error_page(
                 request, 502, f'no virtual host available for "{host.decode("latin-1").lower()}"'
             )
         connection = self.server.connection(route.key)
         if connection is None or not connection.ready:
+            report(self.server.events, ErrorKind.NO_CLIENT)
             return error_page(request, 502, NO_CLIENT_SESSION)
         connection.dispatched()
         Forward(self.server, request, route.key, port, public_log=self.public_log).start()
