@@ -23,11 +23,15 @@ from twisted.python.failure import Failure
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import Routes, TunnelServer
 from tunnel.server.routes import RoutesStopped, TCPPorts
+from tunnel.server.rules import HostRules
 from tunnel.server.store import HostEntry, MemoryStore, PortEntry, Snapshot
 from tunnel.server.vhosts import VirtualAddrs, VirtualHosts, host_key
 
 from .memory import MemoryTunnel
 
+#: stored rules, as HostRules.stored() writes them
+RATE_1 = {"rate": {"per_second": 1, "burst": 1}}
+RATE_3 = {"rate": {"per_second": 3, "burst": 3}}
 ONE, TWO = TunnelKey.of("ident-one"), TunnelKey.of("ident-two")
 
 
@@ -244,7 +248,8 @@ def test_put_host_stores_then_serves_and_replaces():
     assert result(store.load()).hosts == (HostEntry("app.test", ONE, {}),)
     rules = {"allow": ["127.0.0.0/8"]}
     assert result(routes.put_host("app.test", TWO, rules)) is False
-    assert served(server) == {"app.test": (TWO, rules)}  # default rules_of: the mapping
+    # default rules_of: the HostRules the web layer enforces
+    assert served(server) == {"app.test": (TWO, HostRules.from_stored(rules))}
     assert routes.host("app.test").rules == rules
     assert result(routes.put_host("b.test", ONE)) is True
     assert [e.host for e in routes.hosts()] == ["app.test", "b.test"]
@@ -385,14 +390,14 @@ def test_without_listen_tcp_ports_are_routed_only():
 
 def test_start_loads_the_store_and_opens_its_ports_stop_closes_them():
     store = CountingStore()
-    result(store.put_host(HostEntry("app.test", ONE, {"rate": 1})))
+    result(store.put_host(HostEntry("app.test", ONE, RATE_1)))
     result(store.put_port(PortEntry(2222, TWO)))
     store.writes.clear()
     listen = RecordingListen()
     routes, server = make_routes(store, listen)
-    assert served(server) == {"app.test": (ONE, {"rate": 1})}
+    assert served(server) == {"app.test": (ONE, HostRules.from_stored(RATE_1))}
     assert server.addrs.lookup("127.0.0.1", 2222) == TWO and listen.open_ports() == [2222]
-    assert routes.hosts() == [HostEntry("app.test", ONE, {"rate": 1})]
+    assert routes.hosts() == [HostEntry("app.test", ONE, RATE_1)]
     assert store.writes == []  # loading writes nothing
     result(routes.stop())
     assert listen.open_ports() == [] and store.closed
@@ -427,7 +432,7 @@ def test_start_fails_and_closes_what_it_opened_if_a_stored_port_is_taken():
 
 def test_seed_is_idempotent_and_keeps_stored_rules():
     store = CountingStore()
-    result(store.put_host(HostEntry("app.test", ONE, {"rate": 3})))
+    result(store.put_host(HostEntry("app.test", ONE, RATE_3)))
     store.writes.clear()
     listen = RecordingListen()
     routes, server = make_routes(store, listen)
@@ -437,8 +442,8 @@ def test_seed_is_idempotent_and_keeps_stored_rules():
     result(routes.seed(*seed))  # again: nothing to write
     assert len(store.writes) == 2 and len(listen.opened) == 1
     result(routes.seed({"app.test": TWO}, {2222: TWO}))  # another tunnel: replaced
-    assert routes.host("app.test") == HostEntry("app.test", TWO, {"rate": 3})
-    assert served(server)["app.test"] == (TWO, {"rate": 3})
+    assert routes.host("app.test") == HostEntry("app.test", TWO, RATE_3)
+    assert served(server)["app.test"] == (TWO, HostRules.from_stored(RATE_3))
     assert routes.ports() == [PortEntry(2222, TWO)] and len(listen.opened) == 1
 
 

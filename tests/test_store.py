@@ -67,8 +67,24 @@ async def open_sqlite(path: Path) -> SQLiteStore:
     return await SQLiteStore.open(path / "registry.db")
 
 
+async def open_sqlite_now(path: Path) -> SQLiteStore:
+    return SQLiteStore.open_now(path / "registry.db")
+
+
 #: every RegistryStore backend, and how a test gets an empty one
-BACKENDS = {"memory": open_memory, "sqlite": open_sqlite}
+BACKENDS = {"memory": open_memory, "sqlite": open_sqlite, "sqlite-now": open_sqlite_now}
+
+
+async def _open_later(path: Path) -> SQLiteStore:
+    return await SQLiteStore.open(path)
+
+
+async def _open_at_start(path: Path) -> SQLiteStore:
+    return SQLiteStore.open_now(path)
+
+
+#: the two ways to open a file: they refuse the same files with the same errors
+OPENERS = pytest.mark.parametrize("opener", [_open_later, _open_at_start], ids=["open", "open_now"])
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -352,8 +368,9 @@ async def test_a_failing_migration_changes_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 1000, -1])
+@OPENERS
 @pytest_twisted.ensureDeferred
-async def test_a_version_this_code_does_not_know_is_refused(tmp_path, version):
+async def test_a_version_this_code_does_not_know_is_refused(tmp_path, version, opener):
     db = tmp_path / "registry.db"
     store = await SQLiteStore.open(db)
     await store.put_host(HostEntry("a.example", KEY))
@@ -362,7 +379,7 @@ async def test_a_version_this_code_does_not_know_is_refused(tmp_path, version):
     before = db.read_bytes()
 
     with pytest.raises(StoreError) as raised:
-        await SQLiteStore.open(db)
+        await opener(db)
     message = str(raised.value)
     assert str(db) in message
     assert f"version {version}" in message and f"up to {SCHEMA_VERSION}" in message
@@ -370,13 +387,14 @@ async def test_a_version_this_code_does_not_know_is_refused(tmp_path, version):
     assert read_db(db, "PRAGMA user_version") == [(version,)]
 
 
+@OPENERS
 @pytest_twisted.ensureDeferred
-async def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+async def test_a_file_that_is_not_a_database_is_refused(tmp_path, opener):
     path = tmp_path / "notes.txt"
     content = b"this is not a database\n" * 200
     path.write_bytes(content)
     with pytest.raises(StoreError, match="is not a SQLite database") as raised:
-        await SQLiteStore.open(path)
+        await opener(path)
     assert str(path) in str(raised.value)
     assert path.read_bytes() == content
 
@@ -388,22 +406,24 @@ async def test_a_file_that_is_not_a_database_is_refused(tmp_path):
         (["PRAGMA application_id = 4660"], "another application's SQLite database"),
     ],
 )
+@OPENERS
 @pytest_twisted.ensureDeferred
-async def test_another_applications_database_is_refused(tmp_path, statements, reason):
+async def test_another_applications_database_is_refused(tmp_path, statements, reason, opener):
     db = tmp_path / "other.db"
     write_db(db, *statements)
     before = db.read_bytes()
     with pytest.raises(StoreError, match=reason) as raised:
-        await SQLiteStore.open(db)
+        await opener(db)
     assert str(db) in str(raised.value)
     assert db.read_bytes() == before
 
 
+@OPENERS
 @pytest_twisted.ensureDeferred
-async def test_a_file_that_cannot_be_created_is_reported(tmp_path):
+async def test_a_file_that_cannot_be_created_is_reported(tmp_path, opener):
     db = tmp_path / "missing" / "registry.db"
     with pytest.raises(StoreError, match="cannot create the registry") as raised:
-        await SQLiteStore.open(db)
+        await opener(db)
     assert str(db) in str(raised.value)
 
 

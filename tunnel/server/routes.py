@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from ..koding.identifiers import TunnelKey
 from .registry import TunnelServer
+from .rules import HostRules
 from .store import HostEntry, PortEntry, RegistryStore
 from .vhosts import host_key
 
@@ -34,10 +35,12 @@ from .vhosts import host_key
 NO_RULES: Mapping[str, Any] = MappingProxyType({})
 
 
-def default_rules(stored: Mapping[str, Any]) -> object:
-    """The object put in a ``Route`` for stored rules: None when there are none,
-    else the mapping itself."""
-    return dict(stored) if stored else None
+def default_rules(stored: Mapping[str, Any]) -> HostRules | None:
+    """What a ``Route`` carries for stored rules: the ``HostRules`` the web
+    layer enforces, None when there are none (RulesError, a ValueError, if
+    they are not valid)."""
+    rules = HostRules.from_stored(stored)
+    return rules if rules else None
 
 
 class RoutesStopped(Exception):

@@ -6,7 +6,8 @@ so statements run in the order they were asked for and the reactor never
 waits on the disk.  Open a store with ``SQLiteStore.open(path)``, which
 creates the file (mode 0600: it holds tunnel keys and password hashes),
 brings its schema up to date and fires with the store ready to use; an
-unusable file fails that Deferred with a ``StoreError`` naming the path.
+unusable file fails that Deferred with a ``StoreError`` naming the path
+(``open_now`` does the same at a program's start, raising the error at once).
 
 The schema is versioned with ``PRAGMA user_version``: ``MIGRATIONS[n]``
 takes a database from version n to n + 1, and all pending migrations run in
@@ -115,30 +116,49 @@ class SQLiteStore:
         return Deferred.fromCoroutine(cls._open(os.fspath(path)))
 
     @classmethod
+    def open_now(cls, path: str | os.PathLike[str]) -> SQLiteStore:
+        """``open()`` for a program's start, before its reactor runs: the file is
+        created, checked and migrated now, in this thread (raising
+        ``StoreError``), and only later operations go to the worker thread.
+
+        twistd cannot fail its start once the reactor runs, so this is how an
+        unusable ``--db`` stops it at once, with the error and a non-zero exit.
+        """
+        path = os.fspath(path)
+        if not _create_private(path):
+            _warn_if_shared(cls.log, path)
+        try:
+            connection = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as e:
+            raise _store_error(path, e) from e
+        try:
+            _configure(connection)
+            cursor = connection.cursor()
+            try:
+                _migrate(cursor, path)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+            _use_wal(cursor)
+        except sqlite3.Error as e:
+            raise _store_error(path, e) from e
+        finally:
+            connection.close()
+        return cls(path, _pool(path))
+
+    @classmethod
     async def _open(cls, path: str) -> SQLiteStore:
         if not _create_private(path):
             _warn_if_shared(cls.log, path)
-        pool = ConnectionPool(
-            "sqlite3",
-            path,
-            # adbapi closes the connection from the reactor's thread
-            check_same_thread=False,
-            # transactions are begun explicitly (BEGIN IMMEDIATE) where a
-            # change takes more than one statement; adbapi commits them
-            isolation_level=None,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_configure,
-        )
+        pool = _pool(path)
         try:
             await pool.runInteraction(_migrate, path)
             await pool.runInteraction(_use_wal)
         except BaseException as e:
             pool.close()
-            if isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e):
-                raise StoreError(f"{path} is not a SQLite database ({e})") from e
             if isinstance(e, sqlite3.Error):
-                raise StoreError(f"cannot open the registry {path}: {e}") from e
+                raise _store_error(path, e) from e
             raise
         return cls(path, pool)
 
@@ -326,6 +346,28 @@ def _port_entry(port: object, key: object) -> PortEntry:
 
 
 # In the worker thread: the connection and the statements.
+
+
+def _pool(path: str) -> ConnectionPool:
+    """The store's one connection, in one worker thread."""
+    return ConnectionPool(
+        "sqlite3",
+        path,
+        # adbapi closes the connection from the reactor's thread
+        check_same_thread=False,
+        # transactions are begun explicitly (BEGIN IMMEDIATE) where a
+        # change takes more than one statement; adbapi commits them
+        isolation_level=None,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=_configure,
+    )
+
+
+def _store_error(path: str, e: sqlite3.Error) -> StoreError:
+    if isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e):
+        return StoreError(f"{path} is not a SQLite database ({e})")
+    return StoreError(f"cannot open the registry {path}: {e}")
 
 
 def _configure(conn: sqlite3.Connection) -> None:

@@ -14,6 +14,12 @@ and CONNECT anywhere but the control path are refused, an absolute-form
 target is routed by its authority and handed on in origin-form.  What a
 peer can make it log is rate limited (``tunnel.logs``).
 
+A routed host's access rules (``rules``: allowed networks, a rate, a
+password) are enforced by ``access.AccessGate`` before the client is asked
+for anything: a refusal is 403, 429 or 401 (503 while password checks are
+saturated), and a request that passed basic auth goes on without its
+Authorization header, which holds the host's password, not the origin's.
+
 Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
 A ``director`` may rewrite each request before it is routed, as Go's
 ``Server.Director`` does.  What it refuses is reported to the server's
@@ -26,6 +32,7 @@ import posixpath
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,12 +43,14 @@ from ..koding.identifiers import TunnelKey, redact
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
 from ..logs import RateLimitedLog, excerpt
 from ..yamux import YamuxSession
+from .access import AccessGate, Verdict
 from .events import ErrorKind, report
 from .forward import Forward
 from .headers import PublicTarget, Refusal, public_target
 from .pages import NO_CLIENT_SESSION, error_page
 from .registry import TunnelServer
 from .takeover import CannotTakeOver, take_over
+from .vhosts import Route
 
 
 def is_control_path(path: bytes) -> bool:
@@ -64,11 +73,18 @@ class TunnelResource(Resource):
     log = Logger()
 
     def __init__(
-        self, server: TunnelServer, *, director: Callable[[Any], None] | None = None
+        self,
+        server: TunnelServer,
+        *,
+        director: Callable[[Any], None] | None = None,
+        gate: AccessGate | None = None,
     ) -> None:
         super().__init__()
         self.server = server
         self.director = director
+        #: enforces the hosts' access rules (one of our own if none is given:
+        #: a host's rules are never skipped)
+        self.gate = gate if gate is not None else AccessGate(server.clock)
         #: what peers cause, rate-limited per kind
         self.public_log = RateLimitedLog(self.log, clock=server.clock)
 
@@ -196,6 +212,54 @@ class TunnelResource(Resource):
             return error_page(
                 request, 502, f'no virtual host available for "{host.decode("latin-1").lower()}"'
             )
+        if route.rules:
+            verdict = self.gate.check(
+                route.rules,
+                peer=getattr(request.getClientAddress(), "host", None),
+                forwarded_for=request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+                authorization=_authorization(request),
+                host=route.host,
+            )
+            if isinstance(verdict, Deferred):
+                # the body waits (held, unread) while a password is checked
+                request.notifyFinish().addErrback(lambda _: verdict.cancel())
+                verdict.addCallback(self._decided, request, route, port)
+                verdict.addErrback(lambda f: f.trap(CancelledError))
+                return NOT_DONE_YET
+            if not verdict.allowed:
+                return self._deny(request, verdict)
+            if verdict.authenticated:
+                request.requestHeaders.removeHeader(b"authorization")
+        return self._dispatch(request, route, port)
+
+    def _decided(self, verdict: Verdict, request, route: Route, port: int) -> None:
+        """A verdict that had to wait for a password check."""
+        if not verdict.allowed:
+            request.write(self._deny(request, verdict))
+            request.finish()
+            return
+        if verdict.authenticated:
+            request.requestHeaders.removeHeader(b"authorization")
+        body = self._dispatch(request, route, port)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _deny(self, request, verdict: Verdict) -> bytes:
+        """What a host's rules refuse (403, 429, 401, 503), with the verdict's headers."""
+        self.public_log.info(
+            "access-denied",
+            "denied a request from {peer}: {code} {why}",
+            peer=request.getClientAddress(),
+            code=verdict.status,
+            why=verdict.message,
+        )
+        body = error_page(request, verdict.status, verdict.message)
+        for name, value in verdict.headers:
+            request.responseHeaders.setRawHeaders(name, [value])
+        return body
+
+    def _dispatch(self, request, route: Route, port: int):
         connection = self.server.connection(route.key)
         if connection is None or not connection.ready:
             report(self.server.events, ErrorKind.NO_CLIENT)
@@ -203,6 +267,15 @@ class TunnelResource(Resource):
         connection.dispatched()
         Forward(self.server, request, route.key, port, public_log=self.public_log).start()
         return NOT_DONE_YET
+
+
+def _authorization(request) -> bytes | None:
+    """The one Authorization header, None if absent; two or more are b"" (no
+    credentials: a client cannot pick which one a host's password is checked on)."""
+    values = request.requestHeaders.getRawHeaders(b"authorization")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else b""
 
 
 def _to_origin_form(request, checked: PublicTarget) -> None:
