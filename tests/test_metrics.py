@@ -14,13 +14,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Site
 
+from tunnel.server.access import AccessGate
 from tunnel.server.events import ErrorKind, ServerEvents
 from tunnel.server.metrics import BUCKETS, OTHER_HOST, Metrics
 from tunnel.server.registry import TunnelServer
+from tunnel.server.rules import HostRules, ScryptParams
 
 from .memory import MemoryTunnel, parse_response
 
 KB100 = 100_000
+#: cheap scrypt for tests (the default costs tens of milliseconds per hash)
+CHEAP = ScryptParams(n=2**10, r=1, p=1)
 RAW_PORT = 9000
 
 
@@ -503,3 +507,26 @@ def test_a_server_without_events_reports_nothing_and_serves_the_same():
         assert env.server.events is None
         assert env.get(b"/", host=b"nobody.example").code == 502
         assert env.get(b"/echo?echo=1").body == b"1"
+
+
+def test_access_rule_denials_by_kind():
+    with tunnel() as (env, metrics):
+        env.resource.gate = AccessGate(env.clock, verify=lambda stored, pw: stored.matches(pw))
+        rules = {"allow": ["10.0.0.0/8"]}
+        env.server.add_host("deny.localhost", env.IDENT, HostRules.from_api(rules, params=CHEAP))
+        rules = {"rate": {"per_second": 1, "burst": 1}}
+        env.server.add_host("rate.localhost", env.IDENT, HostRules.from_api(rules, params=CHEAP))
+        rules = {"basic_auth": {"user": "ops", "password": "pw"}}
+        env.server.add_host("auth.localhost", env.IDENT, HostRules.from_api(rules, params=CHEAP))
+        assert env.get(b"/", host=b"deny.localhost").code == 403
+        assert [env.get(b"/echo?echo=1", host=b"rate.localhost").code for _ in "12"] == [200, 429]
+        assert env.get(b"/", host=b"auth.localhost").code == 401
+        assert errors(metrics) == {"forbidden": 1, "rate_limited": 1, "unauthorized": 1}
+
+
+def test_every_denial_of_the_gate_has_a_kind():
+    from tunnel.server.access import Decision
+    from tunnel.server.web import _DENIALS
+
+    assert set(_DENIALS) == set(Decision) - {Decision.ALLOWED}
+    assert _DENIALS[Decision.UNAVAILABLE] is ErrorKind.AUTH_UNAVAILABLE

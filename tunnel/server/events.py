@@ -45,10 +45,14 @@ class ErrorKind(enum.StrEnum):
     CLIENT_GONE = "client_gone"
     #: a control request refused (unknown identifier, or one already connected)
     CONTROL_REFUSED = "control_refused"
-    #: an access rule refused the request (401, 403)
-    ACCESS_DENIED = "access_denied"
-    #: a rate rule refused the request (429)
+    #: the host's allow rule refused the client's address (403)
+    FORBIDDEN = "forbidden"
+    #: the host's basic_auth rule found no credentials, or wrong ones (401)
+    UNAUTHORIZED = "unauthorized"
+    #: the host's rate rule found the client's bucket empty (429)
     RATE_LIMITED = "rate_limited"
+    #: the host's password could not be checked now (503)
+    AUTH_UNAVAILABLE = "auth_unavailable"
     #: a public TCP connection on a port no tunnel is mapped to
     TCP_UNMAPPED = "tcp_unmapped"
     #: a TCP tunnel could not be opened

@@ -43,7 +43,7 @@ from ..koding.identifiers import TunnelKey, redact
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
 from ..logs import RateLimitedLog, excerpt
 from ..yamux import YamuxSession
-from .access import AccessGate, Verdict
+from .access import AccessGate, Decision, Verdict
 from .events import ErrorKind, report
 from .forward import Forward
 from .headers import PublicTarget, Refusal, public_target
@@ -247,6 +247,7 @@ class TunnelResource(Resource):
 
     def _deny(self, request, verdict: Verdict) -> bytes:
         """What a host's rules refuse (403, 429, 401, 503), with the verdict's headers."""
+        report(self.server.events, _DENIALS[verdict.decision])
         self.public_log.info(
             "access-denied",
             "denied a request from {peer}: {code} {why}",
@@ -267,6 +268,15 @@ class TunnelResource(Resource):
         connection.dispatched()
         Forward(self.server, request, route.key, port, public_log=self.public_log).start()
         return NOT_DONE_YET
+
+
+#: what the gate refused, as an error kind
+_DENIALS = {
+    Decision.FORBIDDEN: ErrorKind.FORBIDDEN,
+    Decision.RATE_LIMITED: ErrorKind.RATE_LIMITED,
+    Decision.UNAUTHORIZED: ErrorKind.UNAUTHORIZED,
+    Decision.UNAVAILABLE: ErrorKind.AUTH_UNAVAILABLE,
+}
 
 
 def _authorization(request) -> bytes | None:
