@@ -21,6 +21,7 @@ import pytest_twisted
 import treq
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
@@ -34,6 +35,8 @@ from twisted.web.server import Site
 from tunnel.client import TunnelClientService
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server.routes import TCPPorts
+from tunnel.server.rules import HostRules
+from tunnel.server.sqlite import SQLiteStore
 from tunnel.server.store import HostEntry
 from tunnel.server.vhosts import host_key
 from tunnel.tap import client as client_tap
@@ -144,13 +147,17 @@ def test_server_timeouts_are_floats():
         server_options("--vhost", "a=b", "--tunnel-timeout", "soon")
 
 
+def listeners(service) -> list[StreamServerEndpointService]:
+    return [c for c in service if isinstance(c, StreamServerEndpointService)]
+
+
 def test_server_make_service():
     options = server_options(
         "--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0", "--vhost", "App.Test=id"
     )
     service = server_tap.makeService(options)
     assert IService.providedBy(service)
-    assert len(list(service)) == 2  # one listener per --listen
+    assert len(listeners(service)) == 2  # one listener per --listen
     assert not service.running  # nothing listens until twistd starts it
     # the hosts are seeded into the routes when the service starts, as keys
     assert service.seed_hosts == {"app.test": TunnelKey.of("id")}
@@ -176,9 +183,8 @@ def test_server_tcp_tunnels_and_site_options():
     )
     assert options["tcp"] == {2222: "ops", 2223: "a=b"}  # split on the first '='
     service = server_tap.makeService(options)
-    listeners = list(service)
-    assert len(listeners) == 1  # one --listen; the --tcp ports are the routes'
-    site = listeners[0].factory
+    (listener,) = listeners(service)  # one --listen; the --tcp ports are the routes'
+    site = listener.factory
     assert (site.head_timeout, site.timeOut, site.access_log) == (5.0, 20.0, "-")
     assert site.max_body == 1048576
     # the routes open the --tcp ports when the service starts, as run-time ones
@@ -293,6 +299,74 @@ def test_server_stream_keeping_options_reach_the_server():
 
 
 # -- 2b. tunnel-client options ----------------------------------------------------
+
+
+# -- the registry file and the access rules --------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_db_lifts_the_need_for_a_route_on_the_command_line(tmp_path):
+    options = server_options("--db", str(tmp_path / "registry.db"))
+    assert options["vhosts"] == {} and options["tcp"] == {}
+    service = server_tap.makeService(options)
+    assert isinstance(service.routes.store, SQLiteStore)
+    assert (tmp_path / "registry.db").exists()  # created and migrated at once
+    await service.routes.store.close()
+
+
+def test_server_unusable_db_is_a_usage_error(tmp_path):
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("not a database\n" * 100)
+    options = server_options("--db", str(not_a_db))
+    with pytest.raises(usage.UsageError, match="--db: .*notes.txt is not a SQLite database"):
+        server_tap.makeService(options)
+
+
+def test_server_rule_flags_become_stored_rules_of_their_hosts(tmp_path):
+    auth = tmp_path / "auth"
+    auth.write_text("ops:pass word:with colon\n")
+    options = server_options(
+        *("--vhost", "App.Test=id", "--vhost", "b.test=id"),
+        *("--allow", "app.test=10.0.0.0/8, 192.0.2.7", "--allow", "APP.test.=::1"),
+        *("--rate", "app.test=2.5/10", "--rate", "b.test=3"),
+        *("--basic-auth-file", f"app.test={auth}", "--trusted-proxy", "127.0.0.0/8"),
+    )
+    rules = {h: HostRules.from_stored(r) for h, r in options["stored-rules"].items()}
+    app = rules["app.test"]
+    assert [str(n) for n in app.allow] == ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]
+    assert (app.rate.per_second, app.rate.burst) == (2.5, 10)
+    assert app.basic_auth.user == "ops"
+    assert app.basic_auth.password.matches(b"pass word:with colon")
+    assert "pass word" not in repr(options["stored-rules"])  # hashed at once
+    assert rules["b.test"].public() == {"rate": {"per_second": 3.0, "burst": 3}}
+    assert [str(n) for n in options["trusted-proxies"]] == ["127.0.0.0/8"]
+    service = server_tap.makeService(options)
+    assert service.seed_rules == options["stored-rules"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--allow", "app.test=10.0.0.1/8"), "did you mean 10.0.0.0/8"),
+        (("--allow", "other.test=10.0.0.0/8"), "rules for other.test, which no --vhost"),
+        (("--rate", "app.test=fast"), "--rate: 'fast' is not PER_SECOND"),
+        (("--rate", "app.test=0"), "the rules of app.test"),
+        (("--allow", "bad host=10.0.0.0/8"), "--allow"),
+        (("--trusted-proxy", "everyone"), "--trusted-proxy"),
+        (("--basic-auth-file", "app.test=/nonexistent/auth"), "--basic-auth-file"),
+    ],
+)
+def test_server_bad_rule_flags_are_usage_errors(argv, message):
+    with pytest.raises(usage.UsageError, match=message):
+        server_options("--vhost", "app.test=id", *argv)
+
+
+def test_server_basic_auth_file_must_hold_user_and_password(tmp_path):
+    auth = tmp_path / "auth"
+    auth.write_text("just-a-password\n")
+    with pytest.raises(usage.UsageError, match="not USER:PASSWORD") as raised:
+        server_options("--vhost", "app.test=id", "--basic-auth-file", f"app.test={auth}")
+    assert "just-a-password" not in str(raised.value)
 
 
 @pytest.fixture
@@ -516,6 +590,11 @@ def test_client_make_service_with_a_bad_endpoint_is_a_usage_error(no_env_identif
 #: option -> (what it takes, default as shown); twistd adds --help and --version
 SERVER_HELP = {
     "access-log": ("PATH", "off"),
+    "allow": ("HOST=CIDR[,CIDR...]", None),
+    "basic-auth-file": ("HOST=PATH", None),
+    "db": ("PATH", "in memory"),
+    "rate": ("HOST=PER_SECOND[/BURST]", None),
+    "trusted-proxy": ("CIDR", None),
     "body-min-rate": ("BYTES", "500"),
     "body-timeout": ("Seconds", "20.0"),
     "head-timeout": ("Seconds", "30.0"),

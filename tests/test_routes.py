@@ -447,6 +447,23 @@ def test_seed_is_idempotent_and_keeps_stored_rules():
     assert routes.ports() == [PortEntry(2222, TWO)] and len(listen.opened) == 1
 
 
+def test_seeded_rules_replace_the_stored_ones_of_their_hosts_only():
+    store = CountingStore()
+    result(store.put_host(HostEntry("app.test", ONE, RATE_3)))
+    result(store.put_host(HostEntry("b.test", ONE, RATE_3)))
+    store.writes.clear()
+    routes, server = make_routes(store)
+    hosts = {"app.test": ONE, "b.test": ONE}
+    result(routes.seed(hosts, {}, {"App.Test": RATE_1}))
+    assert store.writes == [("put_host", "app.test")]
+    assert served(server)["app.test"] == (ONE, HostRules.from_stored(RATE_1))
+    assert served(server)["b.test"] == (ONE, HostRules.from_stored(RATE_3))
+    result(routes.seed(hosts, {}, {"app.test": RATE_1}))  # the same again: nothing to write
+    assert len(store.writes) == 1
+    with pytest.raises(ValueError, match="not seeded: c.test"):
+        result(routes.seed(hosts, {}, {"c.test": RATE_1}))
+
+
 def test_stopped_routes_refuse_changes():
     store = CountingStore()
     listen = RecordingListen()

@@ -276,23 +276,34 @@ class Routes:
         self,
         hosts: Mapping[str, str | TunnelKey],
         ports: Mapping[int, str | TunnelKey],
+        rules: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Deferred[None]:
         """Make sure each of ``hosts`` and ``ports`` is served by its tunnel
         (``--vhost``, ``--vhost-file``, ``--tcp``): what already is stays
-        untouched, a host whose tunnel changes keeps its stored rules."""
-        return Deferred.fromCoroutine(self._seed(hosts, ports))
+        untouched, a host whose tunnel changes keeps its stored rules.
+
+        :param rules: stored rules for some of ``hosts`` (the rule flags):
+            they replace what is stored for those hosts.
+        """
+        return Deferred.fromCoroutine(self._seed(hosts, ports, rules or {}))
 
     async def _seed(
         self,
         hosts: Mapping[str, str | TunnelKey],
         ports: Mapping[int, str | TunnelKey],
+        rules: Mapping[str, Mapping[str, Any]],
     ) -> None:
         self._check_running()
+        given = {host_key(host): stored for host, stored in rules.items()}
         for host, tunnel in hosts.items():
             name, key = host_key(host), TunnelKey.coerce(tunnel)
             existing = self._hosts.get(name)
-            if existing is None or existing.key != key:
-                await self.put_host(name, key, existing.rules if existing else NO_RULES)
+            kept = existing.rules if existing else NO_RULES
+            wanted = given.pop(name, kept)
+            if existing is None or existing.key != key or wanted != kept:
+                await self.put_host(name, key, wanted)
+        if given:
+            raise ValueError(f"rules for hosts that are not seeded: {', '.join(sorted(given))}")
         for port, tunnel in ports.items():
             key = TunnelKey.coerce(tunnel)
             existing_port = self._ports.get(check_port(port))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -62,6 +63,8 @@ class TunnelServerService(MultiService):
     :param seed_hosts: host -> tunnel, made sure of once the routes are
         loaded (``Routes.seed``: what ``--vhost`` gives).
     :param seed_ports: TCP port -> tunnel, likewise (``--tcp``).
+    :param seed_rules: host -> stored rules for some of ``seed_hosts`` (the
+        rule flags), replacing what is stored for them.
     """
 
     log = Logger()
@@ -74,6 +77,7 @@ class TunnelServerService(MultiService):
         routes: Routes | None = None,
         seed_hosts: Mapping[str, str | TunnelKey] | None = None,
         seed_ports: Mapping[int, str | TunnelKey] | None = None,
+        seed_rules: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.server = server
@@ -81,7 +85,8 @@ class TunnelServerService(MultiService):
         self.routes = routes
         self.seed_hosts = dict(seed_hosts or {})
         self.seed_ports = dict(seed_ports or {})
-        if routes is None and (self.seed_hosts or self.seed_ports):
+        self.seed_rules = dict(seed_rules or {})
+        if routes is None and (self.seed_hosts or self.seed_ports or self.seed_rules):
             raise ValueError("seeding needs routes")
         self.phase = Phase.IDLE
         #: called when the server cannot start after the reactor runs (routes
@@ -106,7 +111,9 @@ class TunnelServerService(MultiService):
         routes = self.routes
         if routes is None:
             return succeed(None)
-        return routes.start().addCallback(lambda _: routes.seed(self.seed_hosts, self.seed_ports))
+        return routes.start().addCallback(
+            lambda _: routes.seed(self.seed_hosts, self.seed_ports, self.seed_rules)
+        )
 
     # -- IService --------------------------------------------------------------
 

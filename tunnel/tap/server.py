@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from ..server.rules import HostRules, RulesError, parse_network
 from ..server.vhosts import host_key
 
 
@@ -124,6 +125,13 @@ class Options(usage.Options):
             _byte_count,
         ],
         [
+            "db",
+            None,
+            None,
+            "PATH: keep hosts, TCP ports and rules in this SQLite file (created if absent),"
+            " so that changes made at run time survive a restart. [default: in memory]",
+        ],
+        [
             "access-log",
             None,
             None,
@@ -136,6 +144,9 @@ class Options(usage.Options):
         self["listen"] = []
         self["vhosts"] = {}
         self["tcp"] = {}
+        #: host -> the rule flags' API form of its rules (see rules.HostRules.from_api)
+        self["rules"] = {}
+        self["trusted-proxies"] = []
         # shown as "[default: ...]" like the optParameters' defaults
         self.defaults["listen"] = DEFAULT_LISTEN
 
@@ -162,6 +173,54 @@ class Options(usage.Options):
             raise usage.UsageError(f"--tcp: {port!r} is not a port number")
         self["tcp"][int(port)] = identifier
 
+    def opt_trusted_proxy(self, value: str) -> None:
+        """CIDR (repeatable): believe X-Forwarded-For from peers in this network (access rules)."""
+        try:
+            self["trusted-proxies"].append(parse_network(value))
+        except RulesError as e:
+            raise usage.UsageError(f"--trusted-proxy: {e}")
+
+    def opt_allow(self, value: str) -> None:
+        """HOST=CIDR[,CIDR...] (repeatable): serve HOST only to clients in these networks."""
+        host, networks = self._host_rule(value, "allow")
+        self["rules"].setdefault(host, {}).setdefault("allow", []).extend(
+            n.strip() for n in networks.split(",")
+        )
+
+    def opt_rate(self, value: str) -> None:
+        """HOST=PER_SECOND[/BURST] (repeatable): requests per second (and burst) per client."""
+        host, rate = self._host_rule(value, "rate")
+        per_second, _, burst = rate.partition("/")
+        try:
+            spec: dict[str, float | int] = {"per_second": float(per_second)}
+            if burst:
+                spec["burst"] = int(burst)
+        except ValueError:
+            raise usage.UsageError(f"--rate: {rate!r} is not PER_SECOND[/BURST]")
+        self["rules"].setdefault(host, {})["rate"] = spec
+
+    def opt_basic_auth_file(self, value: str) -> None:
+        """HOST=PATH (repeatable): ask for the USER:PASSWORD on PATH's first line."""
+        host, path = self._host_rule(value, "basic-auth-file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                line = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise usage.UsageError(f"--basic-auth-file: {e.strerror}: {e.filename}")
+        except UnicodeDecodeError:
+            raise usage.UsageError(f"--basic-auth-file {path}: not UTF-8 text")
+        user, sep, password = line.partition(":")
+        if not sep:
+            raise usage.UsageError(f"--basic-auth-file {path}: the first line is not USER:PASSWORD")
+        self["rules"].setdefault(host, {})["basic_auth"] = {"user": user, "password": password}
+
+    def _host_rule(self, value: str, what: str) -> tuple[str, str]:
+        host, rule = _split_mapping(value, what)
+        try:
+            return host_key(host), rule
+        except ValueError as e:
+            raise usage.UsageError(f"--{what}: {e}")
+
     def postOptions(self) -> None:
         if self["idle-streams"] < 0:
             raise usage.UsageError("--idle-streams must be 0 or more")
@@ -169,6 +228,15 @@ class Options(usage.Options):
             raise usage.UsageError("--stream-idle-timeout must be more than 0")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self["stored-rules"] = {}
+        for host, api_rules in self["rules"].items():
+            if host not in self["vhosts"]:
+                raise usage.UsageError(f"rules for {host}, which no --vhost or --vhost-file names")
+            try:
+                # hashes a password: the file's text is not kept
+                self["stored-rules"][host] = HostRules.from_api(api_rules).stored()
+            except RulesError as e:
+                raise usage.UsageError(f"the rules of {host}: {e}")
         if self.routes_required() and not self["vhosts"] and not self["tcp"]:
             raise usage.UsageError(
                 "at least one --vhost HOST=IDENTIFIER, --vhost-file PATH"
@@ -177,9 +245,8 @@ class Options(usage.Options):
 
     def routes_required(self) -> bool:
         """Whether the command line must name a host or a port: yes while it
-        is the only source of routes (a stored registry or an admin API,
-        once given, would be another)."""
-        return True
+        is the only source of routes (a stored registry is another)."""
+        return self["db"] is None
 
 
 def makeService(options: Options) -> service.IService:
@@ -187,8 +254,10 @@ def makeService(options: Options) -> service.IService:
 
     from ..koding.identifiers import TunnelKey
     from ..server import TunnelResource, TunnelServer, TunnelServerService, TunnelSite
+    from ..server.access import AccessGate
     from ..server.routes import Routes, TCPPorts
-    from ..server.store import MemoryStore
+    from ..server.sqlite import SQLiteStore
+    from ..server.store import MemoryStore, StoreError
 
     server = TunnelServer(
         tunnel_timeout=options["tunnel-timeout"],
@@ -199,7 +268,15 @@ def makeService(options: Options) -> service.IService:
     tcp_ports = TCPPorts(
         server, interface=options["tcp-interface"], backlog=LISTEN_BACKLOG, reactor=reactor
     )
-    routes = Routes(server, MemoryStore(), listen_tcp=tcp_ports)
+    if options["db"] is None:
+        store = MemoryStore()
+    else:
+        try:
+            # checked and migrated now: an unusable file stops twistd with the error
+            store = SQLiteStore.open_now(options["db"])
+        except StoreError as e:
+            raise usage.UsageError(f"--db: {e}")
+    routes = Routes(server, store, listen_tcp=tcp_ports)
     top = TunnelServerService(
         server,
         options["shutdown-grace"],
@@ -207,9 +284,12 @@ def makeService(options: Options) -> service.IService:
         # the service keeps keys: the identifiers stay with the options
         seed_hosts={host: TunnelKey.of(i) for host, i in options["vhosts"].items()},
         seed_ports={port: TunnelKey.of(i) for port, i in options["tcp"].items()},
+        seed_rules=options["stored-rules"],
     )
+    gate = AccessGate(reactor, trusted_proxies=options["trusted-proxies"])
+    gate.setServiceParent(top)  # its password-checking threads stop with the server
     site = TunnelSite(
-        TunnelResource(server),
+        TunnelResource(server, gate=gate),
         head_timeout=options["head-timeout"],
         idle_timeout=options["idle-timeout"],
         access_log=options["access-log"],
