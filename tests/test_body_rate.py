@@ -10,6 +10,7 @@ reading.  The raw origin of tests/test_forwarder.py records what it got.
 from __future__ import annotations
 
 import pytest
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
@@ -255,16 +256,22 @@ def server_options(*argv: str) -> server_tap.Options:
     return options
 
 
+def public_site(service):
+    """The factory of the service's one listener (its other children are not)."""
+    (listener,) = [c for c in service if isinstance(c, StreamServerEndpointService)]
+    return listener.factory
+
+
 def test_twistd_options():
     defaults = server_options()
     assert (defaults["body-timeout"], defaults["body-min-rate"]) == (20.0, 500)
     options = server_options(
         "--listen", "tcp:0:interface=127.0.0.1", "--body-timeout", "5", "--body-min-rate", "1000"
     )
-    site = list(server_tap.makeService(options))[0].factory
+    site = public_site(server_tap.makeService(options))
     assert (site.body_timeout, site.body_min_rate) == (5.0, 1000)
     off = server_options("--listen", "tcp:0:interface=127.0.0.1", "--body-min-rate", "0")
-    site = list(server_tap.makeService(off))[0].factory
+    site = public_site(server_tap.makeService(off))
     assert site.body_min_rate == 0
     for bad in (["--body-min-rate", "fast"], ["--body-min-rate", "-1"], ["--body-timeout", "x"]):
         with pytest.raises(usage.UsageError):

@@ -25,7 +25,7 @@ replaced by a fresh one for an idempotent request without a body.
 An origin that breaks HTTP framing gets the public client a 502 while nothing
 was sent, a closed connection after; the stream is reset.  A public client
 that leaves resets the stream.  The registry's errors are Go's texts
-(``pages``).
+(``pages``).  Failures are reported to the server's ``events`` by kind.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ..koding.wire import TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
 from .bodies import TOO_LARGE, body_of
+from .events import ErrorKind, report, tunnel_error_kind
 from .headers import connection_tokens, forwarded_headers
 from .http1 import (
     LAST_CHUNK,
@@ -289,6 +290,7 @@ class Forward:
         phase, self.phase = self.phase, Phase.DONE
         if phase in (Phase.DONE, Phase.SPLICED):
             return
+        report(self.server.events, ErrorKind.BODY_TOO_LARGE)
         self.public_log.info(
             "body-too-large",
             "request body to {ident} over the limit",
@@ -407,6 +409,7 @@ class Forward:
         phase, self.phase = self.phase, Phase.DONE
         if phase not in (Phase.HEAD, Phase.BODY):
             return
+        report(self.server.events, ErrorKind.ORIGIN_ERROR)
         self.reader.stop()
         if self.request.producer is not None:
             self.request.unregisterProducer()
@@ -426,6 +429,7 @@ class Forward:
         self._pending = None
         if self.phase is Phase.OPENING:
             self.phase = Phase.DONE
+            report(self.server.events, tunnel_error_kind(failure.value))
             self.upload.drop()
             self._error(public_text(failure))
 
@@ -456,6 +460,7 @@ class Forward:
         phase, self.phase = self.phase, Phase.DONE
         if phase in (Phase.DONE, Phase.SPLICED):
             return
+        report(self.server.events, ErrorKind.CLIENT_GONE)
         self.reader.stop()
         if self._pending is not None:
             self._pending.cancel()

@@ -39,6 +39,7 @@ from ..observe import Observers, OneShot
 from ..timers import cancel
 from ..yamux import LARGE_WINDOWS, YamuxConfig, YamuxSession, YamuxStream
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
+from .events import ServerEvents
 from .pool import OriginLeg, StreamPool
 from .tcp import TCPTunnelFactory
 from .vhosts import Route, VirtualAddrs, VirtualHosts
@@ -299,6 +300,10 @@ class TunnelServer:
     down by a newcomer, so two clients sharing an identifier cannot evict
     each other in a loop, and clean-up of an old session never touches a
     newer one (entries are removed by identity).
+
+    ``events`` (a ``ServerEvents``, e.g. ``metrics.Metrics``; None: nobody)
+    hears of the public requests and connections its front ends (``web``,
+    ``forward``, ``tcp``) could not serve; it may be set after construction.
     """
 
     log = Logger()
@@ -314,6 +319,7 @@ class TunnelServer:
         max_pending_tunnels: int = 1024,
         max_idle_streams: int = 64,
         stream_idle_timeout: float = 1.5,
+        events: ServerEvents | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -326,6 +332,8 @@ class TunnelServer:
         #: streams kept between HTTP requests, per client and local port (0: none)
         self.max_idle_streams = max_idle_streams
         self.stream_idle_timeout = stream_idle_timeout
+        #: told of what the front ends could not serve (None: nobody is)
+        self.events = events
         self.vhosts = VirtualHosts()
         self.addrs = VirtualAddrs()
         self._clients: dict[TunnelKey, ClientConnection] = {}

@@ -19,6 +19,12 @@ for ``linger`` seconds before the connection closes, so the refusal is not
 lost to a TCP reset.  ``Connection`` is read as a token list
 (``keep-alive,close`` closes).  What an outsider can make it log is rate
 limited (``tunnel.logs``).
+
+An observer given as ``events`` (a ``tunnel.server.events.ServerEvents``,
+e.g. ``tunnel.server.metrics.Metrics``) hears of every request answered in
+full (``request_done``, from ``Site.log``, with the seconds since its head
+was complete) and of every head too slow or request refused here
+(``error``).  Without one, nothing is timed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from twisted.web.server import Site
 from ..logs import RateLimitedLog
 from ..timers import cancel
 from .bodies import StreamingChannel, streaming_request
+from .events import ErrorKind, ServerEvents, report
 from .headers import connection_tokens
 from .pages import refusal_bytes
 
@@ -65,6 +72,14 @@ class HeadDeadlineChannel(HTTPChannel):
     _host = None
     _peer = None
     _secure: bool | None = None
+    #: who hears of refusals and slow heads (TunnelSite gives its own), or None
+    events: ServerEvents | None = None
+    #: what the end of each head is timed on, or None not to time it
+    #: (TunnelSite gives its reactor when it has events)
+    head_clock = None
+    #: when the current request's head was complete (``head_clock`` seconds);
+    #: one request is handled at a time, the next head is read after it
+    head_done_at: float = 0.0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -171,6 +186,9 @@ class HeadDeadlineChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._disarm()
+        if self.head_clock is not None:
+            # before render(), which runs (and may finish the request) within
+            self.head_done_at = self.head_clock.seconds()
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -225,6 +243,7 @@ class HeadDeadlineChannel(HTTPChannel):
         self._disarm()
         self.setTimeout(None)
         self.clearLineBuffer()
+        report(self.events, ErrorKind.BODY_TIMEOUT if code == 408 else ErrorKind.BAD_REQUEST)
         if log:
             self.public_log.info(
                 "refused-request",
@@ -292,6 +311,7 @@ class HeadDeadlineChannel(HTTPChannel):
     def _too_slow(self) -> None:
         if self.transport is None:
             return
+        report(self.events, ErrorKind.HEAD_TIMEOUT)
         self.public_log.info(
             "slow-head",
             "dropping {peer}: no complete request head within {t} s",
@@ -339,6 +359,8 @@ class TunnelSite(Site):
         second (0 or None: no check); a slower body is answered ``408`` (the
         connection aborted if the response began) and its stream reset.  Time
         during which we did not read (backpressure) is not counted.
+    :param events: told of each request answered in full and of what the
+        channels refuse (None: nobody is, and nothing is timed).
 
     Its requests stream their bodies (``bodies.StreamingRequest`` is mixed into
     ``requestFactory``): ``render()`` runs once the head is in, and the
@@ -355,6 +377,7 @@ class TunnelSite(Site):
         max_body: int | None = None,
         body_timeout: float | None = 20.0,
         body_min_rate: float | None = 500,
+        events: ServerEvents | None = None,
         **kwargs,
     ) -> None:
         if access_log not in (None, "-"):
@@ -366,6 +389,8 @@ class TunnelSite(Site):
         self.max_body = max_body
         self.body_timeout = body_timeout
         self.body_min_rate = body_min_rate
+        #: the observer of requests and refusals (read as each connection starts)
+        self.events = events
         #: what peers cause, rate-limited per kind (shared by this site's channels)
         self.public_log = RateLimitedLog(Logger(namespace=__name__), clock=self.reactor)
 
@@ -376,8 +401,17 @@ class TunnelSite(Site):
         channel.body_timeout = self.body_timeout
         channel.body_min_rate = self.body_min_rate
         channel.body_clock = self.reactor
+        if self.events is not None:
+            channel.events = self.events
+            channel.head_clock = self.reactor
         return channel
 
     def log(self, request) -> None:
+        """twisted.web calls this once per request answered in full (not for
+        one whose client left first, nor for a connection taken over)."""
         if self.access_log is not None:
             super().log(request)
+        channel = request.channel
+        events = channel.events  # the site's when the connection began
+        if events is not None:
+            events.request_done(request, self.reactor.seconds() - channel.head_done_at)

@@ -6,10 +6,13 @@ is mapped) or else by its local port, and spliced to a TCP stream of that
 tunnel's client, which connects it to its ``--tcp-local`` endpoint.
 Mappings can change at run time; connections already open are unaffected.
 Each connection counts as one request of its client (``TunnelStats``).
+A connection on an unmapped port or whose tunnel fails is reported to the
+server's ``events``.
 """
 
 from __future__ import annotations
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -17,6 +20,7 @@ from twisted.python.failure import Failure
 from ..koding.wire import TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
+from .events import ErrorKind, report
 
 
 class PublicTCP(SpliceProtocol):
@@ -39,6 +43,7 @@ class PublicTCP(SpliceProtocol):
         host = self.transport.getHost()
         key = self.server.addrs.lookup(host.host, host.port)
         if key is None:
+            report(self.server.events, ErrorKind.TCP_UNMAPPED)
             self.public_log.info(
                 "tcp-unmapped", "no TCP tunnel for {host}:{port}", host=host.host, port=host.port
             )
@@ -61,6 +66,7 @@ class PublicTCP(SpliceProtocol):
         origin = SpliceProtocol()
         stream.attach(origin)
         if not stream.connected:
+            report(self.server.events, ErrorKind.TCP_FAILED)
             self.transport.abortConnection()
             return
         self.join(origin)
@@ -68,6 +74,8 @@ class PublicTCP(SpliceProtocol):
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
+        if not failure.check(CancelledError):  # cancelled: the public side left first
+            report(self.server.events, ErrorKind.TCP_FAILED)
         self.public_log.info(
             "tcp-failed",
             "TCP tunnel to {ident} failed: {why}",

@@ -22,7 +22,8 @@ Authorization header, which holds the host's password, not the origin's.
 
 Errors use Go's texts (``http.Error`` style: text/plain, message + newline).
 A ``director`` may rewrite each request before it is routed, as Go's
-``Server.Director`` does.
+``Server.Director`` does.  What it refuses is reported to the server's
+``events`` (``tunnel.server.events``) by kind.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from ..koding.identifiers import TunnelKey, redact
 from ..koding.wire import CONNECTED_REPLY, CONTROL_PATH, IDENTIFIER_HEADER
 from ..logs import RateLimitedLog, excerpt
 from ..yamux import YamuxSession
-from .access import AccessGate, Verdict
+from .access import AccessGate, Decision, Verdict
+from .events import ErrorKind, report
 from .forward import Forward
 from .headers import PublicTarget, Refusal, public_target
 from .pages import NO_CLIENT_SESSION, error_page
@@ -108,6 +110,7 @@ class TunnelResource(Resource):
         return self._forward(request)
 
     def _refuse(self, request, code: int, text: str) -> bytes:
+        report(self.server.events, ErrorKind.BAD_REQUEST)
         self.public_log.info(
             "refused-request",
             "refused a request from {peer}: {code} {why}",
@@ -121,6 +124,7 @@ class TunnelResource(Resource):
 
     def _control(self, request):
         if request.method != b"CONNECT":
+            report(self.server.events, ErrorKind.BAD_REQUEST)
             return error_page(request, 405, "405 must CONNECT\n")
         raw = request.getHeader(IDENTIFIER_HEADER) or b""
         # what the peer sent goes back to that peer only (Go's texts); the log
@@ -128,6 +132,7 @@ class TunnelResource(Resource):
         offered = raw.decode("utf-8", "replace")
         key = self.server.canonical(offered) if offered else None
         if key is None:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             self.public_log.info(
                 "control-refused",
                 "refused a control request from {peer}: unknown identifier {ident}",
@@ -140,14 +145,17 @@ class TunnelResource(Resource):
                 f"no host associated for identifier {offered}. please use server.AddHost()",
             )
         if not self.server.accepting:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             return error_page(request, 503, "the tunnel server is shutting down")
         if getattr(request.channel, "transport", None) is None:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             return error_page(request, 502, "this connection cannot be taken over")
 
         def decided(duplicate: bool) -> None:
             if request.channel is None or getattr(request, "_disconnected", False):
                 return
             if duplicate:
+                report(self.server.events, ErrorKind.CONTROL_REFUSED)
                 self.public_log.info(
                     "control-refused",
                     "refused a control request from {peer}: {ident} is connected already",
@@ -176,6 +184,7 @@ class TunnelResource(Resource):
         try:
             take_over(request, session, CONNECTED_REPLY)
         except CannotTakeOver as e:
+            report(self.server.events, ErrorKind.CONTROL_REFUSED)
             session.connectionLost(Failure(ConnectionDone(str(e))))
             request.write(error_page(request, 502, str(e)))
             request.finish()
@@ -185,10 +194,12 @@ class TunnelResource(Resource):
     def _forward(self, request):
         host = request.getHeader(b"host")
         if not host:  # Go's text; a 400 as Go's net/http gives (RFC 9112 3.2)
+            report(self.server.events, ErrorKind.BAD_REQUEST)
             return error_page(request, 400, "request host is empty")
         try:
             route, port = self.server.vhosts.lookup(host.decode("latin-1"))
         except ValueError:
+            report(self.server.events, ErrorKind.BAD_REQUEST)
             self.public_log.info(
                 "bad-host",
                 "refused a request from {peer}: malformed host {host}",
@@ -197,6 +208,7 @@ class TunnelResource(Resource):
             )
             return error_page(request, 400, f"malformed host {host.decode('latin-1')!r}")
         if route is None:
+            report(self.server.events, ErrorKind.NO_VHOST)
             return error_page(
                 request, 502, f'no virtual host available for "{host.decode("latin-1").lower()}"'
             )
@@ -235,6 +247,7 @@ class TunnelResource(Resource):
 
     def _deny(self, request, verdict: Verdict) -> bytes:
         """What a host's rules refuse (403, 429, 401, 503), with the verdict's headers."""
+        report(self.server.events, _DENIALS[verdict.decision])
         self.public_log.info(
             "access-denied",
             "denied a request from {peer}: {code} {why}",
@@ -250,10 +263,20 @@ class TunnelResource(Resource):
     def _dispatch(self, request, route: Route, port: int):
         connection = self.server.connection(route.key)
         if connection is None or not connection.ready:
+            report(self.server.events, ErrorKind.NO_CLIENT)
             return error_page(request, 502, NO_CLIENT_SESSION)
         connection.dispatched()
         Forward(self.server, request, route.key, port, public_log=self.public_log).start()
         return NOT_DONE_YET
+
+
+#: what the gate refused, as an error kind
+_DENIALS = {
+    Decision.FORBIDDEN: ErrorKind.FORBIDDEN,
+    Decision.RATE_LIMITED: ErrorKind.RATE_LIMITED,
+    Decision.UNAUTHORIZED: ErrorKind.UNAUTHORIZED,
+    Decision.UNAVAILABLE: ErrorKind.AUTH_UNAVAILABLE,
+}
 
 
 def _authorization(request) -> bytes | None:
