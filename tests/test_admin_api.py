@@ -18,7 +18,6 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from tunnel.server.metrics import Metrics
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
@@ -38,6 +37,7 @@ from tunnel.admin.api import (
 from tunnel.admin.auth import TokenFileError, offered_token, parse_token, read_token_file
 from tunnel.admin.service import MAX_BODY, AdminService
 from tunnel.koding.identifiers import TunnelKey
+from tunnel.server.metrics import Metrics
 from tunnel.server.routes import Routes, TCPPorts
 from tunnel.server.sqlite import SQLiteStore
 from tunnel.server.store import MemoryStore, StoreError
