@@ -60,9 +60,11 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from ..server.routes import RoutesStopped
+from ..koding.identifiers import TunnelKey
+from ..server.registry import ClientConnection, TunnelServer
+from ..server.routes import Routes, RoutesStopped
 from ..server.rules import HostRules, RulesError
-from ..server.store import StoreError
+from ..server.store import HostEntry, PortEntry, StoreError
 from . import status
 
 #: the fields a PUT body may hold
@@ -112,7 +114,7 @@ class AdminAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, routes: Any, server: Any, *, reactor: Any = None) -> None:
+    def __init__(self, routes: Routes, server: TunnelServer, *, reactor: Any = None) -> None:
         self.routes = routes
         self.server = server
         if reactor is None:
@@ -120,7 +122,7 @@ class AdminAPI:
         self.reactor = reactor
         #: host -> (the entry, its rules' public form): parsing stored rules
         #: costs some 50 us a host, and the status page lists them every 2 s
-        self._public: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._public: dict[str, tuple[HostEntry, dict[str, Any]]] = {}
 
     def resource(self) -> IResource:
         """The app as a (leaf) Resource; put ``auth.TokenGuard`` in front of it."""
@@ -128,11 +130,11 @@ class AdminAPI:
 
     # -- what the routes show ----------------------------------------------------
 
-    def _connected(self, key: Any) -> bool:
+    def _connected(self, key: TunnelKey) -> bool:
         connection = self.server.connection(key)
         return connection is not None and bool(connection.ready)
 
-    def host_json(self, entry: Any) -> dict[str, Any]:
+    def host_json(self, entry: HostEntry) -> dict[str, Any]:
         """A host entry as the API shows it (the rules without their secrets)."""
         return {
             "host": entry.host,
@@ -141,7 +143,7 @@ class AdminAPI:
             "rules": self._public_rules(entry),
         }
 
-    def _public_rules(self, entry: Any) -> dict[str, Any]:
+    def _public_rules(self, entry: HostEntry) -> dict[str, Any]:
         cached = self._public.get(entry.host)
         if cached is not None and cached[0] is entry:  # Routes replace an entry to change it
             return cached[1]
@@ -149,7 +151,7 @@ class AdminAPI:
         self._public[entry.host] = (entry, public)
         return public
 
-    def port_json(self, entry: Any) -> dict[str, Any]:
+    def port_json(self, entry: PortEntry) -> dict[str, Any]:
         return {
             "port": entry.port,
             "tunnel": entry.key.fingerprint,
@@ -158,10 +160,10 @@ class AdminAPI:
 
     def tunnels_json(self) -> list[dict[str, Any]]:
         """Every connected client, with the hosts and ports that point at it."""
-        hosts: dict[Any, list[str]] = {}
+        hosts: dict[TunnelKey, list[str]] = {}
         for entry in self.routes.hosts():
             hosts.setdefault(entry.key, []).append(entry.host)
-        ports: dict[Any, list[int]] = {}
+        ports: dict[TunnelKey, list[int]] = {}
         for entry in self.routes.ports():
             ports.setdefault(entry.key, []).append(entry.port)
         out = [
@@ -171,7 +173,9 @@ class AdminAPI:
         out.sort(key=lambda t: (t["fingerprint"], t["connected_since_epoch"]))
         return out
 
-    def _tunnel_json(self, connection: Any, hosts: list[str], ports: list[int]) -> dict[str, Any]:
+    def _tunnel_json(
+        self, connection: ClientConnection, hosts: list[str], ports: list[int]
+    ) -> dict[str, Any]:
         stats = connection.stats()
         since = float(stats.connected_since)
         return {
@@ -251,6 +255,7 @@ class AdminAPI:
 
     @app.route("/api/hosts/<host>", methods=["PUT"])
     async def put_host(self, request: IRequest, host: str) -> bytes:
+        self._host_entry(host)  # a host that does not parse: 400 before any hashing
         body = read_object(request, allowed=HOST_FIELDS)
         identifier = identifier_field(body)
         try:
@@ -283,7 +288,7 @@ class AdminAPI:
         self.log.info("admin: host {host} removed", host=entry.host)
         return empty_answer(request)
 
-    def _host_entry(self, host: str) -> Any:
+    def _host_entry(self, host: str) -> HostEntry | None:
         try:
             return self.routes.host(host)
         except ValueError as e:
@@ -323,7 +328,7 @@ class AdminAPI:
         self.log.info("admin: TCP port {port} closed", port=number)
         return empty_answer(request)
 
-    def _port_entry(self, number: int) -> Any:
+    def _port_entry(self, number: int) -> PortEntry | None:
         for entry in self.routes.ports():
             if entry.port == number:
                 return entry

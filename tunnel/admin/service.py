@@ -31,6 +31,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from ..observe import OneShot
+from ..server.metrics import Metrics
+from ..server.registry import TunnelServer
+from ..server.routes import Routes
 from .api import SECURITY_HEADERS, AdminAPI
 from .auth import TokenGuard, read_token_file
 
@@ -174,9 +177,9 @@ class AdminSite(Site):
 
 def admin_resource(
     token: bytes,
-    routes: Any,
-    server: Any,
-    metrics: Any = None,
+    routes: Routes,
+    server: TunnelServer,
+    metrics: Metrics | None = None,
     *,
     reactor: Any = None,
 ) -> AdminRoot:
@@ -228,9 +231,9 @@ class AdminService(StreamServerEndpointService):
         self,
         endpoint: IStreamServerEndpoint,
         token: bytes,
-        routes: Any,
-        server: Any,
-        metrics: Any = None,
+        routes: Routes,
+        server: TunnelServer,
+        metrics: Metrics | None = None,
     ) -> None:
         self._listening = OneShot()
         site = AdminSite(admin_resource(token, routes, server, metrics))
