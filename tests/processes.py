@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
 from tunnel.observe import OneShot
+
+from . import live
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TWISTD = "from twisted.scripts.twistd import run; run()"
@@ -97,3 +100,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def until_children(what: str, check, *processes: Twistd, timeout: float = TIMEOUT):
+    """``live.until`` for the twistd tests: ``await check()`` until it returns
+    non-None (errors while a child starts count as "not yet"); fails at once
+    if a child died, and shows the children's logs if time runs out."""
+
+    def children_alive() -> None:
+        for p in processes:
+            assert p.running, f"{p.name} died while waiting for {what}:\n{p.log}"
+
+    async def done():
+        result = await check()
+        return (result,) if result is not None else None
+
+    try:
+        (result,) = await live.until(
+            done,
+            what=what,
+            timeout=timeout,
+            interval=0.05,
+            retry_on=(Exception,),
+            guard=children_alive,
+        )
+    except AssertionError as e:
+        if all(p.running for p in processes):
+            logs = "\n".join(f"--- {p.name}:\n{p.log}" for p in processes)
+            raise AssertionError(f"{e}\n{logs}") from None
+        raise
+    return result
+
+
+async def stop(process: Twistd) -> None:
+    """SIGTERM, then expect twistd's clean shutdown."""
+    process.signal("TERM")
+    await process.ended()
+    status = process.reason
+    # twistd stops the reactor on SIGTERM, runs stopService, logs its goodbye
+    # and then re-raises the signal on itself (app._exitWithSignal), so the
+    # clean outcome is "terminated by SIGTERM" after that log, or exit code 0.
+    clean_status = status.exitCode == 0 or status.signal == signal.SIGTERM
+    assert clean_status, f"{process.name} ended with {status!r}:\n{process.log}"
+    log = process.log
+    assert "Received SIGTERM, shutting down." in log, log
+    assert "Main loop terminated." in log, log
+    assert "Server Shut Down." in log, log
+    assert "Traceback" not in log and "Unhandled" not in log, log

@@ -11,7 +11,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +41,17 @@ from tunnel.server.vhosts import host_key
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
-from . import live
 from .live import http_client
-from .processes import REPO_ROOT, TIMEOUT, TWISTD, Twistd, free_port, reap_all, spawn_twistd
+from .processes import (
+    REPO_ROOT,
+    TWISTD,
+    Twistd,
+    free_port,
+    reap_all,
+    spawn_twistd,
+    stop,
+    until_children,
+)
 
 # -- 1. discovery ------------------------------------------------------------------
 
@@ -590,6 +597,9 @@ def test_client_make_service_with_a_bad_endpoint_is_a_usage_error(no_env_identif
 #: option -> (what it takes, default as shown); twistd adds --help and --version
 SERVER_HELP = {
     "access-log": ("PATH", "off"),
+    "admin": ("ENDPOINT", "off"),
+    "admin-token-file": ("PATH", None),
+    "metrics-host-labels": (None, None),
     "allow": ("HOST=CIDR[,CIDR...]", None),
     "basic-auth-file": ("HOST=PATH", None),
     "db": ("PATH", "in memory"),
@@ -860,36 +870,6 @@ async def public_get(port: int, path: str = "/") -> tuple[int, bytes]:
     return response.code, await treq.content(response)
 
 
-async def until_children(what: str, check, *processes: Twistd, timeout: float = TIMEOUT):
-    """``live.until`` for the twistd tests: ``await check()`` until it returns
-    non-None (errors while a child starts count as "not yet"); fails at once
-    if a child died, and shows the children's logs if time runs out."""
-
-    def children_alive() -> None:
-        for p in processes:
-            assert p.running, f"{p.name} died while waiting for {what}:\n{p.log}"
-
-    async def done():
-        result = await check()
-        return (result,) if result is not None else None
-
-    try:
-        (result,) = await live.until(
-            done,
-            what=what,
-            timeout=timeout,
-            interval=0.05,
-            retry_on=(Exception,),
-            guard=children_alive,
-        )
-    except AssertionError as e:
-        if all(p.running for p in processes):
-            logs = "\n".join(f"--- {p.name}:\n{p.log}" for p in processes)
-            raise AssertionError(f"{e}\n{logs}") from None
-        raise
-    return result
-
-
 async def start_server(
     processes: list[Twistd], routes: tuple[str, ...] = ("--vhost", f"App.Localhost.={IDENTIFIER}")
 ) -> tuple[Twistd, int]:
@@ -920,23 +900,6 @@ async def start_server(
         assert body == b"no client session established\n"
         return server, port
     raise AssertionError("unreachable")
-
-
-async def stop(process: Twistd) -> None:
-    """SIGTERM, then expect twistd's clean shutdown."""
-    process.signal("TERM")
-    await process.ended()
-    status = process.reason
-    # twistd stops the reactor on SIGTERM, runs stopService, logs its goodbye
-    # and then re-raises the signal on itself (app._exitWithSignal), so the
-    # clean outcome is "terminated by SIGTERM" after that log, or exit code 0.
-    clean_status = status.exitCode == 0 or status.signal == signal.SIGTERM
-    assert clean_status, f"{process.name} ended with {status!r}:\n{process.log}"
-    log = process.log
-    assert "Received SIGTERM, shutting down." in log, log
-    assert "Main loop terminated." in log, log
-    assert "Server Shut Down." in log, log
-    assert "Traceback" not in log and "Unhandled" not in log, log
 
 
 @pytest_twisted.ensureDeferred

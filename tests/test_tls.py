@@ -61,8 +61,8 @@ from tunnel.server import TunnelResource, TunnelServer
 from tunnel.yamux import YamuxConfig
 
 from .live import http_client
-from .processes import Twistd, free_port, reap_all, spawn_twistd
-from .test_plugins import IDENTIFIER, stop, until_children
+from .processes import Twistd, free_port, reap_all, spawn_twistd, stop, until_children
+from .test_plugins import IDENTIFIER
 from .test_plugins import Origin as EchoOrigin
 from .tunnel_env import Origin, RawClient, until
 

@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from ..admin.auth import read_token_file
 from ..server.rules import HostRules, RulesError, parse_network
 from ..server.vhosts import host_key
 
@@ -74,6 +75,13 @@ class Options(usage.Options):
         "endpoint string, such as tcp:8080:interface=127.0.0.1 or "
         "ssl:443:privateKey=key.pem:certKey=cert.pem."
     )
+    optFlags = [
+        [
+            "metrics-host-labels",
+            None,
+            "Label request metrics by host (one series per host in the registry).",
+        ],
+    ]
     optParameters = [
         ["tunnel-timeout", None, 10.0, "Seconds a client has to open a tunnel.", float],
         [
@@ -130,6 +138,19 @@ class Options(usage.Options):
             None,
             "PATH: keep hosts, TCP ports and rules in this SQLite file (created if absent),"
             " so that changes made at run time survive a restart. [default: in memory]",
+        ],
+        [
+            "admin",
+            None,
+            None,
+            "ENDPOINT: serve the admin API, the status page and /metrics there; keep it on"
+            " a private interface, e.g. tcp:9000:interface=127.0.0.1. [default: off]",
+        ],
+        [
+            "admin-token-file",
+            None,
+            None,
+            "PATH: the admin API's token (one line); needed with --admin.",
         ],
         [
             "access-log",
@@ -228,6 +249,13 @@ class Options(usage.Options):
             raise usage.UsageError("--stream-idle-timeout must be more than 0")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["admin"] is not None and self["admin-token-file"] is None:
+            raise usage.UsageError("--admin needs --admin-token-file PATH")
+        if self["admin-token-file"] is not None:
+            try:
+                self["admin-token"] = read_token_file(self["admin-token-file"])
+            except ValueError as e:  # never shows the token
+                raise usage.UsageError(f"--admin-token-file: {e}")
         self["stored-rules"] = {}
         for host, api_rules in self["rules"].items():
             if host not in self["vhosts"]:
@@ -245,8 +273,9 @@ class Options(usage.Options):
 
     def routes_required(self) -> bool:
         """Whether the command line must name a host or a port: yes while it
-        is the only source of routes (a stored registry is another)."""
-        return self["db"] is None
+        is the only source of routes (a stored registry, or an admin API that
+        adds them at run time, is another)."""
+        return self["db"] is None and self["admin"] is None
 
 
 def makeService(options: Options) -> service.IService:
@@ -286,6 +315,22 @@ def makeService(options: Options) -> service.IService:
         seed_ports={port: TunnelKey.of(i) for port, i in options["tcp"].items()},
         seed_rules=options["stored-rules"],
     )
+    metrics = None
+    if options["admin"] is not None:
+        from ..admin.service import AdminService
+        from ..server.metrics import Metrics
+
+        # what /metrics shows: the server and its public side report to it
+        metrics = Metrics(server, host_labels=options["metrics-host-labels"])
+        server.events = metrics
+        try:
+            admin_endpoint = serverFromString(reactor, options["admin"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--admin {options['admin']!r}: {e}")
+        # a child: it starts with the listeners, once the routes are loaded
+        AdminService(
+            admin_endpoint, options["admin-token"], routes, server, metrics
+        ).setServiceParent(top)
     gate = AccessGate(reactor, trusted_proxies=options["trusted-proxies"])
     gate.setServiceParent(top)  # its password-checking threads stop with the server
     site = TunnelSite(
@@ -296,6 +341,7 @@ def makeService(options: Options) -> service.IService:
         max_body=options["max-body"],
         body_timeout=options["body-timeout"],
         body_min_rate=options["body-min-rate"],
+        events=metrics,
     )
     for description in options["listen"]:
         try:
