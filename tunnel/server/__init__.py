@@ -11,6 +11,12 @@ through a tunnel stream, writing it and reading the answer with ``http1``,
 its body streaming through ``bodies``; ``tcp`` carries raw TCP connections;
 ``site`` is the hardened Site; ``service`` the service that loads the routes
 before listening and stops gracefully.
+
+The operator's side: ``store`` is the storage seam (``MemoryStore``) and
+``sqlite`` the registry file (``--db``); ``rules`` holds a host's access
+rules as data and ``access`` enforces them (``AccessGate``); ``events`` is
+the seam through which the public side reports finished requests and
+errors, and ``metrics`` the Prometheus view of them and of the live state.
 """
 
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelError, TunnelTimeout

@@ -71,7 +71,8 @@ class Options(usage.Options):
     longdesc = (
         "Run a public tunnel server. Public requests are routed by their Host header "
         "to the tunnel client that connected with the matching identifier; give at "
-        "least one --vhost, --vhost-file or --tcp. ENDPOINT is a Twisted server "
+        "least one --vhost, --vhost-file or --tcp, or a --db or --admin that holds or "
+        "adds them. ENDPOINT is a Twisted server "
         "endpoint string, such as tcp:8080:interface=127.0.0.1 or "
         "ssl:443:privateKey=key.pem:certKey=cert.pem."
     )
@@ -268,7 +269,7 @@ class Options(usage.Options):
         if self.routes_required() and not self["vhosts"] and not self["tcp"]:
             raise usage.UsageError(
                 "at least one --vhost HOST=IDENTIFIER, --vhost-file PATH"
-                " or --tcp PORT=IDENTIFIER is required"
+                " or --tcp PORT=IDENTIFIER is required (or --db or --admin)"
             )
 
     def routes_required(self) -> bool:
