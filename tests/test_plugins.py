@@ -31,6 +31,7 @@ from twisted.scripts.twistd import ServerOptions
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tunnel.admin.service import AdminService
 from tunnel.client import TunnelClientService
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server.routes import TCPPorts
@@ -155,7 +156,12 @@ def test_server_timeouts_are_floats():
 
 
 def listeners(service) -> list[StreamServerEndpointService]:
-    return [c for c in service if isinstance(c, StreamServerEndpointService)]
+    """The public listeners among the service's children."""
+    return [
+        c
+        for c in service
+        if isinstance(c, StreamServerEndpointService) and not isinstance(c, AdminService)
+    ]
 
 
 def test_server_make_service():
@@ -374,6 +380,39 @@ def test_server_basic_auth_file_must_hold_user_and_password(tmp_path):
     with pytest.raises(usage.UsageError, match="not USER:PASSWORD") as raised:
         server_options("--vhost", "app.test=id", "--basic-auth-file", f"app.test={auth}")
     assert "just-a-password" not in str(raised.value)
+
+
+def test_server_admin_needs_a_token_file_whose_token_it_never_shows(tmp_path):
+    with pytest.raises(usage.UsageError, match="--admin needs --admin-token-file"):
+        server_options("--admin", "tcp:0:interface=127.0.0.1")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(usage.UsageError, match="--admin-token-file"):
+        server_options("--admin", "tcp:0", "--admin-token-file", str(empty))
+    two_lines = tmp_path / "two"
+    two_lines.write_text("first-secret-line\nsecond-secret-line\n")
+    with pytest.raises(usage.UsageError) as raised:
+        server_options("--admin", "tcp:0", "--admin-token-file", str(two_lines))
+    assert "secret" not in str(raised.value)
+
+
+def test_server_admin_alone_is_enough_and_serves_metrics_of_the_public_side(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    options = server_options(
+        "--listen", "tcp:0:interface=127.0.0.1",
+        "--admin", "tcp:0:interface=127.0.0.1", "--admin-token-file", str(token),
+        "--metrics-host-labels",
+    )  # fmt: skip
+    assert options["admin-token"] == b"tok" and options["vhosts"] == {}
+    service = server_tap.makeService(options)
+    (admin,) = [c for c in service if isinstance(c, AdminService)]
+    (site,) = [c.factory for c in listeners(service)]
+    assert site.events is service.server.events is not None  # one Metrics for both
+    assert service.server.events.host_labels is True
+    bad = server_options("--admin", "nonsense:1", "--admin-token-file", str(token))
+    with pytest.raises(usage.UsageError, match="--admin"):
+        server_tap.makeService(bad)
 
 
 @pytest.fixture

@@ -322,7 +322,7 @@ def makeService(options: Options) -> service.IService:
         from ..server.metrics import Metrics
 
         # what /metrics shows: the server and its public side report to it
-        metrics = Metrics(server, host_labels=options["metrics-host-labels"])
+        metrics = Metrics(server, host_labels=bool(options["metrics-host-labels"]))
         server.events = metrics
         try:
             admin_endpoint = serverFromString(reactor, options["admin"])
