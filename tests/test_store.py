@@ -1,7 +1,8 @@
 """The registry's stores: one contract for every backend, then SQLite's file.
 
-The contract tests run over each backend of ``BACKENDS`` (a Redis store adds
-itself there).  The SQLite tests read the database with the stdlib
+The contract tests run over each backend of ``BACKENDS``, the Redis store's
+on a redis-server of this module (each test under a key prefix of its own;
+skipped where redis-server is not installed).  The SQLite tests read the database with the stdlib
 ``sqlite3`` to check what the file holds, and make files the store must
 refuse.  adbapi answers from a worker thread through the real reactor, so
 the tests wait on it (pytest-twisted), and each checks that no thread
@@ -15,6 +16,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import sqlite as sqlite_module
+from tunnel.server.redisstore import RedisStore
 from tunnel.server.sqlite import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -34,6 +37,8 @@ from tunnel.server.sqlite import (
     StoreError,
 )
 from tunnel.server.store import HostEntry, MemoryStore, PortEntry, Snapshot
+
+from . import redis_server
 
 IDENTIFIER = "id-7f3c0a-do-not-store-me"
 KEY = TunnelKey.of(IDENTIFIER)
@@ -59,20 +64,37 @@ def no_leaked_threads():
     assert not leaked, f"threads left running: {leaked}"
 
 
-async def open_memory(path: Path) -> MemoryStore:
+@pytest.fixture(scope="module")
+def redis():
+    """One redis-server for the module's Redis tests (skips without one)."""
+    with redis_server.running() as server:
+        yield server
+
+
+async def open_memory(request, path: Path) -> MemoryStore:
     return MemoryStore()
 
 
-async def open_sqlite(path: Path) -> SQLiteStore:
+async def open_sqlite(request, path: Path) -> SQLiteStore:
     return await SQLiteStore.open(path / "registry.db")
 
 
-async def open_sqlite_now(path: Path) -> SQLiteStore:
+async def open_sqlite_now(request, path: Path) -> SQLiteStore:
     return SQLiteStore.open_now(path / "registry.db")
 
 
+async def open_redis(request, path: Path) -> RedisStore:
+    server = request.getfixturevalue("redis")
+    return RedisStore.from_string(server.endpoint, prefix=f"test-{uuid.uuid4().hex}:")
+
+
 #: every RegistryStore backend, and how a test gets an empty one
-BACKENDS = {"memory": open_memory, "sqlite": open_sqlite, "sqlite-now": open_sqlite_now}
+BACKENDS = {
+    "memory": open_memory,
+    "sqlite": open_sqlite,
+    "sqlite-now": open_sqlite_now,
+    "redis": open_redis,
+}
 
 
 async def _open_later(path: Path) -> SQLiteStore:
@@ -89,7 +111,8 @@ OPENERS = pytest.mark.parametrize("opener", [_open_later, _open_at_start], ids=[
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request, tmp_path):
-    opened = pytest_twisted.blockon(Deferred.fromCoroutine(BACKENDS[request.param](tmp_path)))
+    opener = BACKENDS[request.param]
+    opened = pytest_twisted.blockon(Deferred.fromCoroutine(opener(request, tmp_path)))
     yield opened
     pytest_twisted.blockon(opened.close())
 

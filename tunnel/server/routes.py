@@ -12,6 +12,12 @@ A TCP port is also a listener: ``put_port`` opens it (through
 ``listen_tcp``, e.g. ``TCPPorts``) when the port is new and ``delete_port``
 closes it.  Changes take effect for new requests and connections; open ones
 are unaffected.
+
+A store that several nodes share (``store.SharedRegistryStore``, e.g. Redis)
+also tells each node the changes made through the others: once loaded,
+``Routes`` watches it and applies each change to its tables and listeners
+(every node listens on every TCP port), one at a time with its own changes,
+idempotently (its own changes come back too, and change nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from twisted.logger import Logger
 from ..koding.identifiers import TunnelKey
 from .registry import TunnelServer
 from .rules import HostRules
-from .store import HostEntry, PortEntry, RegistryStore
+from .store import (
+    Change,
+    HostChanged,
+    HostEntry,
+    PortChanged,
+    PortEntry,
+    RegistryStore,
+    SharedRegistryStore,
+)
 from .vhosts import host_key
 
 #: no rule (what ``put_host`` stores when given none)
@@ -119,6 +133,8 @@ class Routes:
         self._lock = DeferredLock()
         #: stop() was called: what is asked from then on is refused
         self._stopping = False
+        #: ends the watch of a shared store (None: not watching)
+        self._unwatch: Callable[[], None] | None = None
 
     # -- start and stop ---------------------------------------------------------
 
@@ -170,10 +186,93 @@ class Routes:
             hosts=len(snapshot.hosts),
             ports=len(snapshot.ports),
         )
+        if isinstance(self.store, SharedRegistryStore):
+            self._unwatch = self.store.watch(snapshot, self._changed)
 
     async def _close(self) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         await self._close_listeners(list(self._listeners))
         await self.store.close()
+
+    # -- changes from a shared store --------------------------------------------
+
+    def _changed(self, change: Change) -> None:
+        """The shared store's feed: a change made through any node."""
+        if self._stopping:
+            return
+        d = self._lock.run(lambda: Deferred.fromCoroutine(self._apply(change)))
+        d.addErrback(
+            lambda f: self.log.error(
+                "a change from the shared registry was not applied: {why}",
+                why=f.getErrorMessage()[:200],
+            )
+        )
+
+    async def _apply(self, change: Change) -> None:
+        if self._stopping:
+            return
+        if isinstance(change, HostChanged):
+            self._apply_host(change)
+        elif isinstance(change, PortChanged):
+            await self._apply_port(change)
+
+    def _apply_host(self, change: HostChanged) -> None:
+        try:
+            name = host_key(change.host)
+        except ValueError as e:
+            self.log.error(
+                "shared registry: host {host!r} left out: {why}", host=change.host[:80], why=str(e)
+            )
+            return
+        entry = change.entry
+        if entry is None:
+            if self._hosts.pop(name, None) is not None:
+                self.server.delete_host(name)
+                self.log.info("host {host} removed (shared registry)", host=name)
+            return
+        entry = HostEntry(name, entry.key, entry.rules)
+        if self._hosts.get(name) == entry:
+            return  # this node's own change, or one it has already
+        try:
+            rules = self._rules_of(entry.rules)
+        except Exception as e:
+            # never served without its rules: no longer served here
+            if self._hosts.pop(name, None) is not None:
+                self.server.delete_host(name)
+            self.log.error(
+                "shared registry: host {host} left out: {why}", host=name, why=str(e)[:200]
+            )
+            return
+        self.server.add_host(name, entry.key, rules)
+        self._hosts[name] = entry
+        self.log.info("host {host} served by {ident} (shared registry)", host=name, ident=entry.key)
+
+    async def _apply_port(self, change: PortChanged) -> None:
+        port, entry = change.port, change.entry
+        if entry is None:
+            if self._ports.pop(port, None) is not None:
+                self.server.delete_addr(port=port)
+                self.log.info("TCP port {port} removed (shared registry)", port=port)
+            await self._close_listeners([port])
+            return
+        if self._ports.get(port) == entry:
+            return
+        try:
+            await self._open(port)
+        except Exception as e:
+            self.log.error(
+                "shared registry: TCP port {port} cannot be opened on this node: {why}",
+                port=port,
+                why=str(e)[:200],
+            )
+            return
+        self.server.add_addr(entry.key, port=port)
+        self._ports[port] = entry
+        self.log.info(
+            "TCP port {port} carried by {ident} (shared registry)", port=port, ident=entry.key
+        )
 
     # -- hosts --------------------------------------------------------------------
 

@@ -12,13 +12,21 @@ so a slow or absent store never delays a public request.
 SQL outside its own module and no knowledge of HTTP: rules are kept in
 their stored form (``rules.HostRules.stored()``: JSON-ready, passwords
 hashed), opaque to the store.
+
+A store that several server nodes share (``redisstore.RedisStore``) is a
+``SharedRegistryStore``: a ``RegistryStore`` that also tells each node the
+changes the others make (``watch``), so that every node serves the same
+hosts and listens on the same TCP ports.  A single-node store does not
+have it: nobody but its one user changes it, so there is nothing to tell,
+and ``Routes`` checks for the capability (``isinstance``) rather than
+calling a method that could only ever do nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -57,6 +65,29 @@ class Snapshot:
 
     hosts: tuple[HostEntry, ...] = ()
     ports: tuple[PortEntry, ...] = ()
+    #: where a shared store's change counter stood when this was read (what
+    #: ``SharedRegistryStore.watch`` continues from); None: a single-node store
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class HostChanged:
+    """A host is now served by ``entry``'s tunnel and rules; None: it was deleted."""
+
+    host: str
+    entry: HostEntry | None
+
+
+@dataclass(frozen=True)
+class PortChanged:
+    """A TCP port is now carried by ``entry``'s tunnel; None: it was deleted."""
+
+    port: int
+    entry: PortEntry | None
+
+
+#: one change from a shared store's feed: what a host or a port is now
+Change = HostChanged | PortChanged
 
 
 class RegistryStore(Protocol):
@@ -80,6 +111,28 @@ class RegistryStore(Protocol):
 
     def close(self) -> Deferred[None]:
         """Release the store (pending changes first)."""
+
+
+@runtime_checkable
+class SharedRegistryStore(RegistryStore, Protocol):
+    """A ``RegistryStore`` that several nodes change: it tells each the changes.
+
+    Its ``load()`` gives a ``Snapshot`` with a ``version``, the position in
+    the store's sequence of changes, from which ``watch`` continues.
+    """
+
+    def watch(self, since: Snapshot, on_change: Callable[[Change], None]) -> Callable[[], None]:
+        """Call ``on_change`` with every change made to the store after
+        ``since`` was read, by any node (this one's own included: applying a
+        change must be idempotent), in the order the store made them, until
+        the returned function is called.
+
+        Changes arrive while the store can reach its backend; after an outage
+        (or a snapshot without a version), the store compares what it holds
+        with what the watcher was last told and calls ``on_change`` with the
+        differences, so a watcher always ends up with what the store holds.
+        ``on_change`` runs in the reactor's thread and must not raise.
+        """
 
 
 class MemoryStore:
