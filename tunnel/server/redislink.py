@@ -38,6 +38,7 @@ import txredisapi
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    TimeoutError,
     fail,
     gatherResults,
     maybeDeferred,
@@ -87,7 +88,7 @@ DEFAULT_BACKOFF = Backoff()
 
 def _reason(failure: Failure) -> str:
     """One line for the log and the error: what went wrong, not a traceback."""
-    if failure.check(ConnectTimeoutError, CancelledError):
+    if failure.check(TimeoutError, ConnectTimeoutError, CancelledError):
         return "no answer in time"
     text = failure.getErrorMessage() or failure.type.__name__
     return " ".join(text.split())[:200]
@@ -199,10 +200,10 @@ class RedisLink:
             return succeed(self._protocol)
         if self.state is LinkState.CLOSED:
             return fail(StoreClosed(f"{what}: the connection to Redis {self.name} is closed"))
-        if self.state in (LinkState.IDLE, LinkState.WAITING):
-            self._begin_attempt()
         waiter: Deferred[Protocol] = Deferred()
         self._waiters.append(waiter)
+        if self.state in (LinkState.IDLE, LinkState.WAITING):
+            self._begin_attempt()  # may fail the waiter at once
         return waiter
 
     def run(self, what: str, call: Callable[[Protocol], Deferred[T]]) -> Deferred[T]:
@@ -220,7 +221,7 @@ class RedisLink:
             raise
         except Exception:
             failure = Failure()
-            if failure.check(CancelledError, ConnectTimeoutError):
+            if failure.check(TimeoutError, CancelledError):
                 # a server that does not answer one command will not answer
                 # the next: drop the connection (and reconnect)
                 self._drop(protocol)
@@ -355,12 +356,16 @@ class RedisLink:
                 self._finish_close()
             return
         if protocol is not self._protocol or self.state is not LinkState.READY:
-            return  # an attempt's connection: its commands fail, and so does it
+            return  # an attempt's connection (its commands fail, and so does it), or dropped
+        self._lose_ready("the connection was lost")
+
+    def _lose_ready(self, reason: str) -> None:
+        """The ready connection is lost, or dropped: wait, then reconnect."""
         self._protocol = None
         self._cancel_timers()
-        self._last_reason = "the connection was lost"
-        self._outage(self._last_reason)
-        self.failures = 0
+        self._last_reason = reason
+        self._outage(reason)
+        self.failures = 1  # the loss counts as the first failure
         self._wait_to_retry()
         if self._on_lost is not None:
             self._on_lost()
@@ -377,10 +382,14 @@ class RedisLink:
         d = maybeDeferred(protocol.ping).addTimeout(self.timeout, self.clock)
         d.addCallbacks(lambda _: self._schedule_ping(), lambda _: self._drop(protocol))
 
-    def _drop(self, protocol: Protocol) -> None:
+    def _drop(self, protocol: Protocol, reason: str = "it did not answer in time") -> None:
+        """Abort ``protocol``'s connection; if it was the ready one, the link
+        stops using it now (its loss is reported later by the transport)."""
         transport = protocol.transport
         if transport is not None and protocol.connected:
             transport.abortConnection()
+        if protocol is self._protocol and self.state is LinkState.READY:
+            self._lose_ready(f"the connection was dropped: {reason}")
 
     def _cancel_timers(self) -> None:
         for call in (self._retry, self._ping):

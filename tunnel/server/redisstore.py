@@ -53,7 +53,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.logger import Logger
 
 from ..koding.identifiers import TunnelKey
-from .redislink import DEFAULT_BACKOFF, Backoff, Protocol, RedisLink
+from .redislink import DEFAULT_BACKOFF, Backoff, LinkState, Protocol, RedisLink
 from .store import (
     Change,
     HostChanged,
@@ -217,6 +217,8 @@ class RedisStore:
         self._commands = RedisLink(endpoint, name=name, **self._link_options)
         self._feed: _Feed | None = None
         self._closed = False
+        #: operations asked for and not answered yet (close waits for them)
+        self._pending: set[Deferred[None]] = set()
 
     @classmethod
     def from_string(cls, description: str, *, reactor: Any = None, **options: Any) -> RedisStore:
@@ -233,6 +235,16 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.name} {self.prefix!r}>"
+
+    @property
+    def link_state(self) -> LinkState:
+        """The state of the connection that changes go through."""
+        return self._commands.state
+
+    @property
+    def feed_state(self) -> FeedState:
+        """The state of the change feed (OFF while nothing watches)."""
+        return self._feed.state if self._feed is not None else FeedState.OFF
 
     # -- RegistryStore ---------------------------------------------------------------
 
@@ -270,9 +282,16 @@ class RedisStore:
         return self._change("delete_port", DELETE, self.ports_key, args)
 
     def close(self) -> Deferred[None]:
-        """Stop the feed, wait for the operations in flight, then disconnect;
-        later calls fail with ``StoreClosed``."""
+        """Stop the feed, wait for the operations already asked for (each
+        bounded by ``timeout``), then disconnect; later calls fail with
+        ``StoreClosed``."""
         self._closed = True
+        if self._feed is not None:
+            self._feed.stop()
+        pending = gatherResults(list(self._pending), consumeErrors=True)
+        return pending.addBoth(lambda _: self._disconnect())
+
+    def _disconnect(self) -> Deferred[None]:
         closing = [self._commands.close()]
         if self._feed is not None:
             closing.append(self._feed.close())
@@ -314,7 +333,16 @@ class RedisStore:
     def _eval(self, what: str, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         if self._closed:
             return fail(StoreClosed(f"{what}: the registry in Redis {self.name} is closed"))
-        return self._commands.run(what, lambda p: p.eval(script, keys=keys, args=args))
+        d = self._commands.run(what, lambda p: p.eval(script, keys=keys, args=args))
+        done: Deferred[None] = Deferred()
+        self._pending.add(done)
+
+        def answered(result: Any) -> Any:
+            self._pending.discard(done)
+            done.callback(None)
+            return result
+
+        return d.addBoth(answered)
 
     def _change(self, what: str, script: str, hash_key: str, args: list[str]) -> Deferred[bool]:
         d = self._eval(what, script, [hash_key, self.version_key], args)
@@ -456,11 +484,16 @@ class _Feed:
 
         return unwatch
 
-    def close(self) -> Deferred[None]:
+    def stop(self) -> None:
+        """Tell nothing more to anyone, and unsubscribe."""
         for watcher in self.watchers:
             watcher.active = False
         self.watchers.clear()
         self._stop_link()
+
+    def close(self) -> Deferred[None]:
+        """``stop()``, and fire once the subscription's connection is closed."""
+        self.stop()
         closing, self._closing = self._closing, []
         return gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
