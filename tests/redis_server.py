@@ -110,9 +110,12 @@ class _Reader:
 class RedisServer:
     """One redis-server child process on 127.0.0.1:``port``."""
 
-    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, persistent: bool = False, password: str | None = None
+    ) -> None:
         self.directory = directory
         self.persistent = persistent
+        self.password = password
         self.port = 0
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -133,6 +136,8 @@ class RedisServer:
             "--save", "",
             "--protected-mode", "no",
         ]  # fmt: skip
+        if self.password is not None:
+            argv += ["--requirepass", self.password]
         if self.persistent:
             argv += ["--appendonly", "yes", "--appendfsync", "no"]
         else:
@@ -202,8 +207,12 @@ class RedisServer:
         """Send one command on a new connection and return the reply (bytes,
         int, str for a status, lists); an error reply raises RedisError."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            reader = _Reader(sock)
+            if self.password is not None:
+                sock.sendall(_encode("AUTH", self.password))
+                reader.reply()
             sock.sendall(_encode(*args))
-            return _Reader(sock).reply()
+            return reader.reply()
 
     def commandstats(self) -> dict[str, int]:
         """How many times each command ran (``INFO commandstats``), by name."""
@@ -220,13 +229,16 @@ class RedisServer:
 class running:
     """``with running() as redis:`` a server in a temporary directory."""
 
-    def __init__(self, *, persistent: bool = False) -> None:
+    def __init__(self, *, persistent: bool = False, password: str | None = None) -> None:
         self.persistent = persistent
+        self.password = password
 
     def __enter__(self) -> RedisServer:
         require()
         self._directory = tempfile.TemporaryDirectory(prefix="redis-test-")
-        self.server = RedisServer(Path(self._directory.name), persistent=self.persistent)
+        self.server = RedisServer(
+            Path(self._directory.name), persistent=self.persistent, password=self.password
+        )
         try:
             return self.server.start()
         except BaseException:

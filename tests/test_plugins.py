@@ -34,6 +34,7 @@ from twisted.web.server import Site
 from tunnel.admin.service import AdminService
 from tunnel.client import TunnelClientService
 from tunnel.koding.identifiers import TunnelKey
+from tunnel.server.redisstore import RedisStore
 from tunnel.server.routes import TCPPorts
 from tunnel.server.rules import HostRules
 from tunnel.server.sqlite import SQLiteStore
@@ -333,6 +334,46 @@ def test_server_unusable_db_is_a_usage_error(tmp_path):
     options = server_options("--db", str(not_a_db))
     with pytest.raises(usage.UsageError, match="--db: .*notes.txt is not a SQLite database"):
         server_tap.makeService(options)
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_redis_is_the_registry_with_its_password_and_prefix(tmp_path):
+    password = tmp_path / "redis.password"
+    password.write_text("s3cret redis password\r\n")
+    options = server_options(
+        "--redis", "tcp:127.0.0.1:6379", "--redis-password-file", str(password),
+        "--redis-prefix", "cluster-a:",
+    )  # fmt: skip
+    assert options["vhosts"] == {} and options["tcp"] == {}  # Redis holds the routes
+    assert options["redis-password"] == "s3cret redis password"
+    service = server_tap.makeService(options)
+    store = service.routes.store
+    assert isinstance(store, RedisStore) and store.name == "tcp:127.0.0.1:6379"
+    assert store.prefix == "cluster-a:" and store.hosts_key == "cluster-a:hosts"
+    assert "s3cret" not in repr(store)
+    await store.close()  # it never connected: nothing was asked of it
+    assert server_options("--redis", "tcp:127.0.0.1:6379")["redis-prefix"] == "tunnel:"
+
+
+def test_server_redis_option_errors_never_show_the_password(tmp_path):
+    with pytest.raises(usage.UsageError, match="--db and --redis exclude each other"):
+        server_options("--redis", "tcp:127.0.0.1:6379", "--db", str(tmp_path / "r.db"))
+    password = tmp_path / "password"
+    password.write_text("only-for-redis\n")
+    with pytest.raises(usage.UsageError, match="--redis-password-file is for --redis"):
+        server_options("--vhost", "a.test=id", "--redis-password-file", str(password))
+    for content in ("\n", ""):
+        password.write_text(content)
+        with pytest.raises(usage.UsageError, match="the first line is empty"):
+            server_options("--redis", "tcp:h:1", "--redis-password-file", str(password))
+    with pytest.raises(usage.UsageError, match="--redis-password-file: No such file"):
+        server_options("--redis", "tcp:h:1", "--redis-password-file", str(tmp_path / "none"))
+    password.write_text("x" * 5000)
+    with pytest.raises(usage.UsageError, match="too long") as raised:
+        server_options("--redis", "tcp:h:1", "--redis-password-file", str(password))
+    assert "xxx" not in str(raised.value)
+    with pytest.raises(usage.UsageError, match="--redis: 'nonsense:1' is not a client endpoint"):
+        server_tap.makeService(server_options("--redis", "nonsense:1"))
 
 
 def test_server_rule_flags_become_stored_rules_of_their_hosts(tmp_path):
@@ -642,6 +683,9 @@ SERVER_HELP = {
     "allow": ("HOST=CIDR[,CIDR...]", None),
     "basic-auth-file": ("HOST=PATH", None),
     "db": ("PATH", "in memory"),
+    "redis": ("ENDPOINT", None),
+    "redis-password-file": ("PATH", None),
+    "redis-prefix": ("PREFIX", "tunnel:"),
     "rate": ("HOST=PER_SECOND[/BURST]", None),
     "trusted-proxy": ("CIDR", None),
     "body-min-rate": ("BYTES", "500"),

@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -26,6 +27,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import Routes, TunnelServer
@@ -44,7 +47,8 @@ from tunnel.server.store import (
 )
 
 from . import redis_server
-from .live import until
+from .live import http_client, until
+from .processes import Twistd, free_port, reap_all, spawn_twistd, stop, until_children
 
 IDENTIFIER = "redis-test-identifier-never-stored"
 KEY = TunnelKey.of(IDENTIFIER)
@@ -583,8 +587,7 @@ async def test_a_hung_redis_fails_changes_within_the_timeout(own_redis):
 @pytest_twisted.ensureDeferred
 async def test_a_wrong_password_fails_clearly_and_is_never_shown(tmp_path):
     secret = "the-redis-password-3a9f"
-    with redis_server.running() as server:
-        server.command("CONFIG", "SET", "requirepass", secret)
+    with redis_server.running(password=secret) as server:
         right = new_store(server, password=secret)
         wrong = new_store(server, password="not-" + secret)
         try:
@@ -597,3 +600,150 @@ async def test_a_wrong_password_fails_clearly_and_is_never_shown(tmp_path):
         finally:
             await right.close()
             await wrong.close()
+
+
+# -- two twistd nodes on one Redis ----------------------------------------------------------
+
+E2E_IDENTIFIER = "redis-e2e-identifier-5b2d71c0"
+E2E_TOKEN = "redis-e2e-admin-token-0c4f"
+E2E_PASSWORD = "redis-e2e-password-9e13"
+
+
+class Origin(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"origin: " + request.getHeader(b"host")
+
+
+async def admin_call(port: int, method: str, path: str, body=None):
+    headers = {"Authorization": f"Bearer {E2E_TOKEN}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    response = await http_client().request(
+        method,
+        f"http://127.0.0.1:{port}{path}",
+        headers=headers,
+        data=json.dumps(body).encode() if body is not None else None,
+        timeout=10,
+    )
+    return response.code, await treq.content(response)
+
+
+async def public_get(port: int, host: str):
+    response = await http_client().get(
+        f"http://127.0.0.1:{port}/", headers={"Host": host}, timeout=5
+    )
+    return response.code, await treq.content(response)
+
+
+def start_node(server, port: int, admin: int, secrets) -> Twistd:
+    return spawn_twistd(
+        "tunnel-server",
+        "--listen", f"tcp:{port}:interface=127.0.0.1",
+        "--redis", server.endpoint,
+        "--redis-password-file", str(secrets / "redis.password"),
+        "--redis-prefix", "e2e:",
+        "--admin", f"tcp:{admin}:interface=127.0.0.1",
+        "--admin-token-file", str(secrets / "admin.token"),
+        "--shutdown-grace", "1",
+    )  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_twistd_nodes_share_the_registry_and_outlive_a_redis_outage(tmp_path):
+    origin = reactor.listenTCP(0, Site(Origin()), interface="127.0.0.1")
+    (tmp_path / "admin.token").write_text(E2E_TOKEN + "\n")
+    (tmp_path / "redis.password").write_text(E2E_PASSWORD + "\n")
+    (tmp_path / "identifier").write_text(E2E_IDENTIFIER + "\n")
+    processes: list[Twistd] = []
+    ports = {name: free_port() for name in ("a", "a-admin", "b", "b-admin")}
+    with redis_server.running(persistent=True, password=E2E_PASSWORD) as server:
+        try:
+            a = start_node(server, ports["a"], ports["a-admin"], tmp_path)
+            b = start_node(server, ports["b"], ports["b-admin"], tmp_path)
+            processes += [a, b]
+            client = spawn_twistd(
+                "tunnel-client",
+                "--server", f"tcp:127.0.0.1:{ports['b']}",
+                "--identifier-file", str(tmp_path / "identifier"),
+                "--local", f"tcp:127.0.0.1:{origin.getHost().port}",
+            )  # fmt: skip
+            processes.append(client)
+
+            async def admins_up():
+                for name in ("a-admin", "b-admin"):
+                    code, _ = await admin_call(ports[name], "GET", "/api/hosts")
+                    if code != 200:
+                        return None
+                return True
+
+            await until_children("the admin endpoints", admins_up, a, b)
+
+            # added through node A, served by node B (which holds the client)
+            code, _ = await admin_call(
+                ports["a-admin"], "PUT", "/api/hosts/app.localhost",
+                {"identifier": E2E_IDENTIFIER},
+            )  # fmt: skip
+            assert code == 201
+
+            async def served(host):
+                code, body = await public_get(ports["b"], host)
+                return body if code == 200 else None
+
+            body = await until_children("B serving", lambda: served("app.localhost"), a, b, client)
+            assert body == b"origin: app.localhost"
+            code, listed = await admin_call(ports["b-admin"], "GET", "/api/hosts")
+            assert [h["host"] for h in json.loads(listed)["hosts"]] == ["app.localhost"]
+
+            # Redis gone: B serves on, A refuses changes at once with a 503
+            server.stop()
+            started = time.monotonic()
+            code, error = await admin_call(
+                ports["a-admin"], "PUT", "/api/hosts/later.localhost",
+                {"identifier": E2E_IDENTIFIER},
+            )  # fmt: skip
+            assert code == 503 and b"not stored" in error, error
+            assert time.monotonic() - started < 4
+            assert await public_get(ports["b"], "app.localhost") == (200, body)
+
+            # back: the change goes through and B serves it
+            server.start()
+            code, _ = await admin_call(
+                ports["a-admin"], "PUT", "/api/hosts/later.localhost",
+                {"identifier": E2E_IDENTIFIER},
+            )  # fmt: skip
+            assert code == 201
+            later = await until_children("B serving", lambda: served("later.localhost"), a, b)
+            assert later == b"origin: later.localhost"
+
+            for process in (client, a, b):
+                await stop(process)
+            for process in processes:
+                log = process.log
+                for secret in (E2E_IDENTIFIER, E2E_TOKEN, E2E_PASSWORD):
+                    assert secret not in log, (process.name, log)
+            for node in (a, b):
+                # one line per connection and outage, none per retry
+                assert node.log.count("RedisLink#warn") <= 2, node.log
+                assert "Starting factory <tunnel.server.redislink" not in node.log
+                assert "is back after" in node.log, node.log
+        finally:
+            await reap_all(processes)
+            await origin.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_redis_cannot_be_reached_does_not_start(tmp_path):
+    redis_server.require()
+    node = spawn_twistd(
+        "tunnel-server",
+        "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+        "--redis", f"tcp:127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    try:
+        await node.ended()
+        assert "the tunnel server cannot start" in node.log, node.log
+        assert "is unavailable" in node.log, node.log
+    finally:
+        await reap_all([node])

@@ -97,6 +97,9 @@ def _reason(failure: Failure) -> str:
 class _Factory(Factory):
     """Builds the link's protocols: text answers (UTF-8), numbers left as text."""
 
+    #: no "Starting factory" line per attempt: an outage must not fill the log
+    noisy = False
+
     def __init__(self, make: Callable[[], Protocol]) -> None:
         self.make = make
 

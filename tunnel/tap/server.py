@@ -60,6 +60,24 @@ def read_vhost_file(path: str) -> dict[str, str]:
     return hosts
 
 
+def read_secret_line(path: str, flag: str) -> str:
+    """The first line of the file at ``path``, its line break stripped: a
+    secret, so no error shows any of it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline(4097)
+    except OSError as e:
+        raise usage.UsageError(f"{flag}: {e.strerror}: {e.filename}")
+    except UnicodeDecodeError:
+        raise usage.UsageError(f"{flag} {path}: not UTF-8 text")
+    secret = line.rstrip("\r\n")
+    if not secret:
+        raise usage.UsageError(f"{flag} {path}: the first line is empty")
+    if len(secret) > 4096:
+        raise usage.UsageError(f"{flag} {path}: the first line is too long")
+    return secret
+
+
 #: accept queue of the --tcp listeners; Twisted's default (50) makes a burst of
 #: connections wait for SYN retransmits (1 s)
 LISTEN_BACKLOG = 1024
@@ -71,8 +89,8 @@ class Options(usage.Options):
     longdesc = (
         "Run a public tunnel server. Public requests are routed by their Host header "
         "to the tunnel client that connected with the matching identifier; give at "
-        "least one --vhost, --vhost-file or --tcp, or a --db or --admin that holds or "
-        "adds them. ENDPOINT is a Twisted server "
+        "least one --vhost, --vhost-file or --tcp, or a --db, --redis or --admin that "
+        "holds or adds them. ENDPOINT is a Twisted server "
         "endpoint string, such as tcp:8080:interface=127.0.0.1 or "
         "ssl:443:privateKey=key.pem:certKey=cert.pem."
     )
@@ -139,6 +157,26 @@ class Options(usage.Options):
             None,
             "PATH: keep hosts, TCP ports and rules in this SQLite file (created if absent),"
             " so that changes made at run time survive a restart. [default: in memory]",
+        ],
+        [
+            "redis",
+            None,
+            None,
+            "ENDPOINT: keep hosts, TCP ports and rules in Redis there, shared live with every"
+            " server node that names it (e.g. tcp:127.0.0.1:6379 or tls:redis.example:6380);"
+            " not with --db.",
+        ],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "PATH: the Redis password (one line), for --redis.",
+        ],
+        [
+            "redis-prefix",
+            None,
+            "tunnel:",
+            "PREFIX: the start of the registry's keys in Redis (one cluster per prefix).",
         ],
         [
             "admin",
@@ -257,6 +295,7 @@ class Options(usage.Options):
                 self["admin-token"] = read_token_file(self["admin-token-file"])
             except ValueError as e:  # never shows the token
                 raise usage.UsageError(f"--admin-token-file: {e}")
+        self._redis_options()
         self["stored-rules"] = {}
         for host, api_rules in self["rules"].items():
             if host not in self["vhosts"]:
@@ -269,14 +308,26 @@ class Options(usage.Options):
         if self.routes_required() and not self["vhosts"] and not self["tcp"]:
             raise usage.UsageError(
                 "at least one --vhost HOST=IDENTIFIER, --vhost-file PATH"
-                " or --tcp PORT=IDENTIFIER is required (or --db or --admin)"
+                " or --tcp PORT=IDENTIFIER is required (or --db, --redis or --admin)"
             )
+
+    def _redis_options(self) -> None:
+        if self["redis"] is not None and self["db"] is not None:
+            raise usage.UsageError("--db and --redis exclude each other: one registry, one place")
+        self["redis-password"] = None
+        if self["redis-password-file"] is None:
+            return
+        if self["redis"] is None:
+            raise usage.UsageError("--redis-password-file is for --redis")
+        # the password itself is never shown
+        path = self["redis-password-file"]
+        self["redis-password"] = read_secret_line(path, "--redis-password-file")
 
     def routes_required(self) -> bool:
         """Whether the command line must name a host or a port: yes while it
         is the only source of routes (a stored registry, or an admin API that
         adds them at run time, is another)."""
-        return self["db"] is None and self["admin"] is None
+        return self["db"] is None and self["redis"] is None and self["admin"] is None
 
 
 def makeService(options: Options) -> service.IService:
@@ -285,9 +336,10 @@ def makeService(options: Options) -> service.IService:
     from ..koding.identifiers import TunnelKey
     from ..server import TunnelResource, TunnelServer, TunnelServerService, TunnelSite
     from ..server.access import AccessGate
+    from ..server.redisstore import RedisStore
     from ..server.routes import Routes, TCPPorts
     from ..server.sqlite import SQLiteStore
-    from ..server.store import MemoryStore, StoreError
+    from ..server.store import MemoryStore, RegistryStore, StoreError
 
     server = TunnelServer(
         tunnel_timeout=options["tunnel-timeout"],
@@ -298,7 +350,19 @@ def makeService(options: Options) -> service.IService:
     tcp_ports = TCPPorts(
         server, interface=options["tcp-interface"], backlog=LISTEN_BACKLOG, reactor=reactor
     )
-    if options["db"] is None:
+    store: RegistryStore
+    if options["redis"] is not None:
+        try:
+            # connects when the routes load: an unreachable Redis fails the start
+            store = RedisStore.from_string(
+                options["redis"],
+                reactor=reactor,
+                password=options["redis-password"],
+                prefix=options["redis-prefix"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"--redis: {e}")
+    elif options["db"] is None:
         store = MemoryStore()
     else:
         try:
