@@ -85,11 +85,13 @@ redis.call('PUBLISH', ARGV[2], tostring(version) .. ' ' .. ARGV[3])
 return {1, version}
 """
 
-#: KEYS: version, hosts, ports: everything, as of one version
+#: KEYS: version, hosts, ports: everything, as of one version; each hash as
+#: one JSON array [field, value, ...] (three replies however large the
+#: registry: txredisapi's parser takes a reactor turn per reply)
 SNAPSHOT = """
 return {redis.call('GET', KEYS[1]) or '0',
-        redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3])}
+        cjson.encode(redis.call('HGETALL', KEYS[2])),
+        cjson.encode(redis.call('HGETALL', KEYS[3]))}
 """
 
 
@@ -135,6 +137,17 @@ def _loads(text: object) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"not JSON ({e})") from None
+
+
+def _flat(text: object) -> list:
+    """A hash from the snapshot script: [field, value, ...] (an empty one is
+    encoded by Lua as ``{}``)."""
+    fields = _loads(text)
+    if fields == {}:
+        return []
+    if not isinstance(fields, list) or len(fields) % 2:
+        raise StoreError("the registry in Redis answered a snapshot that is not one")
+    return fields
 
 
 def parse_notice(message: object) -> tuple[int, Change]:
@@ -349,7 +362,8 @@ class RedisStore:
         return d.addCallback(lambda reply: bool(reply[0]))
 
     def _snapshot(self, reply: list) -> Snapshot:
-        version_text, host_fields, port_fields = reply
+        version_text, host_json, port_json = reply
+        host_fields, port_fields = _flat(host_json), _flat(port_json)
         hosts = []
         for host, text in zip(host_fields[::2], host_fields[1::2], strict=True):
             try:
