@@ -24,7 +24,14 @@ from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import Routes, TunnelServer
 from tunnel.server.routes import RoutesStopped, TCPPorts
 from tunnel.server.rules import HostRules
-from tunnel.server.store import HostEntry, MemoryStore, PortEntry, Snapshot
+from tunnel.server.store import (
+    HostChanged,
+    HostEntry,
+    MemoryStore,
+    PortChanged,
+    PortEntry,
+    Snapshot,
+)
 from tunnel.server.vhosts import VirtualAddrs, VirtualHosts, host_key
 
 from .memory import MemoryTunnel
@@ -566,3 +573,88 @@ def test_changes_take_effect_for_new_requests_and_leave_open_ones_alone():
         waiting.close()
         assert env.get(b"/echo?echo=hi").code == 200  # the other host is untouched
         result(routes.stop())
+
+
+# -- a shared store's changes -------------------------------------------------------------
+
+
+class SharedStore(MemoryStore):
+    """A MemoryStore with a feed the test drives (what Redis gives Routes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watching: list = []
+        self.gate: Deferred | None = None
+
+    def watch(self, since, on_change):
+        entry = [since, on_change]
+        self.watching.append(entry)
+        return lambda: self.watching.remove(entry)
+
+    def tell(self, change) -> None:
+        for _, on_change in list(self.watching):
+            on_change(change)
+
+    def put_host(self, entry):
+        d = super().put_host(entry)
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            return gate.addCallback(lambda _: d)
+        return d
+
+
+def test_routes_watch_a_shared_store_from_the_snapshot_they_loaded():
+    store = SharedStore()
+    result(store.put_host(HostEntry("app.test", ONE)))
+    routes, _ = make_routes(store)
+    ((since, _),) = store.watching
+    assert since.hosts == (HostEntry("app.test", ONE),)
+    result(routes.stop())
+    assert store.watching == []  # unwatched when stopped
+
+
+def test_changes_from_the_feed_are_applied_idempotently():
+    store = SharedStore()
+    listen = RecordingListen(taken={4444})
+    routes, server = make_routes(store, listen)
+    result(routes.put_host("app.test", ONE, RATE_1))
+    route = server.vhosts.get("app.test")
+    # its own change coming back changes nothing (the same route object)
+    store.tell(HostChanged("app.test", HostEntry("app.test", ONE, RATE_1)))
+    assert server.vhosts.get("app.test") is route
+    # another node's changes
+    store.tell(HostChanged("App.Test.", HostEntry("App.Test.", TWO, RATE_3)))
+    assert served(server) == {"app.test": (TWO, HostRules.from_stored(RATE_3))}
+    assert routes.host("app.test") == HostEntry("app.test", TWO, RATE_3)
+    store.tell(HostChanged("b.test", HostEntry("b.test", ONE)))
+    store.tell(HostChanged("app.test", None))
+    store.tell(HostChanged("app.test", None))  # again: nothing
+    assert served(server) == {"b.test": (ONE, None)}
+    # rules this node cannot read: the host is not served without them
+    store.tell(HostChanged("b.test", HostEntry("b.test", ONE, {"rate": "fast"})))
+    assert served(server) == {} and routes.hosts() == []
+    # ports: every node listens on every port
+    store.tell(PortChanged(2222, PortEntry(2222, ONE)))
+    store.tell(PortChanged(2222, PortEntry(2222, TWO)))
+    assert listen.open_ports() == [2222] and server.addrs.lookup("127.0.0.1", 2222) == TWO
+    store.tell(PortChanged(4444, PortEntry(4444, ONE)))  # taken here: logged, not routed
+    assert server.addrs.lookup("127.0.0.1", 4444) is None and routes.ports() == [
+        PortEntry(2222, TWO)
+    ]
+    store.tell(PortChanged(2222, None))
+    assert listen.open_ports() == [] and server.addrs.lookup("127.0.0.1", 2222) is None
+    result(routes.stop())
+    store.tell(HostChanged("late.test", HostEntry("late.test", ONE)))
+    assert served(server) == {}
+
+
+def test_a_change_from_the_feed_waits_for_the_local_change_under_way():
+    store = SharedStore()
+    routes, server = make_routes(store)
+    gate = store.gate = Deferred()
+    local = routes.put_host("app.test", ONE)
+    store.tell(HostChanged("app.test", HostEntry("app.test", TWO)))  # made after, elsewhere
+    assert served(server) == {}  # both wait for the store
+    gate.callback(None)
+    assert result(local) is True
+    assert served(server) == {"app.test": (TWO, None)}  # in the order they came
