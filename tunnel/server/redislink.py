@@ -220,11 +220,11 @@ class RedisLink:
         self._inflight.add(tracker)
         try:
             return await maybeDeferred(call, protocol).addTimeout(self.timeout, self.clock)
-        except StoreError:
+        except (StoreError, CancelledError):  # CancelledError: the caller's cancel
             raise
         except Exception:
             failure = Failure()
-            if failure.check(TimeoutError, CancelledError):
+            if failure.check(TimeoutError):
                 # a server that does not answer one command will not answer
                 # the next: drop the connection (and reconnect)
                 self._drop(protocol)
