@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -58,6 +60,18 @@ def read_vhost_file(path: str) -> dict[str, str]:
                 why = "malformed host"
         raise usage.UsageError(f"--vhost-file {path}: line {number}: {why}")
     return hosts
+
+
+def _twistd_owner(options: usage.Options) -> tuple[int, int] | None:
+    """The (uid, gid) twistd switches to (``--uid``/``--gid``) when started as
+    root: a file the server opens again after that must belong to them."""
+    parent = getattr(options, "parent", None)
+    if parent is None or os.getuid() != 0:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None and gid is None:
+        return None
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
 
 
 #: accept queue of the --tcp listeners; Twisted's default (50) makes a burst of
@@ -303,7 +317,7 @@ def makeService(options: Options) -> service.IService:
     else:
         try:
             # checked and migrated now: an unusable file stops twistd with the error
-            store = SQLiteStore.open_now(options["db"])
+            store = SQLiteStore.open_now(options["db"], owner=_twistd_owner(options))
         except StoreError as e:
             raise usage.UsageError(f"--db: {e}")
     routes = Routes(server, store, listen_tcp=tcp_ports)
