@@ -39,6 +39,7 @@ from tunnel.server.rules import HostRules
 from tunnel.server.sqlite import SQLiteStore
 from tunnel.server.store import HostEntry
 from tunnel.server.vhosts import host_key
+from tunnel.tap import StartRefused
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
@@ -184,7 +185,7 @@ def test_server_make_service():
 @pytest.mark.parametrize("listen", ["nonsense:1", "tcp:not-a-port"])
 def test_server_make_service_with_a_bad_endpoint_is_a_usage_error(listen):
     options = server_options("--listen", listen, "--vhost", "a=b")
-    with pytest.raises(usage.UsageError, match="--listen"):
+    with pytest.raises(StartRefused, match="^twistd tunnel-server: --listen"):
         server_tap.makeService(options)
 
 
@@ -331,7 +332,7 @@ def test_server_unusable_db_is_a_usage_error(tmp_path):
     not_a_db = tmp_path / "notes.txt"
     not_a_db.write_text("not a database\n" * 100)
     options = server_options("--db", str(not_a_db))
-    with pytest.raises(usage.UsageError, match="--db: .*notes.txt is not a SQLite database"):
+    with pytest.raises(StartRefused, match="--db: .*notes.txt is not a SQLite database"):
         server_tap.makeService(options)
 
 
@@ -396,6 +397,12 @@ def test_server_admin_needs_a_token_file_whose_token_it_never_shows(tmp_path):
     assert "secret" not in str(raised.value)
 
 
+@pytest.mark.parametrize("flag", [("--metrics-host-labels",), ("--admin-token-file", "x")])
+def test_server_admin_flags_without_admin_are_usage_errors(flag):
+    with pytest.raises(usage.UsageError, match="is for --admin, which is not given"):
+        server_options("--vhost", "a=b", *flag)
+
+
 def test_server_admin_alone_is_enough_and_serves_metrics_of_the_public_side(tmp_path):
     token = tmp_path / "token"
     token.write_text("tok\n")
@@ -411,7 +418,7 @@ def test_server_admin_alone_is_enough_and_serves_metrics_of_the_public_side(tmp_
     assert site.events is service.server.events is not None  # one Metrics for both
     assert service.server.events.host_labels is True
     bad = server_options("--admin", "nonsense:1", "--admin-token-file", str(token))
-    with pytest.raises(usage.UsageError, match="--admin"):
+    with pytest.raises(StartRefused, match="--admin"):
         server_tap.makeService(bad)
 
 
@@ -622,7 +629,7 @@ def test_client_make_service(no_env_identifier):
 )
 def test_client_make_service_with_a_bad_endpoint_is_a_usage_error(no_env_identifier, extra):
     options = client_options("--identifier", "x", *extra)
-    with pytest.raises(usage.UsageError, match="bad endpoint"):
+    with pytest.raises(StartRefused, match="^twistd tunnel-client: .*bad endpoint"):
         client_tap.makeService(options)
 
 

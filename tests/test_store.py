@@ -626,3 +626,11 @@ async def test_a_relative_path_stays_the_same_file_after_a_change_of_directory(
     await store.close()
     assert not (tmp_path / "elsewhere" / "registry.db").exists()
     assert read_db(tmp_path / "registry.db", "SELECT host FROM hosts") == [("a.example",)]
+
+
+def test_a_host_entry_shows_no_rules_in_its_repr():
+    """The stored rules hold a password's salt and hash: a log line or an
+    exception message that shows an entry must not carry them."""
+    entry = HostEntry("a.example", KEY, RULES)
+    assert "scrypt" not in repr(entry) and "hash" not in repr(entry)
+    assert KEY.fingerprint in repr(entry) and KEY.hex() not in repr(entry)

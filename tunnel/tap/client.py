@@ -8,6 +8,8 @@ from twisted.application import service
 from twisted.internet.endpoints import clientFromString
 from twisted.python import usage
 
+from . import refuse_usage_errors
+
 IDENTIFIER_ENV = "TUNNEL_IDENTIFIER"
 
 
@@ -114,6 +116,7 @@ def host_from_endpoint(description: str) -> str:
     return "tunnel"
 
 
+@refuse_usage_errors("tunnel-client")
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 

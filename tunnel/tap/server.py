@@ -11,6 +11,7 @@ from twisted.python import usage
 from ..admin.auth import read_token_file
 from ..server.rules import HostRules, RulesError, parse_network
 from ..server.vhosts import host_key
+from . import refuse_usage_errors
 
 
 def _byte_count(text: str) -> int:
@@ -266,6 +267,10 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         if self["admin"] is not None and self["admin-token-file"] is None:
             raise usage.UsageError("--admin needs --admin-token-file PATH")
+        if self["admin"] is None:
+            for flag in ("admin-token-file", "metrics-host-labels"):
+                if self[flag]:
+                    raise usage.UsageError(f"--{flag} is for --admin, which is not given")
         if self["admin-token-file"] is not None:
             try:
                 self["admin-token"] = read_token_file(self["admin-token-file"])
@@ -293,6 +298,7 @@ class Options(usage.Options):
         return self["db"] is None and self["admin"] is None
 
 
+@refuse_usage_errors("tunnel-server")
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
