@@ -133,8 +133,12 @@ class _AttemptEndpoint:
         self.failed = failed
 
     def __repr__(self) -> str:
-        # ClientService's "Scheduling retry N to connect {endpoint}": the next server
-        return str(self.rotation.peek())
+        # ClientService's "Scheduling retry N to connect {endpoint}"; a log event
+        # may be formatted later, so this does not change (nor name the next server)
+        servers = self.rotation.servers
+        if len(servers) == 1:
+            return str(servers[0])
+        return "the next of " + ", ".join(str(s) for s in servers)
 
     def connect(self, factory: IProtocolFactory) -> Deferred:
         server = self.rotation.next()
