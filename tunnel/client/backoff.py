@@ -99,7 +99,7 @@ class ServerRotation:
         """A live link to ``server`` ended: try every other server before it."""
         others = [s for s in self.servers if s is not server]
         self._mix(others)
-        self._round = [*others, server] if len(others) < len(self.servers) else others
+        self._round = [*others, server]
 
     def _new_round(self) -> list[Server]:
         order = list(self.servers)
