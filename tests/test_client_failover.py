@@ -281,6 +281,7 @@ def test_one_server_is_redialled_as_before():
         dial = dialler.last.connect()
         dial.receive(SERVER_ACCEPTS)
         assert connect_host(dial) == b"h:1" and service.host == "h:1"
+        assert service.endpoint is dialler
         dial.lose(ConnectionLost("gone"))
         clock.advance(0.5)
         service.stopService()

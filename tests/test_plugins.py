@@ -639,6 +639,7 @@ def test_client_make_service_with_several_servers(no_env_identifier):
     assert len({id(s.endpoint) for s in service.servers}) == 2
     assert service.current_server is None  # none tried yet
     assert service.host == "a.example:8001"
+    assert service.endpoint is service.servers[0].endpoint
     assert not service.running
 
 

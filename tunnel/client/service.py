@@ -233,6 +233,11 @@ class TunnelClientService(Service):
         before any attempt)."""
         return (self.current_server or self.servers[0]).host
 
+    @property
+    def endpoint(self) -> IStreamClientEndpoint:
+        """The current server's endpoint (the first server's before any attempt)."""
+        return (self.current_server or self.servers[0]).endpoint
+
     def observe_states(self, callback: Callable[[StateChange], Any]) -> Callable[[], None]:
         """Call ``callback(StateChange)`` on every change; returns a remover."""
         return self._observers.add(callback)
