@@ -598,6 +598,64 @@ def test_client_explicit_host_header_wins(no_env_identifier):
     assert options["host-header"] == "tunnel.example"
 
 
+def test_client_server_is_repeatable_with_a_host_header_each(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:a.example:8001",
+        "--server", "tls:b.example:443:trustRoots=/etc/ca",
+        "--server", "unix:/run/tunnel.sock",
+        "--identifier", "x",
+    )  # fmt: skip
+    assert options["servers"] == [
+        "tcp:a.example:8001",
+        "tls:b.example:443:trustRoots=/etc/ca",
+        "unix:/run/tunnel.sock",
+    ]
+    assert options["server-hosts"] == {
+        "tcp:a.example:8001": "a.example:8001",
+        "tls:b.example:443:trustRoots=/etc/ca": "b.example:443",
+        "unix:/run/tunnel.sock": "tunnel",
+    }
+    # the first server, as with one --server
+    assert options["server"] == "tcp:a.example:8001"
+    assert options["host-header"] == "a.example:8001"
+
+
+def test_client_host_header_flag_is_sent_to_every_server(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:10.0.0.1:80", "--server", "tcp:10.0.0.2:80",
+        "--host-header", "tunnel.example", "--identifier", "x",
+    )  # fmt: skip
+    assert set(options["server-hosts"].values()) == {"tunnel.example"}
+    assert options["host-header"] == "tunnel.example"
+
+
+def test_client_same_server_twice_is_a_usage_error(no_env_identifier):
+    with pytest.raises(usage.UsageError, match="--server tcp:h:1 is given twice"):
+        client_options("--server", "tcp:h:1", "--server", "tcp:h:2", "--server", "tcp:h:1")
+
+
+def test_client_make_service_with_several_servers(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:a.example:8001", "--server", "tcp:b.example:8002", "--identifier", "x"
+    )
+    service = client_tap.makeService(options)
+    assert [(str(s), s.host) for s in service.servers] == [
+        ("tcp:a.example:8001", "a.example:8001"),
+        ("tcp:b.example:8002", "b.example:8002"),
+    ]
+    assert len({id(s.endpoint) for s in service.servers}) == 2
+    assert service.current_server is None  # none tried yet
+    assert service.host == "a.example:8001"
+    assert service.endpoint is service.servers[0].endpoint
+    assert not service.running
+
+
+def test_client_make_service_with_one_bad_server_of_several_is_a_usage_error(no_env_identifier):
+    options = client_options("--server", "tcp:h:1", "--server", "bogus:x", "--identifier", "x")
+    with pytest.raises(usage.UsageError, match="bad endpoint"):
+        client_tap.makeService(options)
+
+
 def test_client_make_service(no_env_identifier):
     options = client_options(
         "--server", "tcp:example.com:8080", "--identifier", "sekrit",
