@@ -84,13 +84,15 @@ async def reap_all(processes: list[Twistd], timeout: float = 10.0) -> None:
                 pass
 
 
-def spawn_twistd(name: str, *argv: str) -> Twistd:
-    """Start ``twistd -n NAME ARGV...`` from the checkout (its plugins, its code)."""
+def spawn_twistd(name: str, *argv: str, twistd_args: tuple[str, ...] = ()) -> Twistd:
+    """Start ``twistd -n TWISTD_ARGS... NAME ARGV...`` from the checkout (its
+    plugins, its code)."""
     env = {k: v for k, v in os.environ.items() if k != "TUNNEL_IDENTIFIER"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     process = Twistd(name)
-    args = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", name, *argv]
+    args = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *twistd_args]
+    args += [name, *argv]
     reactor.spawnProcess(process, sys.executable, args, env=env, path=str(REPO_ROOT))
     return process
 

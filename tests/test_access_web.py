@@ -171,3 +171,24 @@ def test_rules_removed_take_effect_for_the_next_request():
         assert parse_response(env.request(request())).code == 403
         env.server.add_host(env.HOST, env.IDENT)
         assert parse_response(env.request(request())).code == 200
+
+
+def test_a_defect_after_a_waited_verdict_gets_a_502_and_one_log_line(monkeypatch):
+    verifier = Verifier()
+    with MemoryTunnel() as env:
+        env.resource.gate = AccessGate(env.clock, verify=verifier)
+        with_rules(env, {"basic_auth": {"user": "ops", "password": "pw"}})
+        lines = []
+        env.resource.public_log.logger.observer = lines.append
+        client = env.connect()
+        client.send(request(b"/headers", basic("ops", "pw")))
+        env.flush()
+        ((waiting, _),) = verifier.waiting
+        verifier.waiting.clear()
+        monkeypatch.setattr(env.resource, "_dispatch", None)  # a defect after the verdict
+        waiting.callback(True)
+        env.flush()
+        response = parse_response(client.take())
+        assert response.code == 502
+        assert [e["log_format"] for e in lines] == ["deciding a request failed"]
+        client.close()

@@ -12,10 +12,16 @@ the host makes its requests Go's 502.
 from __future__ import annotations
 
 import base64
+import grp
 import json
 import os
+import pwd
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -218,3 +224,71 @@ async def test_a_server_operated_through_its_admin_api_and_tunnel_admin(tmp_path
     finally:
         await reap_all(processes)
         await origin_port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_db_a_port_taken_at_start_still_fails_the_start(tmp_path):
+    """The registry is loaded before the reactor runs, so a port that cannot
+    be bound ends twistd with the error and a non-zero exit, as without --db."""
+    taken = reactor.listenTCP(0, Site(Origin()), interface="127.0.0.1")
+    processes: list[Twistd] = []
+    try:
+        server = spawn_twistd(
+            "tunnel-server",
+            "--listen", f"tcp:{taken.getHost().port}:interface=127.0.0.1",
+            "--db", str(tmp_path / "registry.db"),
+            "--vhost", f"app.localhost={IDENTIFIER}",
+        )  # fmt: skip
+        processes.append(server)
+        await server.ended()
+        assert server.reason.exitCode not in (0, None), server.log
+        assert "Address already in use" in server.log
+        assert IDENTIFIER not in server.log
+    finally:
+        await reap_all(processes)
+        await taken.stopListening()
+
+
+def _nobody() -> tuple[int, int] | None:
+    if os.getuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_db_twistd_uid_binds_as_root_and_opens_the_file_as_its_user():
+    """twistd --uid/--gid: the registry file is given to that user before
+    twistd sheds its privileges, and the routes are loaded (and the ports
+    bound) before, so the server starts and keeps its file usable."""
+    owner = _nobody()
+    if owner is None:
+        pytest.skip("needs root and a nobody/nogroup user to switch to")
+    directory = Path(tempfile.mkdtemp(prefix="tunnel-uid-"))  # reachable by nobody
+    directory.chmod(0o777)
+    db = directory / "registry.db"
+    port = free_port()
+    processes: list[Twistd] = []
+    try:
+        server = spawn_twistd(
+            "tunnel-server",
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--db", str(db),
+            "--vhost", f"app.localhost={IDENTIFIER}",
+            twistd_args=("--uid", "nobody", "--gid", "nogroup"),
+        )  # fmt: skip
+        processes.append(server)
+
+        async def listening():
+            code, body = await public_get(port, "app.localhost")
+            return body if code == 502 else None
+
+        body = await until_children("the server to listen", listening, server)
+        assert body == b"no client session established\n"
+        assert (db.stat().st_uid, db.stat().st_gid) == owner
+        await stop(server)
+    finally:
+        await reap_all(processes)
+        shutil.rmtree(directory, ignore_errors=True)

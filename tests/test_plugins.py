@@ -40,6 +40,7 @@ from tunnel.server.rules import HostRules
 from tunnel.server.sqlite import SQLiteStore
 from tunnel.server.store import HostEntry
 from tunnel.server.vhosts import host_key
+from tunnel.tap import StartRefused
 from tunnel.tap import client as client_tap
 from tunnel.tap import server as server_tap
 
@@ -185,7 +186,7 @@ def test_server_make_service():
 @pytest.mark.parametrize("listen", ["nonsense:1", "tcp:not-a-port"])
 def test_server_make_service_with_a_bad_endpoint_is_a_usage_error(listen):
     options = server_options("--listen", listen, "--vhost", "a=b")
-    with pytest.raises(usage.UsageError, match="--listen"):
+    with pytest.raises(StartRefused, match="^twistd tunnel-server: --listen"):
         server_tap.makeService(options)
 
 
@@ -332,7 +333,7 @@ def test_server_unusable_db_is_a_usage_error(tmp_path):
     not_a_db = tmp_path / "notes.txt"
     not_a_db.write_text("not a database\n" * 100)
     options = server_options("--db", str(not_a_db))
-    with pytest.raises(usage.UsageError, match="--db: .*notes.txt is not a SQLite database"):
+    with pytest.raises(StartRefused, match="--db: .*notes.txt is not a SQLite database"):
         server_tap.makeService(options)
 
 
@@ -372,7 +373,7 @@ def test_server_redis_option_errors_never_show_the_password(tmp_path):
     with pytest.raises(usage.UsageError, match="too long") as raised:
         server_options("--redis", "tcp:h:1", "--redis-password-file", str(password))
     assert "xxx" not in str(raised.value)
-    with pytest.raises(usage.UsageError, match="--redis: 'nonsense:1' is not a client endpoint"):
+    with pytest.raises(StartRefused, match="--redis: 'nonsense:1' is not a client endpoint"):
         server_tap.makeService(server_options("--redis", "nonsense:1"))
 
 
@@ -437,6 +438,12 @@ def test_server_admin_needs_a_token_file_whose_token_it_never_shows(tmp_path):
     assert "secret" not in str(raised.value)
 
 
+@pytest.mark.parametrize("flag", [("--metrics-host-labels",), ("--admin-token-file", "x")])
+def test_server_admin_flags_without_admin_are_usage_errors(flag):
+    with pytest.raises(usage.UsageError, match="is for --admin, which is not given"):
+        server_options("--vhost", "a=b", *flag)
+
+
 def test_server_admin_alone_is_enough_and_serves_metrics_of_the_public_side(tmp_path):
     token = tmp_path / "token"
     token.write_text("tok\n")
@@ -452,7 +459,7 @@ def test_server_admin_alone_is_enough_and_serves_metrics_of_the_public_side(tmp_
     assert site.events is service.server.events is not None  # one Metrics for both
     assert service.server.events.host_labels is True
     bad = server_options("--admin", "nonsense:1", "--admin-token-file", str(token))
-    with pytest.raises(usage.UsageError, match="--admin"):
+    with pytest.raises(StartRefused, match="--admin"):
         server_tap.makeService(bad)
 
 
@@ -632,6 +639,64 @@ def test_client_explicit_host_header_wins(no_env_identifier):
     assert options["host-header"] == "tunnel.example"
 
 
+def test_client_server_is_repeatable_with_a_host_header_each(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:a.example:8001",
+        "--server", "tls:b.example:443:trustRoots=/etc/ca",
+        "--server", "unix:/run/tunnel.sock",
+        "--identifier", "x",
+    )  # fmt: skip
+    assert options["servers"] == [
+        "tcp:a.example:8001",
+        "tls:b.example:443:trustRoots=/etc/ca",
+        "unix:/run/tunnel.sock",
+    ]
+    assert options["server-hosts"] == {
+        "tcp:a.example:8001": "a.example:8001",
+        "tls:b.example:443:trustRoots=/etc/ca": "b.example:443",
+        "unix:/run/tunnel.sock": "tunnel",
+    }
+    # the first server, as with one --server
+    assert options["server"] == "tcp:a.example:8001"
+    assert options["host-header"] == "a.example:8001"
+
+
+def test_client_host_header_flag_is_sent_to_every_server(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:10.0.0.1:80", "--server", "tcp:10.0.0.2:80",
+        "--host-header", "tunnel.example", "--identifier", "x",
+    )  # fmt: skip
+    assert set(options["server-hosts"].values()) == {"tunnel.example"}
+    assert options["host-header"] == "tunnel.example"
+
+
+def test_client_same_server_twice_is_a_usage_error(no_env_identifier):
+    with pytest.raises(usage.UsageError, match="--server tcp:h:1 is given twice"):
+        client_options("--server", "tcp:h:1", "--server", "tcp:h:2", "--server", "tcp:h:1")
+
+
+def test_client_make_service_with_several_servers(no_env_identifier):
+    options = client_options(
+        "--server", "tcp:a.example:8001", "--server", "tcp:b.example:8002", "--identifier", "x"
+    )
+    service = client_tap.makeService(options)
+    assert [(str(s), s.host) for s in service.servers] == [
+        ("tcp:a.example:8001", "a.example:8001"),
+        ("tcp:b.example:8002", "b.example:8002"),
+    ]
+    assert len({id(s.endpoint) for s in service.servers}) == 2
+    assert service.current_server is None  # none tried yet
+    assert service.host == "a.example:8001"
+    assert service.endpoint is service.servers[0].endpoint
+    assert not service.running
+
+
+def test_client_make_service_with_one_bad_server_of_several_is_a_usage_error(no_env_identifier):
+    options = client_options("--server", "tcp:h:1", "--server", "bogus:x", "--identifier", "x")
+    with pytest.raises(StartRefused, match="^twistd tunnel-client: .*bad endpoint"):
+        client_tap.makeService(options)
+
+
 def test_client_make_service(no_env_identifier):
     options = client_options(
         "--server", "tcp:example.com:8080", "--identifier", "sekrit",
@@ -663,7 +728,7 @@ def test_client_make_service(no_env_identifier):
 )
 def test_client_make_service_with_a_bad_endpoint_is_a_usage_error(no_env_identifier, extra):
     options = client_options("--identifier", "x", *extra)
-    with pytest.raises(usage.UsageError, match="bad endpoint"):
+    with pytest.raises(StartRefused, match="^twistd tunnel-client: .*bad endpoint"):
         client_tap.makeService(options)
 
 

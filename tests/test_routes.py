@@ -18,6 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from tunnel.koding.identifiers import TunnelKey
@@ -425,16 +426,30 @@ def test_a_stored_host_whose_rules_do_not_load_is_left_out():
     assert [e.host for e in routes.hosts()] == ["good.test"]
 
 
-def test_start_fails_and_closes_what_it_opened_if_a_stored_port_is_taken():
+def test_a_stored_port_taken_since_is_left_out_and_the_others_are_served():
+    """A port added at run time and taken by another program since must not
+    keep the server (and its admin API) down: it is logged and left out,
+    stays stored, and a later put opens it again."""
     store = MemoryStore()
     for port in (2222, 3333, 4444):
         result(store.put_port(PortEntry(port, ONE)))
     listen = RecordingListen(taken={3333})
     routes = Routes(TunnelServer(clock=Clock()), store, listen_tcp=listen)
-    with pytest.raises(CannotListenError):
-        result(routes.start())
-    assert listen.open_ports() == [] and routes.ports() == []
-    assert routes.server.addrs.lookup("127.0.0.1", 2222) is None
+    events: list[dict] = []
+    routes.log = Logger(observer=events.append)
+    result(routes.start())
+    lines = [formatEvent(e) for e in events]
+    assert listen.open_ports() == [2222, 4444]
+    assert [e.port for e in routes.ports()] == [2222, 4444]
+    assert routes.server.addrs.lookup("127.0.0.1", 3333) is None
+    assert [line for line in lines if "3333" in line] == [
+        "stored TCP port 3333 left out: Couldn't listen on 127.0.0.1:3333: [Errno 98]"
+        " Address in use."
+    ]
+    assert [e.port for e in result(store.load()).ports] == [2222, 3333, 4444]
+    listen.taken.clear()
+    assert result(routes.put_port(3333, ONE)) is False  # stored already: replaced
+    assert listen.open_ports() == [2222, 3333, 4444]
 
 
 def test_seed_is_idempotent_and_keeps_stored_rules():

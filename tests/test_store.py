@@ -24,6 +24,7 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from tunnel.koding.identifiers import TunnelKey
@@ -611,3 +612,48 @@ async def test_sqlite_after_a_reopen_holds_what_memory_holds(changes):
             assert by_key(await again.load()) == by_key(await memory.load())
         finally:
             await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_now_works_inline_until_the_reactor_runs(tmp_path):
+    """At a program's start (twistd's privilegedStartService, before the
+    reactor runs) every operation is done at once on open_now's connection,
+    so a server loads and seeds before it binds its ports and sheds its
+    privileges; once the reactor runs, the worker thread takes over."""
+    starting = MemoryReactor()
+    store = SQLiteStore.open_now(tmp_path / "registry.db", reactor=starting)
+    put = store.put_host(HostEntry("a.example", KEY, RULES))
+    assert put.called and put.result is True  # no thread involved: done already
+    snapshot = store.load()
+    assert snapshot.called and snapshot.result.hosts == (HostEntry("a.example", KEY, RULES),)
+    bad = store.put_port(PortEntry(70000, KEY))
+    assert bad.called and isinstance(bad.result.value, StoreError)
+    bad.addErrback(lambda _: None)
+    starting.run()  # the reactor runs: the inline connection is closed
+    assert await store.put_port(PortEntry(2222, KEY)) is True  # through the worker thread
+    assert (await store.load()).ports == (PortEntry(2222, KEY),)
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relative_path_stays_the_same_file_after_a_change_of_directory(
+    tmp_path, monkeypatch
+):
+    """twistd --rundir changes directory after the options are read: the store
+    keeps the file it opened, not a new one of the same name elsewhere."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    store = SQLiteStore.open_now("registry.db")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    await store.put_host(HostEntry("a.example", KEY))
+    await store.close()
+    assert not (tmp_path / "elsewhere" / "registry.db").exists()
+    assert read_db(tmp_path / "registry.db", "SELECT host FROM hosts") == [("a.example",)]
+
+
+def test_a_host_entry_shows_no_rules_in_its_repr():
+    """The stored rules hold a password's salt and hash: a log line or an
+    exception message that shows an entry must not carry them."""
+    entry = HostEntry("a.example", KEY, RULES)
+    assert "scrypt" not in repr(entry) and "hash" not in repr(entry)
+    assert KEY.fingerprint in repr(entry) and KEY.hex() not in repr(entry)

@@ -1,18 +1,19 @@
 """The tunnel client as a twisted.application Service.
 
-``TunnelClientService`` keeps one tunnel to the server up.  Twisted's
+``TunnelClientService`` keeps one tunnel to a server up.  Twisted's
 ``ClientService`` runs the reconnect loop: it dials, treats the connection
 as made only once the CONNECT and control handshake are done (its
 ``prepareConnection`` hook), redials with the retry policy's delays and
 hands out ``when_ready()`` waiters.  A thin layer here keeps what it cannot
-express (spec.md 2.12): a graceful drain on stop, stopping an attempt in its
-handshake, a policy that gives up, koding's ClientState values and
-``last_error``.
+express (spec.md 2.12): failing over between several servers (the endpoint
+it dials picks one per attempt from a ``ServerRotation``), a graceful drain
+on stop, stopping an attempt in its handshake, a policy that gives up,
+koding's ClientState values and ``last_error``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -36,7 +37,7 @@ from ..koding.states import ClientState, StateChange
 from ..observe import Observers, OneShot
 from ..timers import cancel
 from ..yamux import YamuxConfig
-from .backoff import RetryPolicy, exponential_backoff
+from .backoff import RetryPolicy, Server, ServerRotation, Shuffle, exponential_backoff
 from .protocol import Forwarder, TunnelClientProtocol
 
 #: the delay handed to ClientService when the policy gives up; never waited
@@ -110,44 +111,58 @@ class _AttemptFactory(Factory):
 
 @implementer(IStreamClientEndpoint)
 class _AttemptEndpoint:
-    """The endpoint ClientService dials: each connect() is one attempt.
+    """The endpoint ClientService dials: each connect() is one attempt, to
+    the next server of the rotation.
 
-    :param starts: called as each dial starts.
+    :param starts: called with the server as each dial starts.
     :param connected: turns ClientService's protocol proxy into the attempt.
     :param failed: called with the failure of a dial (and passes it on).
     """
 
     def __init__(
         self,
-        endpoint: IStreamClientEndpoint,
+        rotation: ServerRotation,
         *,
-        starts: Callable[[], None],
+        starts: Callable[[Server], None],
         connected: Callable[[IProtocol], _Attempt],
         failed: Callable[[Failure], Failure],
     ) -> None:
-        self.endpoint = endpoint
+        self.rotation = rotation
         self.starts = starts
         self.connected = connected
         self.failed = failed
 
     def __repr__(self) -> str:
-        return repr(self.endpoint)
+        # ClientService's "Scheduling retry N to connect {endpoint}"; a log event
+        # may be formatted later, so this does not change (nor name the next server)
+        servers = self.rotation.servers
+        if len(servers) == 1:
+            return str(servers[0])
+        return "the next of " + ", ".join(str(s) for s in servers)
 
     def connect(self, factory: IProtocolFactory) -> Deferred:
-        self.starts()
-        d = self.endpoint.connect(_AttemptFactory(factory, self.connected))
+        server = self.rotation.next()
+        self.starts(server)
+        d = server.endpoint.connect(_AttemptFactory(factory, self.connected))
         return d.addCallbacks(lambda attempt: attempt.proxy, self.failed)
 
 
 class TunnelClientService(Service):
-    """Keeps one tunnel to the server up, reconnecting with backoff.
+    """Keeps one tunnel to a server up, reconnecting with backoff and failing
+    over between servers.
 
-    :param endpoint: how to reach the server (``clientFromString``).
+    :param endpoint: how to reach the server (``clientFromString``), or
+        several ``Server`` s to fail over between (see ``ServerRotation``:
+        each attempt goes to the next of a shuffled round; after a live link
+        is lost, to the others first).
     :param identifier: the secret that names this client to the server.
     :param forwarder: called with each tunnel stream and its control message.
-    :param host: the Host header of the CONNECT request (Go sends the dialled
-        ``ip:port``).
+    :param host: the Host header of the CONNECT request when ``endpoint`` is
+        one endpoint (Go sends the dialled ``ip:port``); each ``Server``
+        carries its own.
     :param retry: attempt number -> delay in seconds, or None to give up.
+        One delay per attempt, whichever server it goes to.
+    :param shuffle: orders each round of servers (``random.shuffle``).
     :param stop_timeout: seconds open tunnels may go on after stopService.
     """
 
@@ -155,13 +170,14 @@ class TunnelClientService(Service):
 
     def __init__(
         self,
-        endpoint: IStreamClientEndpoint,
+        endpoint: IStreamClientEndpoint | Sequence[Server],
         identifier: str,
         forwarder: Forwarder,
         *,
         host: str = "tunnel",
         clock=None,
         retry: RetryPolicy | None = None,
+        shuffle: Shuffle | None = None,
         yamux_config: YamuxConfig | None = None,
         handshake_timeout: float = 10.0,
         stop_timeout: float = 10.0,
@@ -170,10 +186,15 @@ class TunnelClientService(Service):
             raise ValueError("the identifier must be non-empty and free of CR, LF and NUL")
         if clock is None:
             from twisted.internet import reactor as clock
-        self.endpoint = endpoint
+        if IStreamClientEndpoint.providedBy(endpoint):
+            endpoint = [Server(endpoint, host)]
+        rotation = ServerRotation(endpoint, shuffle)
+        #: every server, in the order given
+        self.servers: tuple[Server, ...] = rotation.servers
+        #: the server of the current (or last) attempt; None before the first
+        self.current_server: Server | None = None
         self.identifier = identifier
         self.forwarder = forwarder
-        self.host = host
         self.clock = clock
         self.retry = retry or exponential_backoff()
         self.yamux_config = yamux_config
@@ -190,9 +211,10 @@ class TunnelClientService(Service):
         self._dialling = False
         self._stopped = OneShot()
         self._observers = Observers()
+        self._rotation = rotation
         self._loop = ClientService(
             _AttemptEndpoint(
-                endpoint,
+                rotation,
                 starts=self._attempt_starts,
                 connected=self._connected,
                 failed=self._attempt_failed,
@@ -204,6 +226,17 @@ class TunnelClientService(Service):
         )
 
     # -- public API ------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """The Host header of the current server's CONNECT (the first server's
+        before any attempt)."""
+        return (self.current_server or self.servers[0]).host
+
+    @property
+    def endpoint(self) -> IStreamClientEndpoint:
+        """The current server's endpoint (the first server's before any attempt)."""
+        return (self.current_server or self.servers[0]).endpoint
 
     def observe_states(self, callback: Callable[[StateChange], Any]) -> Callable[[], None]:
         """Call ``callback(StateChange)`` on every change; returns a remover."""
@@ -277,7 +310,7 @@ class TunnelClientService(Service):
     def _new_protocol(self) -> TunnelClientProtocol:
         self.protocol = TunnelClientProtocol(
             self.identifier,
-            self.host,
+            self.current_server.host,
             self.forwarder,
             self.clock,
             self.yamux_config,
@@ -285,9 +318,11 @@ class TunnelClientService(Service):
         )
         return self.protocol
 
-    def _attempt_starts(self) -> None:
-        """ClientService dials (the first time, or after a delay)."""
+    def _attempt_starts(self, server: Server) -> None:
+        """ClientService dials ``server`` (the first time, or after a delay)."""
+        self.current_server = server
         self._attempt = None
+        self.log.info("connecting to the tunnel server at {server}", server=str(server))
         self._dialling = True
         try:
             self._set_state(ClientState.CONNECTING, self.last_error)
@@ -308,17 +343,25 @@ class TunnelClientService(Service):
     def _ready(self, protocol: TunnelClientProtocol, attempt: _Attempt) -> TunnelClientProtocol:
         attempt.link = _Link.READY
         self.last_error = None
-        self.log.info("tunnel to the server is up ({ident})", ident=redact(self.identifier))
+        self.log.info(
+            "tunnel to the server is up at {server} ({ident})",
+            server=str(self.current_server),
+            ident=redact(self.identifier),
+        )
         self._set_state(ClientState.CONNECTED)
-        protocol.when_lost().addCallback(self._lost)
+        protocol.when_lost().addCallback(self._lost, self.current_server)
         return protocol
 
-    def _lost(self, reason: BaseException) -> None:
-        """A ready connection is gone; ClientService waits, then redials."""
+    def _lost(self, reason: BaseException, server: Server) -> None:
+        """A ready connection to ``server`` is gone; ClientService waits, then
+        redials, the other servers first."""
         if self._phase is not _Phase.RUNNING:
             return  # stopService takes it from here
         self.last_error = reason
-        self.log.info("tunnel to the server lost: {why}", why=reason)
+        self._rotation.lost(server)
+        self.log.info(
+            "tunnel to the server at {server} lost: {why}", server=str(server), why=reason
+        )
         self._set_state(ClientState.DISCONNECTED, reason)
 
     def _attempt_failed(self, failure: Failure) -> Failure:
@@ -326,7 +369,9 @@ class TunnelClientService(Service):
         if self._phase is _Phase.RUNNING:  # not a stop cancelling it
             self.last_error = failure.value
             self.log.info(
-                "connecting to the tunnel server failed: {why}", why=failure.getErrorMessage()
+                "connecting to the tunnel server at {server} failed: {why}",
+                server=str(self.current_server),
+                why=failure.getErrorMessage(),
             )
         return failure
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from twisted.enterprise.adbapi import ConnectionPool, Transaction
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -108,44 +109,69 @@ class SQLiteStore:
         #: operations asked for and not yet answered
         self._pending = 0
         self._close_waiters: list[Deferred[None]] = []
+        #: the connection ``open_now`` made, used until the reactor runs
+        self._inline: sqlite3.Connection | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Deferred[SQLiteStore]:
         """Open (creating it if absent) the registry at ``path``; fires with
         the store once its schema is current, or fails with ``StoreError``."""
-        return Deferred.fromCoroutine(cls._open(os.fspath(path)))
+        return Deferred.fromCoroutine(cls._open(os.path.abspath(os.fspath(path))))
 
     @classmethod
-    def open_now(cls, path: str | os.PathLike[str]) -> SQLiteStore:
-        """``open()`` for a program's start, before its reactor runs: the file is
-        created, checked and migrated now, in this thread (raising
-        ``StoreError``), and only later operations go to the worker thread.
+    def open_now(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        owner: tuple[int, int] | None = None,
+        reactor: IReactorCore | None = None,
+    ) -> SQLiteStore:
+        """``open()`` for a program's start, before its reactor runs.
 
-        twistd cannot fail its start once the reactor runs, so this is how an
-        unusable ``--db`` stops it at once, with the error and a non-zero exit.
+        The file is created, checked and migrated now, in this thread
+        (raising ``StoreError``), and the store's operations keep running
+        here, on that connection, until the reactor runs; only then does the
+        worker thread take over.  So a server loads and seeds its routes,
+        and binds its ports, before twistd sheds privileges or its reactor
+        starts: whatever fails stops it with the error and a non-zero exit
+        (twistd cannot fail its start once the reactor runs).
+
+        :param owner: (uid, gid) the file should belong to (twistd's
+            ``--uid``/``--gid``: the server opens it again as that user).
         """
-        path = os.fspath(path)
+        path = os.path.abspath(os.fspath(path))  # twistd may change directory later
         if not _create_private(path):
             _warn_if_shared(cls.log, path)
         try:
-            connection = sqlite3.connect(path, isolation_level=None)
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise _store_error(path, e) from e
         try:
             _configure(connection)
-            cursor = connection.cursor()
-            try:
-                _migrate(cursor, path)
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
-            _use_wal(cursor)
+            _interact(connection, _migrate, path)
+            _use_wal(connection.cursor())
+            if owner is not None:
+                for name in (path, path + "-wal", path + "-shm"):
+                    if os.path.exists(name):
+                        os.chown(name, *owner)
         except sqlite3.Error as e:
-            raise _store_error(path, e) from e
-        finally:
             connection.close()
-        return cls(path, _pool(path))
+            raise _store_error(path, e) from e
+        except OSError as e:
+            connection.close()
+            raise StoreError(f"cannot give the registry {path} to its user: {e.strerror}") from e
+        store = cls(path, _pool(path))
+        store._inline = connection
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callWhenRunning(store._end_inline)
+        return store
+
+    def _end_inline(self) -> None:
+        """The reactor runs: from now on the worker thread does the work."""
+        connection, self._inline = self._inline, None
+        if connection is not None:
+            connection.close()
 
     @classmethod
     async def _open(cls, path: str) -> SQLiteStore:
@@ -206,6 +232,11 @@ class SQLiteStore:
         returned Deferred before the operation stops counting as pending."""
         if self._state is not _State.OPEN:
             return fail(StoreClosed(f"{what}: the registry {self.path} is closed"))
+        if self._inline is not None:
+            try:
+                return succeed(_interact(self._inline, interaction, *args))
+            except sqlite3.Error:
+                return fail(self._explain(Failure(), what))
         answer: Deferred[Any] = Deferred()
         self._pending += 1
         d = self._pool.runInteraction(interaction, *args)
@@ -244,6 +275,7 @@ class SQLiteStore:
         )
 
     def _finish_close(self) -> None:
+        self._end_inline()
         self._pool.close()  # joins the idle worker thread, closes the connection
         self._state = _State.CLOSED
         waiters, self._close_waiters = self._close_waiters, []
@@ -362,6 +394,18 @@ def _pool(path: str) -> ConnectionPool:
         cp_max=1,
         cp_openfun=_configure,
     )
+
+
+def _interact(connection: sqlite3.Connection, interaction: Callable[..., Any], *args: Any) -> Any:
+    """What adbapi's ``runInteraction`` does, on a connection of our own:
+    the interaction, then commit, or roll back if it raised."""
+    try:
+        result = interaction(connection.cursor(), *args)
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    return result
 
 
 def _store_error(path: str, e: sqlite3.Error) -> StoreError:

@@ -47,8 +47,9 @@ class HostEntry:
 
     host: str
     key: TunnelKey
-    #: the rules' stored form (``HostRules.stored()``); empty: no rule
-    rules: Mapping[str, Any] = field(default_factory=dict)
+    #: the rules' stored form (``HostRules.stored()``); empty: no rule (not in
+    #: the repr: it holds a password's salt and hash)
+    rules: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

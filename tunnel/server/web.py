@@ -34,7 +34,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -224,7 +224,7 @@ class TunnelResource(Resource):
                 # the body waits (held, unread) while a password is checked
                 request.notifyFinish().addErrback(lambda _: verdict.cancel())
                 verdict.addCallback(self._decided, request, route, port)
-                verdict.addErrback(lambda f: f.trap(CancelledError))
+                verdict.addErrback(self._undecided, request)
                 return NOT_DONE_YET
             if not verdict.allowed:
                 return self._deny(request, verdict)
@@ -243,6 +243,19 @@ class TunnelResource(Resource):
         body = self._dispatch(request, route, port)
         if body is not NOT_DONE_YET:
             request.write(body)
+            request.finish()
+
+    def _undecided(self, failure: Failure, request) -> None:
+        """The wait for a verdict ended without one: the client left (the
+        wait was cancelled), or something failed, which gets a 502 and one
+        rate-limited line rather than a request left hanging."""
+        if failure.check(CancelledError):
+            return
+        self.public_log.emit(
+            LogLevel.error, "access-failed", "deciding a request failed", log_failure=failure
+        )
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.write(error_page(request, 502, "tunnel error: cannot decide the request"))
             request.finish()
 
     def _deny(self, request, verdict: Verdict) -> bytes:

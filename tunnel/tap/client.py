@@ -8,6 +8,8 @@ from twisted.application import service
 from twisted.internet.endpoints import clientFromString
 from twisted.python import usage
 
+from . import refuse_usage_errors
+
 IDENTIFIER_ENV = "TUNNEL_IDENTIFIER"
 
 
@@ -18,17 +20,18 @@ def _port(text: str, what: str) -> int:
 
 
 class Options(usage.Options):
-    synopsis = "[options] --server ENDPOINT"
+    synopsis = "[options] --server ENDPOINT [--server ...]"
     longdesc = (
         "Connect to a tunnel server and serve its public requests from local servers. "
         "ENDPOINT is a Twisted client endpoint string: tcp:HOST:PORT or tls:HOST:PORT "
         "for the server (tls: checks the server's certificate; add trustRoots=DIR for "
-        "a private CA), tcp:127.0.0.1:8000 for a local server. The identifier is a "
+        "a private CA), tcp:127.0.0.1:8000 for a local server. Given several servers, "
+        "the client tries them in a random order and moves to another when its "
+        "server dies, refuses it or cannot be reached. The identifier is a "
         f"required secret: keep it out of argv with the {IDENTIFIER_ENV} environment "
         "variable or --identifier-file (--identifier shows in the process list)."
     )
     optParameters = [
-        ["server", None, None, "ENDPOINT (required): the tunnel server to dial."],
         ["identifier", None, None, "IDENTIFIER: the secret to register as (visible in ps)."],
         ["identifier-file", None, None, "PATH: a file holding the identifier."],
         ["local", None, "tcp:127.0.0.1:80", "ENDPOINT: where HTTP and WebSocket requests go."],
@@ -36,7 +39,8 @@ class Options(usage.Options):
             "host-header",
             None,
             None,
-            "HOST[:PORT]: the Host header of the CONNECT request. [default: from --server]",
+            "HOST[:PORT]: the Host header of the CONNECT request, to every server. "
+            "[default: from --server]",
         ],
         ["stop-timeout", None, 10.0, "Seconds open tunnels get to finish at shutdown.", float],
     ]
@@ -53,6 +57,17 @@ class Options(usage.Options):
         super().__init__()
         self["local-ports"] = {}
         self["tcp-locals"] = {}
+        #: every --server, in order; "server" is the first, "host-header" its Host
+        self["servers"] = []
+        self["server"] = None
+        #: each server -> the Host header of its CONNECT (set by postOptions)
+        self["server-hosts"] = {}
+
+    def opt_server(self, value: str) -> None:
+        """ENDPOINT (required, repeatable: the client fails over): a tunnel server."""
+        if value in self["servers"]:
+            raise usage.UsageError(f"--server {value} is given twice")
+        self["servers"].append(value)
 
     def opt_local_port(self, value: str) -> None:
         """PORT=ENDPOINT (repeatable): where requests to Host port PORT go."""
@@ -69,7 +84,7 @@ class Options(usage.Options):
         self["tcp-locals"][_port(port.strip(), "tcp-local")] = endpoint
 
     def postOptions(self) -> None:
-        if not self["server"]:
+        if not self["servers"]:
             raise usage.UsageError("--server ENDPOINT is required")
         identifier = self["identifier"]
         if identifier is None and self["identifier-file"]:
@@ -87,8 +102,10 @@ class Options(usage.Options):
         if any(c in identifier for c in "\r\n\0"):
             raise usage.UsageError("the identifier must not contain CR, LF or NUL")
         self["identifier"] = identifier
-        if self["host-header"] is None:
-            self["host-header"] = host_from_endpoint(self["server"])
+        explicit = self["host-header"]
+        self["server-hosts"] = {s: explicit or host_from_endpoint(s) for s in self["servers"]}
+        self["server"] = self["servers"][0]
+        self["host-header"] = self["server-hosts"][self["server"]]
 
 
 def host_from_endpoint(description: str) -> str:
@@ -114,13 +131,17 @@ def host_from_endpoint(description: str) -> str:
     return "tunnel"
 
 
+@refuse_usage_errors("tunnel-client")
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
-    from ..client import LocalForwarder, LocalTargets, TunnelClientService
+    from ..client import LocalForwarder, LocalTargets, Server, TunnelClientService
 
     try:
-        endpoint = clientFromString(reactor, options["server"])
+        servers = [
+            Server(clientFromString(reactor, description), host, name=description)
+            for description, host in options["server-hosts"].items()
+        ]
         for description in [
             options["local"],
             *options["local-ports"].values(),
@@ -137,9 +158,8 @@ def makeService(options: Options) -> service.IService:
         allow_any_port=bool(options["allow-any-local-port"]),
     )
     return TunnelClientService(
-        endpoint,
+        servers,
         options["identifier"],
         LocalForwarder(targets.endpoint_for),
-        host=options["host-header"],
         stop_timeout=options["stop-timeout"],
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -9,6 +11,7 @@ from twisted.python import usage
 from ..admin.auth import read_token_file
 from ..server.rules import HostRules, RulesError, parse_network
 from ..server.vhosts import host_key
+from . import refuse_usage_errors
 
 
 def _byte_count(text: str) -> int:
@@ -76,6 +79,18 @@ def read_secret_line(path: str, flag: str) -> str:
     if len(secret) > 4096:
         raise usage.UsageError(f"{flag} {path}: the first line is too long")
     return secret
+
+
+def _twistd_owner(options: usage.Options) -> tuple[int, int] | None:
+    """The (uid, gid) twistd switches to (``--uid``/``--gid``) when started as
+    root: a file the server opens again after that must belong to them."""
+    parent = getattr(options, "parent", None)
+    if parent is None or os.getuid() != 0:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None and gid is None:
+        return None
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
 
 
 #: accept queue of the --tcp listeners; Twisted's default (50) makes a burst of
@@ -290,6 +305,10 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         if self["admin"] is not None and self["admin-token-file"] is None:
             raise usage.UsageError("--admin needs --admin-token-file PATH")
+        if self["admin"] is None:
+            for flag in ("admin-token-file", "metrics-host-labels"):
+                if self[flag]:
+                    raise usage.UsageError(f"--{flag} is for --admin, which is not given")
         if self["admin-token-file"] is not None:
             try:
                 self["admin-token"] = read_token_file(self["admin-token-file"])
@@ -318,7 +337,7 @@ class Options(usage.Options):
         if self["redis-password-file"] is None:
             return
         if self["redis"] is None:
-            raise usage.UsageError("--redis-password-file is for --redis")
+            raise usage.UsageError("--redis-password-file is for --redis, which is not given")
         # the password itself is never shown
         path = self["redis-password-file"]
         self["redis-password"] = read_secret_line(path, "--redis-password-file")
@@ -330,6 +349,7 @@ class Options(usage.Options):
         return self["db"] is None and self["redis"] is None and self["admin"] is None
 
 
+@refuse_usage_errors("tunnel-server")
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -367,7 +387,7 @@ def makeService(options: Options) -> service.IService:
     else:
         try:
             # checked and migrated now: an unusable file stops twistd with the error
-            store = SQLiteStore.open_now(options["db"])
+            store = SQLiteStore.open_now(options["db"], owner=_twistd_owner(options))
         except StoreError as e:
             raise usage.UsageError(f"--db: {e}")
     routes = Routes(server, store, listen_tcp=tcp_ports)
