@@ -12,8 +12,10 @@ its body streaming through ``bodies``; ``tcp`` carries raw TCP connections;
 ``site`` is the hardened Site; ``service`` the service that loads the routes
 before listening and stops gracefully.
 
-The operator's side: ``store`` is the storage seam (``MemoryStore``) and
-``sqlite`` the registry file (``--db``); ``rules`` holds a host's access
+The operator's side: ``store`` is the storage seam (``MemoryStore``),
+``sqlite`` the registry file (``--db``) and ``redisstore`` the registry
+several nodes share in Redis (``--redis``), over ``redislink``'s connections
+that come back by themselves; ``rules`` holds a host's access
 rules as data and ``access`` enforces them (``AccessGate``); ``events`` is
 the seam through which the public side reports finished requests and
 errors, and ``metrics`` the Prometheus view of them and of the live state.
