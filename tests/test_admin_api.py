@@ -1,6 +1,6 @@
-"""The admin API on real sockets: a TunnelServer with Routes over a MemoryStore,
-its public site, the admin endpoint (``AdminService``), real tunnel clients
-and an origin, all on 127.0.0.1, driven with treq.
+"""The admin API on real sockets (tests/admin_env.py's AdminEnv: a TunnelServer
+with Routes over a MemoryStore, its public site, the admin endpoint, real
+tunnel clients and an origin, all on 127.0.0.1), driven with treq.
 
 Also the parsers behind it (the token, the Authorization header, ports,
 request bodies) as properties, and the status page's escaping."""
@@ -8,7 +8,6 @@ request bodies) as properties, and the status page's escaping."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import itertools
 import json
@@ -23,7 +22,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from tunnel.admin import status
@@ -37,127 +35,21 @@ from tunnel.admin.api import (
 from tunnel.admin.auth import TokenFileError, offered_token, parse_token, read_token_file
 from tunnel.admin.service import MAX_BODY, AdminService
 from tunnel.koding.identifiers import TunnelKey
-from tunnel.server.metrics import Metrics
-from tunnel.server.routes import Routes, TCPPorts
 from tunnel.server.sqlite import SQLiteStore
-from tunnel.server.store import MemoryStore, StoreError
+from tunnel.server.store import StoreError
 
-from .live import http_client, until
-from .tunnel_env import TunnelEnv
-
-TOKEN = b"s3cret-admin-token"
-IDENT = "admin-test-identifier-7b1d"
-HOST = TunnelEnv.HOST  # app.localhost
-
-
-def auth(token: bytes = TOKEN) -> dict[bytes, list[bytes]]:
-    return {b"authorization": [b"Bearer " + token]}
-
-
-def basic(user: bytes, password: bytes) -> dict[bytes, list[bytes]]:
-    return {b"authorization": [b"Basic " + base64.b64encode(user + b":" + password)]}
-
-
-JSON = {b"content-type": [b"application/json"]}
-
-
-class Collect:
-    """Every log event while it is installed, formatted."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def __call__(self, event: dict) -> None:
-        self.events.append(event)
-
-    @property
-    def lines(self) -> list[str]:
-        return [formatEvent(e) or "" for e in self.events]
-
-
-@contextlib.contextmanager
-def global_log():
-    collect = Collect()
-    globalLogPublisher.addObserver(collect)
-    try:
-        yield collect
-    finally:
-        globalLogPublisher.removeObserver(collect)
-
-
-class AdminEnv:
-    """An origin, a tunnel server with its public site, Routes over a
-    MemoryStore, the admin endpoint, and tunnel clients made on demand.
-
-    Routes start empty: every host and port is added through the API.
-    """
-
-    def __init__(self, store=None) -> None:
-        self.store = store if store is not None else MemoryStore()
-        self.clients = []
-        #: every body the admin endpoint answered (checked for identifiers)
-        self.bodies: list[bytes] = []
-
-    async def start(self) -> AdminEnv:
-        self.tunnel = await TunnelEnv().start(connect=False)
-        self.server = self.tunnel.server
-        self.server.delete_host(HOST)  # TunnelEnv adds one directly; ours come from the API
-        self.routes = Routes(
-            self.server, self.store, listen_tcp=TCPPorts(self.server, interface="127.0.0.1")
-        )
-        await self.routes.start()
-        self.metrics = Metrics(self.server)
-        self.admin = AdminService(
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
-            TOKEN,
-            self.routes,
-            self.server,
-            self.metrics,
-        )
-        self.admin.startService()
-        port = await self.admin.when_listening()
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
-        self.http = http_client()
-        return self
-
-    async def stop(self) -> None:
-        for client in self.clients:
-            if client.running:
-                await client.stopService()
-        if self.admin.running:
-            await self.admin.stopService()
-        await self.routes.stop()
-        self.metrics.close()
-        await self.tunnel.stop()
-
-    async def call(self, method, path, body=None, *, headers=None, raw=None):
-        """(status, decoded JSON or text, response) from the admin endpoint."""
-        sent = dict(auth() if headers is None else headers)
-        data = raw
-        if body is not None:
-            data = json.dumps(body).encode()
-        if data is not None:
-            sent.setdefault(b"content-type", [b"application/json"])
-        response = await self.http.request(method, self.url + path, headers=sent, data=data)
-        content = await response.content()
-        self.bodies.append(content)
-        kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if kind.startswith(b"application/json") and content:
-            return response.code, json.loads(content), response
-        return response.code, content.decode("utf-8", "replace"), response
-
-    async def connect(self, identifier: str = IDENT):
-        """A tunnel client holding ``identifier``, once the server sees it ready."""
-        client = self.tunnel.make_client(identifier=identifier)
-        self.clients.append(client)
-        client.startService()
-        await client.when_ready()
-        await self.server.when_connected(identifier)
-        return client
-
-    async def public(self, path: str, host: str = HOST):
-        response = await self.http.get(self.tunnel.url + path, headers={b"host": [host.encode()]})
-        return response.code, await response.content()
+from .admin_env import (
+    HOST,
+    IDENT,
+    JSON,
+    TOKEN,
+    AdminEnv,
+    Raw,
+    auth,
+    basic,
+    global_log,
+)
+from .live import until
 
 
 @pytest_twisted.async_yield_fixture
@@ -424,14 +316,6 @@ async def test_a_body_over_the_limit_is_413_and_the_connection_stays_usable(env)
     proto.transport.loseConnection()
     assert data.startswith(b"HTTP/1.1 413 ")
     assert b"HTTP/1.1 200 OK" in data and data.endswith(b'\r\n\r\n{"ports":[]}')
-
-
-class Raw(Protocol):
-    def __init__(self) -> None:
-        self.received = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
 
 
 @pytest_twisted.ensureDeferred

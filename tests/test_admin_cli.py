@@ -21,7 +21,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from tunnel.admin.cli import command
 from tunnel.koding.identifiers import TunnelKey
 
-from .test_admin_api import HOST, IDENT, TOKEN, AdminEnv
+from .admin_env import HOST, IDENT, TOKEN, AdminEnv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FP = TunnelKey.of(IDENT).fingerprint
