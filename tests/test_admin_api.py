@@ -18,10 +18,14 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
 from tunnel.admin import status
@@ -33,7 +37,7 @@ from tunnel.admin.api import (
     uncancellable,
 )
 from tunnel.admin.auth import TokenFileError, offered_token, parse_token, read_token_file
-from tunnel.admin.service import MAX_BODY, AdminService
+from tunnel.admin.service import BODY_TIMEOUT, HEAD_TIMEOUT, MAX_BODY, AdminService, AdminSite
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server.sqlite import SQLiteStore
 from tunnel.server.store import StoreError
@@ -41,13 +45,12 @@ from tunnel.server.store import StoreError
 from .admin_env import (
     HOST,
     IDENT,
-    JSON,
     TOKEN,
     AdminEnv,
-    Raw,
     auth,
     basic,
     global_log,
+    raw_connection,
 )
 from .live import until
 
@@ -290,32 +293,158 @@ async def test_a_body_must_be_sent_as_json(env):
     assert code == 201
 
 
+#: the whole answer to a body over MAX_BODY, to the byte
+TOO_LARGE = (
+    b"HTTP/1.1 413 Request Entity Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"X-Content-Type-Options: nosniff\r\n"
+    b"Content-Length: 44\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"the request body is larger than 65536 bytes\n"
+)
+PUT_CHUNKED = (
+    b"PUT /api/hosts/x.localhost HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer "
+    + TOKEN
+    + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def chunks(size: int, piece: int = 8192) -> bytes:
+    """``size`` bytes of body in chunks of ``piece`` bytes (no last chunk)."""
+    out = []
+    while size:
+        n = min(piece, size)
+        out.append(b"%x\r\n%s\r\n" % (n, b"a" * n))
+        size -= n
+    return b"".join(out)
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_body_over_the_limit_is_413_and_the_connection_stays_usable(env):
-    big = json.dumps({"identifier": "x" * MAX_BODY}).encode()
+async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(env):
+    # 2**63 - 1 bytes announced, and a wish to hear 100 Continue first: without
+    # a token, the answer is 413 at once (twisted.web would say 100 and read on)
+    proto = await raw_connection(env.url)
+    proto.transport.write(
+        b"PUT /api/hosts/x.localhost HTTP/1.1\r\nHost: admin\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 9223372036854775807\r\n\r\n"
+    )
+    await until(lambda: proto.received == TOO_LARGE, timeout=5, what="the 413")
+    proto.transport.write(b"x" * 1000)  # what it sends anyway is dropped
+    await until(lambda: proto.closed.called, timeout=5, what="the close")
+    assert proto.received == TOO_LARGE
+    # one more byte than the limit, from a client that sends it along (treq)
+    big = b'{"identifier": "' + b"x" * (MAX_BODY - 17) + b'"}'
+    assert len(big) == MAX_BODY + 1
     code, body, _ = await env.call("PUT", f"/api/hosts/{HOST}", raw=big)
-    assert (code, body) == (413, {"error": f"the request body is larger than {MAX_BODY} bytes"})
-    # without a token too: nothing is kept of it either way
-    code, body, _ = await env.call("PUT", f"/api/hosts/{HOST}", raw=big, headers=JSON)
-    assert code == 413
+    assert (code, body) == (413, f"the request body is larger than {MAX_BODY} bytes\n")
     assert env.routes.hosts() == []
-    # a chunked body over the limit (no Content-Length), then the same connection again
-    proto = await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", int(env.url.rsplit(":", 1)[1])), Raw()
-    )
-    chunk = b"a" * 8192
-    head = (
-        b"PUT /api/hosts/x.localhost HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer "
-        + TOKEN
-        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    body_chunks = (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * (MAX_BODY // len(chunk) + 2)
-    after = b"GET /api/tcp HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer " + TOKEN + b"\r\n\r\n"
-    proto.transport.write(head + body_chunks + b"0\r\n\r\n" + after)
-    data = await until(lambda: proto.received.count(b"HTTP/1.1 ") == 2 and proto.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_is_cut_off_as_soon_as_it_passes_the_limit(env):
+    proto = await raw_connection(env.url)
+    # one byte over the limit, and never the last chunk: answered all the same
+    proto.transport.write(PUT_CHUNKED + chunks(MAX_BODY + 1))
+    await until(lambda: proto.received == TOO_LARGE, timeout=5, what="the 413")
+    proto.transport.write(chunks(100_000))
+    await until(lambda: proto.closed.called, timeout=5, what="the close")
+    assert proto.received == TOO_LARGE
+    # the limit itself is allowed: that body reaches the API (which finds no JSON)
+    proto = await raw_connection(env.url)
+    proto.transport.write(PUT_CHUNKED + chunks(MAX_BODY) + b"0\r\n\r\n")
+    await until(lambda: proto.received.endswith(b"}"), timeout=5, what="the answer")
     proto.transport.loseConnection()
-    assert data.startswith(b"HTTP/1.1 413 ")
-    assert b"HTTP/1.1 200 OK" in data and data.endswith(b'\r\n\r\n{"ports":[]}')
+    assert proto.received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b'{"error":"malformed JSON: Expecting value' in proto.received
+    assert env.routes.hosts() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_site_takes_a_bounded_number_of_connections():
+    site = AdminSite(Resource(), max_connections=2)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        first, second = await raw_connection(url), await raw_connection(url)
+        await until(lambda: site.open_connections == 2, what="two connections")
+        third = await raw_connection(url)
+        await until(lambda: third.closed.called, timeout=5, what="the third one closed")
+        assert third.received == b""
+        first.transport.loseConnection()
+        await until(lambda: site.open_connections == 1, what="the first one gone")
+        fourth = await raw_connection(url)
+        await until(lambda: site.open_connections == 2, what="room again")
+        for proto in (second, fourth):
+            proto.transport.loseConnection()
+        await until(lambda: site.open_connections == 0, what="all gone")
+    finally:
+        await port.stopListening()
+
+
+class Ok(Resource):
+    isLeaf = True
+
+    def render(self, request) -> bytes:
+        return b"ok"
+
+
+def admin_channel(clock: Clock) -> tuple[AdminSite, StringTransport]:
+    site = AdminSite(Ok(), reactor=clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_a_request_head_has_a_deadline_however_it_trickles():
+    clock = Clock()
+    channel, transport = admin_channel(clock)
+    head = b"GET /api/hosts HTTP/1.1\r\nHost: admin\r\n"
+    for n, byte in enumerate(head[:29]):  # a byte a second: the 60 s idle timer never fires
+        clock.advance(1 if n else 0)
+        channel.dataReceived(bytes([byte]))
+    assert not transport.disconnecting
+    clock.advance(HEAD_TIMEOUT - 28)
+    assert transport.disconnected  # aborted at HEAD_TIMEOUT: nothing to answer
+    assert transport.value() == b""
+
+
+def test_a_request_body_has_a_deadline_however_it_trickles():
+    clock = Clock()
+    channel, transport = admin_channel(clock)
+    channel.dataReceived(
+        b"PUT /api/hosts/x.localhost HTTP/1.1\r\nHost: admin\r\nContent-Length: 100\r\n\r\n"
+    )
+    for _ in range(BODY_TIMEOUT - 1):
+        clock.advance(1)
+        channel.dataReceived(b"{")
+    assert transport.value() == b""
+    clock.advance(1)
+    message = b"the request body did not arrive within 30 s\n"
+    assert transport.value() == (
+        b"HTTP/1.1 408 Request Timeout\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"X-Content-Type-Options: nosniff\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n"
+        b"\r\n%s" % (len(message), message)
+    )
+    channel.dataReceived(b"{" * 50)  # dropped
+    assert not transport.disconnecting
+    clock.advance(1)  # the linger: then the close
+    assert transport.disconnecting
+    # a body in time is read and answered as usual, and leaves no timer behind
+    channel, transport = admin_channel(clock)
+    channel.head_timeout = BODY_TIMEOUT * 2  # the next head, once these are answered
+    channel.dataReceived(
+        b"PUT /x HTTP/1.1\r\nHost: admin\r\nContent-Length: 2\r\n\r\n{}"
+        b"GET /x HTTP/1.1\r\nHost: admin\r\n\r\n"
+    )
+    assert transport.value().count(b"HTTP/1.1 200 OK\r\n") == 2
+    clock.advance(BODY_TIMEOUT + 1)
+    assert b"408" not in transport.value() and not transport.disconnecting
 
 
 @pytest_twisted.ensureDeferred
