@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import itertools
 import json
@@ -678,6 +679,30 @@ async def test_the_status_page_and_its_parts(env):
         code, text, response = await env.call("GET", path)
         assert code == 200 and text
         assert response.headers.getRawHeaders(b"content-type")[0].startswith(kind)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_shows_sums_over_connected_clients_as_such(env):
+    await env.call("PUT", f"/api/hosts/{HOST}", {"identifier": IDENT})
+    client = await env.connect(IDENT)
+    for n in range(3):
+        assert await env.public(f"/echo?echo={n}") == (200, str(n).encode())
+    _, page, _ = await env.call("GET", "/")
+    mine = page.split('<h3 id="of-clients">Connected clients</h3>', 1)
+    assert len(mine) == 2  # requests, bytes and streams are under that heading
+    assert '<dd id="total-requests">3</dd>' in mine[1]
+    assert '<dd id="total-clients">1</dd>' in mine[0]
+    assert html.escape(status.CLIENTS_NOTE) in page and "a client that leaves takes its" in page
+    await client.stopService()
+    await until(lambda: not env.server.connections(), what="the client gone")
+    _, page, _ = await env.call("GET", "/")
+    assert '<dd id="total-requests">0</dd>' in page  # as the note says: gone with it
+    assert '<dd id="total-bytes-out">0 B</dd>' in page
+    # what stays counted is in /metrics, next to the page
+    response = await env.http.get(env.url + "/metrics")
+    text = (await response.content()).decode()
+    (sent,) = [line for line in text.splitlines() if line.startswith("tunnel_sent_bytes_total ")]
+    assert float(sent.split()[1]) > 0
 
 
 # -- the service ---------------------------------------------------------------------------------

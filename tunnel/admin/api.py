@@ -225,6 +225,7 @@ class AdminAPI:
     def snapshot(self) -> dict[str, Any]:
         """Everything the status page shows, as of now."""
         tunnels = self.tunnels_json()
+        # sums over the clients connected now, shown as such (``status``)
         totals = {
             "clients": sum(1 for t in tunnels if t["ready"]),
             "requests": sum(t["requests"] for t in tunnels),
