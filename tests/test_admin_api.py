@@ -742,7 +742,10 @@ def test_parse_token_takes_one_line_of_visible_ascii_or_says_why(data):
 def test_read_token_file(tmp_path):
     path = tmp_path / "token"
     path.write_bytes(b"abc123\n")
-    assert read_token_file(path) == b"abc123"
+    path.chmod(0o600)
+    with global_log() as log:
+        assert read_token_file(path) == b"abc123"
+    assert log.events == []  # private: nothing to say
     for content, message in (
         (b"", "is empty"),
         (b"\n", "is empty"),
@@ -755,6 +758,27 @@ def test_read_token_file(tmp_path):
             read_token_file(path)
     with pytest.raises(TokenFileError, match="cannot read the token file .*: No such file"):
         read_token_file(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o602, 0o620])
+def test_a_token_file_others_may_open_is_read_with_one_warning(tmp_path, mode):
+    path = tmp_path / "token"
+    path.write_bytes(TOKEN + b"\n")
+    path.chmod(mode)
+    with global_log() as log:
+        assert read_token_file(path) == TOKEN
+    (line,) = log.lines
+    assert line == (
+        f"the token file {str(path)!r} is open to other users (mode {mode:04o});"
+        " anyone who reads it controls the server: chmod 600 it"
+    )
+    assert log.events[0]["log_level"].name == "warn"
+    assert TOKEN.decode() not in line and not any(TOKEN in repr(e).encode() for e in log.events)
+    # given a place of its own to go (tunnel-admin: its standard error)
+    told = []
+    with global_log() as log:
+        assert read_token_file(path, warn=told.append) == TOKEN
+    assert told == [line] and log.events == []
 
 
 @given(st.binary(max_size=40).filter(lambda b: b":" not in b), VISIBLE)

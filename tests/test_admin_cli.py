@@ -39,6 +39,7 @@ class Cli:
         self.tmp = tmp
         self.token_file = tmp / "token"
         self.token_file.write_bytes(TOKEN + b"\n")
+        self.token_file.chmod(0o600)  # else every command warns (see test_a_shared_token_file)
         self.ident_file = tmp / "identifier"
         self.ident_file.write_text(IDENT + "\n")
 
@@ -185,6 +186,18 @@ async def test_the_token_from_the_environment_and_token_errors(cli):
     empty.write_text("\n")
     code, _, err = await cli("--token-file", str(empty), "hosts", "list", environ={"X": ""})
     assert (code, err) == (2, f"tunnel-admin: the token in {str(empty)!r} is empty\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_token_file_works_with_a_warning(cli):
+    cli.token_file.chmod(0o640)
+    code, out, err = await cli("hosts", "list")
+    assert (code, out) == (0, "no host is configured\n")
+    assert err == (
+        f"tunnel-admin: warning: the token file {str(cli.token_file)!r} is open to other"
+        " users (mode 0640); anyone who reads it controls the server: chmod 600 it\n"
+    )
+    assert TOKEN.decode() not in err
 
 
 @pytest_twisted.ensureDeferred

@@ -439,10 +439,12 @@ def _segment(text: str) -> str:
 # -- running ------------------------------------------------------------------------------------
 
 
-def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> bytes:
+def _token(args: argparse.Namespace, environ: Mapping[str, str], err: IO[str]) -> bytes:
     try:
         if args.token_file:
-            return read_token_file(args.token_file)
+            return read_token_file(
+                args.token_file, warn=lambda text: err.write(f"{PROG}: warning: {text}\n")
+            )
         if environ.get(TOKEN_ENV):
             return parse_token(environ[TOKEN_ENV].encode("utf-8"), f"${TOKEN_ENV}")
     except TokenFileError as e:
@@ -481,7 +483,7 @@ async def command(
     parser = build_parser(out, err)
     try:
         args = parser.parse_args(list(argv))
-        api = Api(reactor, _url(args, environ), _token(args, environ), args.timeout)
+        api = Api(reactor, _url(args, environ), _token(args, environ, err), args.timeout)
         try:
             document, text = await args.run(api, args, stdin)
         except (KeyError, TypeError, IndexError, AttributeError) as e:
