@@ -648,6 +648,26 @@ def test_wrong_passwords_are_limited_per_client_and_host_without_a_rate_rule():
     assert check(gate, AUTH, authorization=basic("alice", SECRET)).status == 429
 
 
+def test_clients_without_an_address_are_held_to_the_global_bounds_only():
+    """A UNIX socket peer: nothing tells its clients apart, so one guesser
+    must not take the share, or the bucket, of all of them."""
+    verify = CountingVerify(later=True)
+    gate, _ = gate_with(verify, max_running=2, max_queued=2, per_client=1)
+    waiting = [check(gate, AUTH, peer=None, authorization=basic("a", f"g{n}")) for n in range(4)]
+    assert all(isinstance(d, Deferred) for d in waiting)
+    assert check(gate, AUTH, peer=None, authorization=basic("a", "g9")) is BUSY
+    while verify.waiting:
+        verify.finish()
+    for n in range(20):
+        guess = check(gate, AUTH, peer=None, authorization=basic("alice", f"more{n}"))
+        verify.finish()
+        assert guess.result.status == 401
+    assert len(gate.passwords.failures) == 0
+    login = check(gate, AUTH, peer=None, authorization=basic("alice", SECRET))
+    verify.finish()
+    assert login.result is AUTHENTICATED
+
+
 def test_the_wrong_password_buckets_are_a_bounded_lru_and_can_be_off():
     verify = CountingVerify()
     gate, _ = gate_with(verify, max_buckets=5, failures=Rate(per_second=0.01, burst=1))

@@ -500,8 +500,13 @@ class PasswordChecker:
       the host gets 429, even with the right password (otherwise the cache
       of good credentials would answer guesses for free).  The buckets are
       a bounded LRU (``RateLimiter``).  This holds whether or not the host
-      has a ``rate`` rule; behind a reverse proxy it needs
-      ``--trusted-proxy``, or every client is the proxy.
+      has a ``rate`` rule.
+
+    Both per-client rules need to tell clients apart: behind a reverse
+    proxy give ``--trusted-proxy``, or every client is the proxy.  A
+    request without any address (a UNIX socket peer) is not held to them,
+    since all such requests would share one share and one bucket, and one
+    guesser would lock everyone out; the global bounds still hold.
 
     The user name is compared in constant time, and the password is
     checked even when the user name is wrong, so response times do not
@@ -583,11 +588,11 @@ class PasswordChecker:
         client: Address | None = None,
     ) -> Verdict | Deferred[Verdict]:
         """Decide ``authorization`` for ``host`` under ``auth``, for ``client``
-        (None: a client without an address; all such share one share)."""
+        (None: a client without an address, held to the global bounds only)."""
         credentials = parse_basic(authorization)
         if credentials is None:
             return unauthorized(host)
-        if self.failure_rate is not None:
+        if self.failure_rate is not None and client is not None:
             wait = self.failures.wait(host, client, self.failure_rate)
             if wait:
                 return too_many_failures(wait)
@@ -600,7 +605,7 @@ class PasswordChecker:
         check = self._checks.get(key)
         if check is None:
             who = client_key(client, self._shift)
-            if self._per_client.get(who, 0) >= self.per_client:
+            if client is not None and self._per_client.get(who, 0) >= self.per_client:
                 return CLIENT_BUSY
             if self._running >= self.max_running and len(self._queue) >= self.max_queued:
                 return BUSY
@@ -675,7 +680,7 @@ class PasswordChecker:
             if len(cache) > self.cache_size:
                 cache.popitem(last=False)
             verdict = AUTHENTICATED if good else unauthorized(host)
-            if not good and self.failure_rate is not None:
+            if not good and self.failure_rate is not None and check.client is not None:
                 self.failures.take(host, check.client, self.failure_rate)
         check.state = _CheckState.SETTLED
         check.verdict = verdict
