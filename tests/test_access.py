@@ -19,9 +19,11 @@ from tunnel.server.access import (
     AUTHENTICATED,
     BUSY,
     CHECK_FAILED,
+    CLIENT_BUSY,
     FORBIDDEN,
     MAX_AUTHORIZATION,
     MAX_FORWARDED_ENTRIES,
+    WRONG_PASSWORDS,
     AccessGate,
     Decision,
     ThreadPoolVerifier,
@@ -29,7 +31,7 @@ from tunnel.server.access import (
     parse_basic,
     parse_forwarded,
 )
-from tunnel.server.rules import NO_RULES, HostRules, ScryptParams
+from tunnel.server.rules import NO_RULES, HostRules, Rate, ScryptParams
 
 CHEAP = ScryptParams(n=2**10, r=1, p=1)
 SETTINGS = settings(max_examples=200, deadline=None)
@@ -455,8 +457,9 @@ def test_a_flood_of_wrong_passwords_does_not_evict_good_ones():
     verify = CountingVerify()
     gate, _ = gate_with(verify, cache_size=2)
     assert check(gate, AUTH, authorization=basic("alice", SECRET)) is AUTHENTICATED
-    for n in range(20):
-        assert check(gate, AUTH, authorization=basic("alice", f"guess{n}")).status == 401
+    for n in range(20):  # from many addresses: each stays under the wrong-password limit
+        guess = basic("alice", f"guess{n}")
+        assert check(gate, AUTH, peer=f"198.51.100.{n}", authorization=guess).status == 401
     assert verify.calls == 21
     assert check(gate, AUTH, authorization=basic("alice", SECRET)) is AUTHENTICATED
     assert verify.calls == 21
@@ -482,22 +485,199 @@ def test_a_new_password_is_checked_off_the_spot_and_shared():
     assert check(gate, AUTH, authorization=basic("alice", SECRET)) is AUTHENTICATED
 
 
-def test_too_many_checks_at_once_get_503():
+def test_one_client_gets_its_share_of_the_checks_and_no_more():
     verify = CountingVerify(later=True)
-    gate, _ = gate_with(verify, max_pending=2)
+    gate, _ = gate_with(verify, max_running=2, max_queued=2, per_client=2)
     waiting = [check(gate, AUTH, authorization=basic("alice", f"guess{n}")) for n in range(2)]
-    busy = check(gate, AUTH, authorization=basic("alice", SECRET))
+    assert all(isinstance(d, Deferred) for d in waiting)
+    # a third different password from the same client: 429, its own doing
+    over = check(gate, AUTH, authorization=basic("alice", SECRET))
+    assert over is CLIENT_BUSY
+    assert (over.status, over.headers) == (429, ((b"Retry-After", b"1"),))
+    assert over.decision is Decision.RATE_LIMITED
+    # on another host too: the share is the client's, not per host
+    other = check(gate, AUTH, authorization=basic("alice", SECRET), host="other.example.com")
+    assert other is CLIENT_BUSY
+    # the same credentials as a running check join it rather than count again
+    assert isinstance(check(gate, AUTH, authorization=basic("alice", "guess0")), Deferred)
+    # another client is not held back by it
+    elsewhere = check(gate, AUTH, peer="192.0.2.99", authorization=basic("alice", SECRET))
+    assert isinstance(elsewhere, Deferred)
+    assert verify.calls == 2 and gate.passwords.queued == 1
+    verify.finish()  # the two guesses: the queued check runs now
+    assert all(d.called for d in waiting) and verify.calls == 3
+    verify.finish()
+    assert elsewhere.result is AUTHENTICATED
+    assert gate.passwords.pending == 0
+    later = check(gate, AUTH, authorization=basic("alice", "guess9"))  # room again
+    verify.finish()
+    assert later.result.status == 401
+
+
+def test_checks_beyond_the_running_ones_wait_in_order_then_get_503():
+    verify = CountingVerify(later=True)
+    gate, _ = gate_with(verify, max_running=1, max_queued=2, per_client=1)
+    answers = [
+        check(gate, AUTH, peer=f"192.0.2.{n}", authorization=basic("alice", f"guess{n}"))
+        for n in range(1, 4)
+    ]
+    assert all(isinstance(d, Deferred) and not d.called for d in answers)
+    assert (gate.passwords.running, gate.passwords.queued) == (1, 2)
+    busy = check(gate, AUTH, peer="192.0.2.4", authorization=basic("alice", SECRET))
     assert busy is BUSY
     assert (busy.status, busy.headers) == (503, ((b"Retry-After", b"1"),))
     assert busy.decision is Decision.UNAVAILABLE
-    # the same credentials as a running check join it rather than count again
-    assert isinstance(check(gate, AUTH, authorization=basic("alice", "guess0")), Deferred)
-    assert verify.calls == 2
+    for n in range(3):  # one at a time, first come first served
+        assert [d.called for d in answers] == [True] * n + [False] * (3 - n)
+        assert verify.calls == n + 1
+        verify.finish()
+    assert all(d.result.status == 401 for d in answers)
+    assert gate.passwords.pending == 0
+
+
+def test_a_queued_check_nobody_waits_for_is_dropped():
+    verify = CountingVerify(later=True)
+    gate, _ = gate_with(verify, max_running=1, max_queued=4, per_client=1)
+    running = check(gate, AUTH, peer="192.0.2.1", authorization=basic("alice", "guess"))
+    gone = check(gate, AUTH, peer="192.0.2.2", authorization=basic("alice", SECRET))
+    assert gate.passwords.queued == 1
+    gone.cancel()  # its client left before its turn
+    gone.addErrback(lambda f: f.trap(CancelledError))
+    assert gate.passwords.queued == 0 and gate.passwords.pending == 1
+    # the client's share is free again
+    again = check(gate, AUTH, peer="192.0.2.2", authorization=basic("alice", SECRET))
+    assert isinstance(again, Deferred)
     verify.finish()
-    assert all(d.called for d in waiting) and gate.passwords.pending == 0
-    later = check(gate, AUTH, authorization=basic("alice", SECRET))  # room again
+    assert running.result.status == 401 and verify.calls == 2
     verify.finish()
-    assert later.result is AUTHENTICATED
+    assert again.result is AUTHENTICATED
+
+
+def test_many_clients_guessing_at_once_leave_room_for_a_login():
+    """The reviewer's attack: one client with 12 connections, each sending a fresh
+    wrong password, kept every first login waiting for a slot (503).  Now it
+    takes its own share; so do a few more guessers and an IPv6 /64 spreading
+    over its addresses; a first login (on any host) still waits its turn and
+    passes, and each guesser is stopped after its wrong passwords."""
+    verify = CountingVerify(later=True)
+    gate, clock = gate_with(verify)  # the defaults: 4 running, 64 queued, 2 per client
+    attackers = ["198.51.100.7", "198.51.100.8", "203.0.113.1"]
+    spread = [f"2001:db8:1:2::{n:x}" for n in range(1, 13)]
+    answers = {}
+    for peer in attackers:
+        answers[peer] = [
+            check(gate, AUTH, peer=peer, authorization=basic("alice", f"{peer}-{n}"))
+            for n in range(12)
+        ]
+    answers["v6"] = [
+        check(gate, AUTH, peer=peer, authorization=basic("alice", f"v6-{n}"))
+        for n, peer in enumerate(spread)
+    ]
+    for peer, got in answers.items():
+        assert [isinstance(d, Deferred) for d in got] == [True, True] + [False] * 10, peer
+        assert all(v is CLIENT_BUSY for v in got[2:]), peer
+    assert gate.passwords.pending == 8
+    logins = [
+        check(gate, AUTH, peer="192.0.2.10", authorization=basic("alice", SECRET), host=host)
+        for host in (HOST, "other.example.com")
+    ]
+    assert all(isinstance(d, Deferred) for d in logins)  # queued, not refused
+    while not all(d.called for d in logins):
+        verify.finish()
+    assert [d.result for d in logins] == [AUTHENTICATED, AUTHENTICATED]
+
+    # the guessers keep going: each is stopped after WRONG_PASSWORDS.burst misses
+    tries = {peer: 0 for peer in attackers}
+    for _ in range(40):
+        for peer in attackers:
+            tries[peer] += 1
+            check(gate, AUTH, peer=peer, authorization=basic("alice", f"more-{peer}-{tries[peer]}"))
+        verify.finish()
+    assert verify.calls == 8 + 2 + (WRONG_PASSWORDS.burst - 2) * len(attackers)
+    for peer in attackers:
+        stopped = check(gate, AUTH, peer=peer, authorization=basic("alice", SECRET))
+        assert (stopped.status, stopped.message) == (429, "too many wrong passwords, retry later")
+        assert stopped.headers == ((b"Retry-After", b"30"),)
+    # the legitimate client is unaffected, cached or checked afresh
+    assert check(gate, AUTH, peer="192.0.2.10", authorization=basic("alice", SECRET)) is (
+        AUTHENTICATED
+    )
+    fresh = check(gate, AUTH, peer="192.0.2.10", authorization=basic("alice", SECRET), host="c.com")
+    verify.finish()
+    assert fresh.result is AUTHENTICATED
+    clock.advance(30)  # one more try for each guesser, then 30 s more
+    assert isinstance(check(gate, AUTH, peer=attackers[0], authorization=basic("a", "x")), Deferred)
+
+
+def test_wrong_passwords_are_limited_per_client_and_host_without_a_rate_rule():
+    verify = CountingVerify()
+    gate, clock = gate_with(verify, failures=Rate(per_second=0.1, burst=3))
+    for n in range(3):
+        assert check(gate, AUTH, authorization=basic("alice", f"guess{n}")).status == 401
+    blocked = check(gate, AUTH, authorization=basic("alice", SECRET))
+    assert (blocked.status, blocked.decision) == (429, Decision.RATE_LIMITED)
+    assert blocked.headers == ((b"Retry-After", b"10"),)
+    # even the right password: else the cache of good ones would answer guesses
+    assert verify.calls == 3
+    # repeating a wrong password already checked costs nothing and counts nothing
+    gate, clock = gate_with(verify, failures=Rate(per_second=0.1, burst=3))
+    for _ in range(10):
+        assert check(gate, AUTH, authorization=basic("alice", "typo")).status == 401
+    assert check(gate, AUTH, authorization=basic("alice", SECRET)) is AUTHENTICATED
+    # another client, another host, are not blocked by the first one's misses
+    for n in range(3):
+        check(gate, AUTH, authorization=basic("alice", f"guess{n}"))
+    assert check(gate, AUTH, authorization=basic("alice", "again")).status == 429
+    assert check(gate, AUTH, peer="192.0.2.11", authorization=basic("alice", SECRET)) is (
+        AUTHENTICATED
+    )
+    assert check(gate, AUTH, authorization=basic("alice", SECRET), host="b.example") is (
+        AUTHENTICATED
+    )
+    # an IPv6 /64 is one client
+    for n in range(3):
+        check(gate, AUTH, peer=f"2001:db8::{n + 1}", authorization=basic("alice", f"v6-{n}"))
+    assert (
+        check(gate, AUTH, peer="2001:db8::ff", authorization=basic("alice", SECRET)).status == 429
+    )
+    # without credentials, the challenge as ever; a token back after 10 s
+    assert check(gate, AUTH).status == 401
+    clock.advance(10)
+    assert check(gate, AUTH, authorization=basic("alice", SECRET)) is AUTHENTICATED
+    assert check(gate, AUTH, authorization=basic("alice", "guess9")).status == 401
+    assert check(gate, AUTH, authorization=basic("alice", SECRET)).status == 429
+
+
+def test_clients_without_an_address_are_held_to_the_global_bounds_only():
+    """A UNIX socket peer: nothing tells its clients apart, so one guesser
+    must not take the share, or the bucket, of all of them."""
+    verify = CountingVerify(later=True)
+    gate, _ = gate_with(verify, max_running=2, max_queued=2, per_client=1)
+    waiting = [check(gate, AUTH, peer=None, authorization=basic("a", f"g{n}")) for n in range(4)]
+    assert all(isinstance(d, Deferred) for d in waiting)
+    assert check(gate, AUTH, peer=None, authorization=basic("a", "g9")) is BUSY
+    while verify.waiting:
+        verify.finish()
+    for n in range(20):
+        guess = check(gate, AUTH, peer=None, authorization=basic("alice", f"more{n}"))
+        verify.finish()
+        assert guess.result.status == 401
+    assert len(gate.passwords.failures) == 0
+    login = check(gate, AUTH, peer=None, authorization=basic("alice", SECRET))
+    verify.finish()
+    assert login.result is AUTHENTICATED
+
+
+def test_the_wrong_password_buckets_are_a_bounded_lru_and_can_be_off():
+    verify = CountingVerify()
+    gate, _ = gate_with(verify, max_buckets=5, failures=Rate(per_second=0.01, burst=1))
+    for n in range(1000):
+        check(gate, AUTH, peer=f"198.51.{n // 256}.{n % 256}", authorization=basic("a", f"{n}"))
+    assert len(gate.passwords.failures) == 5
+    gate, _ = gate_with(CountingVerify(), failures=None)
+    for n in range(50):
+        assert check(gate, AUTH, authorization=basic("alice", f"guess{n}")).status == 401
+    assert check(gate, AUTH, authorization=basic("alice", SECRET)) is AUTHENTICATED
 
 
 def test_a_cancelled_wait_leaves_the_check_running():

@@ -16,12 +16,16 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import directlyProvides, implementer, providedBy
 
 from tunnel.admin.cli import command
 from tunnel.koding.identifiers import TunnelKey
 
-from .test_admin_api import HOST, IDENT, TOKEN, AdminEnv
+from .admin_env import HOST, IDENT, TOKEN, AdminEnv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FP = TunnelKey.of(IDENT).fingerprint
@@ -35,6 +39,7 @@ class Cli:
         self.tmp = tmp
         self.token_file = tmp / "token"
         self.token_file.write_bytes(TOKEN + b"\n")
+        self.token_file.chmod(0o600)  # else every command warns (see test_a_shared_token_file)
         self.ident_file = tmp / "identifier"
         self.ident_file.write_text(IDENT + "\n")
 
@@ -184,6 +189,18 @@ async def test_the_token_from_the_environment_and_token_errors(cli):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_shared_token_file_works_with_a_warning(cli):
+    cli.token_file.chmod(0o640)
+    code, out, err = await cli("hosts", "list")
+    assert (code, out) == (0, "no host is configured\n")
+    assert err == (
+        f"tunnel-admin: warning: the token file {str(cli.token_file)!r} is open to other"
+        " users (mode 0640); anyone who reads it controls the server: chmod 600 it\n"
+    )
+    assert TOKEN.decode() not in err
+
+
+@pytest_twisted.ensureDeferred
 async def test_usage_errors_exit_2_with_one_line(cli):
     missing = str(cli.tmp / "missing")
     cases = [
@@ -193,6 +210,11 @@ async def test_usage_errors_exit_2_with_one_line(cli):
         (("hosts", "add", HOST, "--identifier-file", missing), "--identifier-file: cannot read"),
         (("tcp", "add", "7000", "--identifier-file", "-"), "--identifier-file: '-' holds no"),
         (("--url", "ftp://x", "hosts", "list"), "--url must be an http:// or https:// URL"),
+        (("--url", "http://127.0.0.1:abc", "hosts", "list"), "is not a URL: expected integer"),
+        (("--url", "http://[::1", "hosts", "list"), "'http://[::1' is not a URL: invalid host"),
+        (("--url", "http://:9000", "hosts", "list"), "'http://:9000' names no host"),
+        (("--url", "http://a b", "hosts", "list"), "'http://a b' names no host"),
+        (("--url", "http://h:70000", "hosts", "list"), "the port must be from 1 to 65535"),
         (("--timeout", "soon", "hosts", "list"), "argument --timeout: 'soon' is not a number"),
         (("hosts", "list", "--timeout", "0"), "argument --timeout: '0' is not between 0 and"),
     ]
@@ -232,6 +254,100 @@ async def test_an_unreachable_server_is_one_line(cli):
     # an HTTP server that is not the admin API
     code, out, err = await cli("hosts", "list", url=cli.env.tunnel.url)
     assert code == 1 and err.count("\n") == 1 and err.startswith("tunnel-admin: ")
+
+
+@implementer(IHostResolution)
+class Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class NoAddresses:
+    """A resolver for which no host name has an address."""
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, **kw):
+        receiver.resolutionBegan(Resolution(hostName))
+        receiver.resolutionComplete()
+        return receiver
+
+
+class Unresolving:
+    """The running reactor, except that no host name resolves: a failed DNS
+    lookup without asking any DNS server."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        directlyProvides(self, providedBy(real))
+        self.nameResolver = NoAddresses()
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_host_name_is_one_line(tmp_path):
+    token = tmp_path / "token"
+    token.write_bytes(TOKEN)
+    token.chmod(0o600)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--url", "http://admin.invalid:9000", "--token-file", str(token), "hosts", "list"]
+    code = await command(Unresolving(reactor), argv, out, err, environ={})
+    assert (code, out.getvalue()) == (1, "")
+    assert err.getvalue() == (
+        "tunnel-admin: cannot connect to http://admin.invalid:9000: unknown host name\n"
+    )
+
+
+class Answers(Resource):
+    """An endpoint that answers every request 200 with the JSON it is given."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.document: object = {}
+
+    def render(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.document).encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_without_what_the_command_reads_is_one_line(cli):
+    answers = Answers()
+    port = reactor.listenTCP(0, Site(answers), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        cases = [
+            ({}, ("hosts", "list"), "no field 'hosts'"),
+            ({"hosts": [{"host": "a"}]}, ("hosts", "list"), "no field 'tunnel'"),
+            ({"tunnels": [{}]}, ("tunnels", "list"), "no field 'fingerprint'"),
+            ({"ports": 7}, ("tcp", "list"), "'int' object is not iterable"),
+            ([], ("hosts", "show", HOST), "list indices must be integers"),
+            ("text", ("tunnels", "kick", "abcd"), "string indices must be integers"),
+        ]
+        for document, argv, what in cases:
+            answers.document = document
+            code, out, err = await cli(*argv, url=url)
+            assert (code, out) == (1, ""), argv
+            prefix = f"tunnel-admin: {url} gave an answer tunnel-admin does not understand ("
+            assert err.startswith(prefix + what) and err.endswith(")\n"), (argv, err)
+            assert err.count("\n") == 1, err
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_in_text_is_shown_as_it_is(cli):
+    big = cli.tmp / "big-identifier"
+    big.write_text("x" * 70_000)
+    code, out, err = await cli("hosts", "add", HOST, "--identifier-file", str(big))
+    assert (code, out) == (1, "")
+    assert err == "tunnel-admin: the request body is larger than 65536 bytes (HTTP 413)\n"
 
 
 def _console_script() -> str | None:

@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 
 from tunnel.koding.identifiers import TunnelKey
 
-from .test_admin_api import HOST, IDENT, TOKEN, AdminEnv
+from .admin_env import HOST, IDENT, TOKEN, AdminEnv
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

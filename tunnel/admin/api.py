@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -65,6 +66,7 @@ from ..server.registry import ClientConnection, TunnelServer
 from ..server.routes import Routes, RoutesStopped
 from ..server.rules import HostRules, RulesError
 from ..server.store import HostEntry, PortEntry, StoreError
+from ..server.vhosts import host_key
 from . import status
 
 #: the fields a PUT body may hold
@@ -77,7 +79,6 @@ MIN_FINGERPRINT_DIGITS = 4
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _HEX = re.compile(rf"[0-9a-fA-F]{{{MIN_FINGERPRINT_DIGITS},64}}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: headers on every answer: nothing cached, sniffed, framed or referred
 SECURITY_HEADERS = {
@@ -109,17 +110,36 @@ class AdminAPI:
     :param server: the ``TunnelServer``, for the connected clients.
     :param reactor: ``now`` is read from it, and a password is
         hashed in its thread pool.
+    :param hash_rules: turns a PUT's ``"rules"`` into ``HostRules`` (a
+        Deferred; RulesError for bad rules); by default ``HostRules.from_api``
+        in the reactor's thread pool (it hashes a password with scrypt).
+
+    Changes (PUT, DELETE) are made one at a time, in the order their
+    requests arrived: each takes its place in a FIFO when it arrives, and
+    its password is hashed once its turn has come.  Otherwise a PUT with a
+    password, hashed for tens of milliseconds, would be stored after a PUT
+    or DELETE of the same host that came after it.
     """
 
     app = Klein()
     log = Logger()
 
-    def __init__(self, routes: Routes, server: TunnelServer, *, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        routes: Routes,
+        server: TunnelServer,
+        *,
+        reactor: Any = None,
+        hash_rules: Callable[[Any], Deferred[HostRules]] | None = None,
+    ) -> None:
         self.routes = routes
         self.server = server
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        self.hash_rules = hash_rules if hash_rules is not None else self._hash_in_threads
+        #: the changes asked, in arrival order (one at a time)
+        self._changes = DeferredLock()
         #: host -> (the entry, its rules' public form): parsing stored rules
         #: costs some 50 us a host, and the status page lists them every 2 s
         self._public: dict[str, tuple[HostEntry, dict[str, Any]]] = {}
@@ -205,6 +225,7 @@ class AdminAPI:
     def snapshot(self) -> dict[str, Any]:
         """Everything the status page shows, as of now."""
         tunnels = self.tunnels_json()
+        # sums over the clients connected now, shown as such (``status``)
         totals = {
             "clients": sum(1 for t in tunnels if t["ready"]),
             "requests": sum(t["requests"] for t in tunnels),
@@ -224,16 +245,29 @@ class AdminAPI:
             "totals": totals,
         }
 
-    async def _change(self, change: Deferred) -> Any:
-        """What a change to ``routes`` fired with; a 503 if it could not be stored
-        (then nothing changed, ``RegistryStore``'s promise).
+    def _hash_in_threads(self, data: Any) -> Deferred[HostRules]:
+        # off the reactor thread: a password is hashed with scrypt (tens of ms)
+        pool = self.reactor.getThreadPool()
+        return deferToThreadPool(self.reactor, pool, HostRules.from_api, data)
 
-        A client that goes away does not cancel the change (klein cancels
-        the handler): a change half made would leave what is stored and what
-        is served apart.  It completes, unanswered.
+    async def _change(self, change: Callable[[], Any]) -> Any:
+        """Make ``change`` (a function returning a Deferred or a coroutine)
+        once the changes asked before it are made, and return what it gave;
+        a 503 if it could not be stored (then nothing changed,
+        ``RegistryStore``'s promise).
+
+        Its place in the queue is taken now, when the request arrives.  A
+        client that goes away does not cancel the change (klein cancels the
+        handler): a change half made would leave what is stored and what is
+        served apart.  It completes, unanswered.
         """
+
+        def run() -> Deferred:
+            made = change()
+            return made if isinstance(made, Deferred) else Deferred.fromCoroutine(made)
+
         try:
-            return await uncancellable(change)
+            return await uncancellable(self._changes.run(run))
         except StoreError as e:
             self.log.warn("admin: a change was not stored: {why}", why=str(e))
             raise ApiError(503, f"the change was not stored: {e}")
@@ -255,22 +289,13 @@ class AdminAPI:
 
     @app.route("/api/hosts/<host>", methods=["PUT"])
     async def put_host(self, request: IRequest, host: str) -> bytes:
-        self._host_entry(host)  # a host that does not parse: 400 before any hashing
+        name = _host_name(host)  # a host that does not parse: 400 before any hashing
         body = read_object(request, allowed=HOST_FIELDS)
         identifier = identifier_field(body)
-        try:
-            # off the reactor thread: a password is hashed with scrypt (tens of ms)
-            rules = await deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), HostRules.from_api, body.get("rules")
-            )
-        except RulesError as e:
-            raise ApiError(400, str(e))
-        try:
-            created = await self._change(self.routes.put_host(host, identifier, rules.stored()))
-        except ValueError as e:
-            raise ApiError(400, str(e))
-        entry = self._host_entry(host)
-        if entry is None:  # removed again in the meantime
+        created, entry = await self._change(
+            lambda: self._put_host(name, identifier, body.get("rules"))
+        )
+        if entry is None:  # removed at once by someone else (not through this API)
             raise ApiError(409, f"{_shown(host)} was removed while it was being stored")
         self.log.info(
             "admin: host {host} {what}, served by tunnel {tunnel}",
@@ -280,19 +305,33 @@ class AdminAPI:
         )
         return json_answer(request, 201 if created else 200, self.host_json(entry))
 
+    async def _put_host(
+        self, name: str, identifier: str, rules_data: Any
+    ) -> tuple[bool, HostEntry | None]:
+        """Hash the rules and store the host (its turn has come); whether it
+        is new, and its entry as this change left it."""
+        try:
+            rules = await self.hash_rules(rules_data)
+        except RulesError as e:
+            raise ApiError(400, str(e))
+        try:
+            created = await self.routes.put_host(name, identifier, rules.stored())
+        except ValueError as e:
+            raise ApiError(400, str(e))
+        return created, self.routes.host(name)
+
     @app.route("/api/hosts/<host>", methods=["DELETE"])
     async def delete_host(self, request: IRequest, host: str) -> bytes:
-        entry = self._host_entry(host)
-        if entry is None or not await self._change(self.routes.delete_host(entry.host)):
+        # asked of the store even when the host is not served: a stored host
+        # left out at start (its rules did not load) can still be removed
+        name = _host_name(host)
+        if not await self._change(lambda: self.routes.delete_host(name)):
             raise ApiError(404, f"no such host: {_shown(host)}")
-        self.log.info("admin: host {host} removed", host=entry.host)
+        self.log.info("admin: host {host} removed", host=name)
         return empty_answer(request)
 
     def _host_entry(self, host: str) -> HostEntry | None:
-        try:
-            return self.routes.host(host)
-        except ValueError as e:
-            raise ApiError(400, str(e))
+        return self.routes.host(_host_name(host))
 
     # -- TCP ports -----------------------------------------------------------------
 
@@ -306,10 +345,9 @@ class AdminAPI:
         body = read_object(request, allowed=PORT_FIELDS)
         identifier = identifier_field(body)
         try:
-            created = await self._change(self.routes.put_port(number, identifier))
+            created, entry = await self._change(lambda: self._put_port(number, identifier))
         except CannotListenError as e:
             raise ApiError(409, f"cannot listen on TCP port {number}: {_listen_reason(e)}")
-        entry = self._port_entry(number)
         if entry is None:
             raise ApiError(409, f"TCP port {number} was removed while it was being stored")
         self.log.info(
@@ -320,10 +358,14 @@ class AdminAPI:
         )
         return json_answer(request, 201 if created else 200, self.port_json(entry))
 
+    async def _put_port(self, number: int, identifier: str) -> tuple[bool, PortEntry | None]:
+        created = await self.routes.put_port(number, identifier)
+        return created, self._port_entry(number)
+
     @app.route("/api/tcp/<port>", methods=["DELETE"])
     async def delete_port(self, request: IRequest, port: str) -> bytes:
         number = port_number(port)
-        if not await self._change(self.routes.delete_port(number)):
+        if not await self._change(lambda: self.routes.delete_port(number)):
             raise ApiError(404, f"no such TCP port: {number}")
         self.log.info("admin: TCP port {port} closed", port=number)
         return empty_answer(request)
@@ -423,11 +465,19 @@ def uncancellable(d: Deferred) -> Deferred:
     def passed(result: Any) -> None:
         if not out.called:
             (out.errback if isinstance(result, Failure) else out.callback)(result)
-        elif isinstance(result, Failure):
+        elif isinstance(result, Failure) and not result.check(ApiError):
             AdminAPI.log.failure("admin: a change failed after its client left", result)
 
     d.addBoth(passed)
     return out
+
+
+def _host_name(host: str) -> str:
+    """``host`` normalised as the registry keeps it; a 400 if it is not a host."""
+    try:
+        return host_key(host)
+    except ValueError as e:
+        raise ApiError(400, str(e))
 
 
 def _shown(text: str, limit: int = 100) -> str:
@@ -474,7 +524,8 @@ def read_object(request: IRequest, *, allowed: frozenset[str]) -> dict[str, Any]
 
 
 def identifier_field(body: Mapping[str, Any]) -> str:
-    """The body's ``identifier``: a non-empty string a client can send."""
+    """The body's ``identifier``: a non-empty string a client can send
+    (no white space, no control character)."""
     if "identifier" not in body:
         raise ApiError(400, "the field 'identifier' is required")
     identifier = body["identifier"]
@@ -484,8 +535,11 @@ def identifier_field(body: Mapping[str, Any]) -> str:
         raise ApiError(400, "'identifier' must not be empty")
     if len(identifier) > MAX_IDENTIFIER:
         raise ApiError(400, f"'identifier' is longer than {MAX_IDENTIFIER} characters")
-    if _CONTROL.search(identifier):
-        raise ApiError(400, "'identifier' must not hold control characters")
+    if any(c.isspace() or unicodedata.category(c) == "Cc" for c in identifier):
+        # a client sends it in a header: twisted.web strips what surrounds a
+        # header value, tunnel-admin and the client strip an identifier file;
+        # such an identifier could be stored but never claimed
+        raise ApiError(400, "'identifier' must not hold white space or control characters")
     return identifier
 
 

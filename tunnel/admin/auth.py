@@ -20,7 +20,9 @@ import binascii
 import hmac
 import os
 import re
+import stat
 from base64 import b64decode
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -66,20 +68,38 @@ def parse_token(data: bytes, where: str = "the token") -> bytes:
     return data
 
 
-def read_token_file(path: str | os.PathLike) -> bytes:
+_log = Logger()
+
+
+def _log_warning(text: str) -> None:
+    _log.warn("{warning}", warning=text)
+
+
+def read_token_file(path: str | os.PathLike, *, warn: Callable[[str], None] | None = None) -> bytes:
     """The token stored in the file at ``path`` (see ``parse_token``).
 
     Raises TokenFileError (a ValueError) for an unreadable, empty or
-    malformed file, with a message fit for a command line error.
+    malformed file, with a message fit for a command line error.  A
+    regular file that other users may read or write works, but is worth
+    one warning (naming the file and its mode, never the token): given to
+    ``warn``, by default the log's.
     """
+    shown = os.fspath(path)
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode  # of the file read, not of a name
             data = f.read(4097)
     except OSError as e:
-        raise TokenFileError(f"cannot read the token file {os.fspath(path)!r}: {e.strerror}")
+        raise TokenFileError(f"cannot read the token file {shown!r}: {e.strerror}")
     if len(data) > 4096:
-        raise TokenFileError(f"the token file {os.fspath(path)!r} is too large for a token")
-    return parse_token(data, f"the token in {os.fspath(path)!r}")
+        raise TokenFileError(f"the token file {shown!r} is too large for a token")
+    token = parse_token(data, f"the token in {shown!r}")
+    if stat.S_ISREG(mode) and mode & 0o077:
+        (warn or _log_warning)(
+            f"the token file {shown!r} is open to other users (mode {stat.S_IMODE(mode):04o});"
+            " anyone who reads it controls the server: chmod 600 it"
+        )
+    return token
 
 
 def offered_token(authorization: bytes) -> bytes | None:

@@ -14,7 +14,8 @@ from ``--url`` or ``$TUNNEL_ADMIN_URL``; identifiers only from a file (or
 ``-``, standard input), never from argv where ``ps`` would show them.
 People get tables and sentences; ``--json`` prints the API's JSON as it
 came, for scripts.  Exit status: 0 done, 1 the API refused (its message is
-printed) or could not be reached, 2 a usage error.
+printed), could not be reached or gave an answer this command cannot read,
+2 a usage error (a malformed ``--url`` too).  Every error is one line.
 
 ``main()`` is the console script (it runs the reactor with ``task.react``);
 ``command()`` is the same on a running reactor, with its own output
@@ -32,6 +33,7 @@ from typing import IO, Any, NoReturn
 from urllib.parse import quote
 
 import treq
+from hyperlink import URL, URLParseError
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import react
@@ -189,21 +191,28 @@ class Api:
         if body is not None:
             headers[b"content-type"] = [b"application/json"]
             data = json.dumps(body).encode("utf-8")
-        d = self._exchange(method, self.url + path, headers, data)
-        d.addTimeout(self.timeout, self.reactor)
         try:
-            code, raw = await d
-        except (neterror.ConnectionRefusedError, neterror.ConnectError) as e:
+            d = self._exchange(method, self.url + path, headers, data)
+            d.addTimeout(self.timeout, self.reactor)
+            code, text_type, raw = await d
+        except Failed:
+            raise
+        except (neterror.ConnectError, neterror.DNSLookupError) as e:
             raise Failed(f"cannot connect to {self.url}: {_connect_reason(e)}")
         except (CancelledError, neterror.TimeoutError):
             raise Failed(f"no answer from {self.url} within {self.timeout:g} s")
         except ResponseFailed as e:
             reasons = "; ".join(r.getErrorMessage() for r in e.reasons) or "connection lost"
             raise Failed(f"the connection to {self.url} failed: {reasons}")
+        except Exception as e:  # anything else on the way: one line, not a traceback
+            raise Failed(f"the request to {self.url} failed: {type(e).__name__}: {e}")
         document = _decode(raw)
         if code >= 400:
             if isinstance(document, dict) and isinstance(document.get("error"), str):
                 raise Failed(f"{document['error']} (HTTP {code})")
+            line = _text_line(raw) if text_type else None
+            if line:  # what the admin endpoint's channel says when it refuses a request
+                raise Failed(f"{line} (HTTP {code})")
             phrase = RESPONSES.get(code, b"").decode("latin-1")
             raise Failed(f"the server answered {code} {phrase}".rstrip())
         if raw and document is None:
@@ -211,7 +220,9 @@ class Api:
         return code, document
 
     def _exchange(self, method: str, url: str, headers: dict, data: bytes | None) -> Deferred:
-        async def exchange() -> tuple[int, bytes]:
+        """(status, whether the answer is text/plain, its body)."""
+
+        async def exchange() -> tuple[int, bool, bytes]:
             response = await self.http.request(method, url, headers=headers, data=data)
             chunks: list[bytes] = []
             size = 0
@@ -224,7 +235,9 @@ class Api:
                 chunks.append(chunk)
 
             await treq.collect(response, collect)
-            return response.code, b"".join(chunks)
+            kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+            text_type = kind.split(b";")[0].strip().lower() == b"text/plain"
+            return response.code, text_type, b"".join(chunks)
 
         return Deferred.fromCoroutine(exchange())
 
@@ -236,6 +249,16 @@ def _decode(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def _text_line(raw: bytes) -> str | None:
+    """The first line of a short text answer, if it is printable."""
+    try:
+        text = raw[:500].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    line = text.split("\n", 1)[0].strip()
+    return line if line and line.isprintable() else None
 
 
 def _connect_reason(error: Exception) -> str:
@@ -416,10 +439,12 @@ def _segment(text: str) -> str:
 # -- running ------------------------------------------------------------------------------------
 
 
-def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> bytes:
+def _token(args: argparse.Namespace, environ: Mapping[str, str], err: IO[str]) -> bytes:
     try:
         if args.token_file:
-            return read_token_file(args.token_file)
+            return read_token_file(
+                args.token_file, warn=lambda text: err.write(f"{PROG}: warning: {text}\n")
+            )
         if environ.get(TOKEN_ENV):
             return parse_token(environ[TOKEN_ENV].encode("utf-8"), f"${TOKEN_ENV}")
     except TokenFileError as e:
@@ -431,6 +456,15 @@ def _url(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     url = args.url or environ.get(URL_ENV) or DEFAULT_URL
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--url must be an http:// or https:// URL, not {url!r}")
+    try:
+        parsed = URL.from_text(url)
+    except URLParseError as e:
+        raise UsageError(f"--url {url!r} is not a URL: {e}")
+    host = parsed.host
+    if not host or any(c.isspace() or not c.isprintable() for c in host):
+        raise UsageError(f"--url {url!r} names no host")
+    if not 0 < parsed.port <= 65535:
+        raise UsageError(f"--url {url!r}: the port must be from 1 to 65535")
     return url
 
 
@@ -449,8 +483,13 @@ async def command(
     parser = build_parser(out, err)
     try:
         args = parser.parse_args(list(argv))
-        api = Api(reactor, _url(args, environ), _token(args, environ), args.timeout)
-        document, text = await args.run(api, args, stdin)
+        api = Api(reactor, _url(args, environ), _token(args, environ, err), args.timeout)
+        try:
+            document, text = await args.run(api, args, stdin)
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            # an answer without what this command reads from it
+            what = f"no field {e}" if isinstance(e, KeyError) else str(e)
+            raise Failed(f"{api.url} gave an answer tunnel-admin does not understand ({what})")
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except UsageError as e:

@@ -10,10 +10,12 @@ serves, from one ``AdminSite``:
 * everything else, behind ``auth.TokenGuard``: the JSON API and the status
   page (``api.AdminAPI``).
 
-``AdminSite`` bounds what a request may make the server hold (a body over
-``MAX_BODY`` is read and dropped, then answered 413) and writes no access
-log: anyone who reaches the port could fill it.  ``read_token_file`` is
-the one way to read the token (``--admin-token-file``).
+``AdminSite`` bounds what a client may make the server hold: connections
+(``MAX_CONNECTIONS``), the time to send a request head and body, and the
+body (over ``MAX_BODY``: 413 at once, and the connection closes); and it
+writes no access log: anyone who reaches the port could fill it.
+``read_token_file`` is the one way to read the token
+(``--admin-token-file``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.web.http import HTTPChannel
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from ..logs import RateLimitedLog
 from ..observe import OneShot
 from ..server.metrics import Metrics
 from ..server.registry import TunnelServer
 from ..server.routes import Routes
+from ..server.site import HeadDeadlineChannel
+from ..timers import cancel
 from .api import SECURITY_HEADERS, AdminAPI
 from .auth import TokenGuard, read_token_file
 
@@ -43,6 +48,12 @@ __all__ = ["MAX_BODY", "AdminRoot", "AdminService", "AdminSite", "read_token_fil
 MAX_BODY = 64 * 1024
 #: seconds an idle admin connection stays open
 IDLE_TIMEOUT = 60
+#: seconds a client has for each request head (from the connection's start or
+#: the end of the previous answer), and for a request body (from its head's end)
+HEAD_TIMEOUT = 30
+BODY_TIMEOUT = 30
+#: admin connections open at once at most
+MAX_CONNECTIONS = 64
 
 
 def _error(request: IRequest, code: int, message: str) -> bytes:
@@ -84,71 +95,143 @@ class AdminRoot(Resource):
 
 
 class BoundedRequest(Request):
-    """A Request whose body is kept only up to ``MAX_BODY`` bytes.
+    """A Request whose body is kept in memory, up to its site's ``max_body``.
 
-    Beyond that the body is read and dropped (the connection stays usable),
-    and the request is answered 413 without reaching any Resource.
+    A body that turns out larger (chunked: its length is not known up
+    front) is refused by its channel as soon as it passes the bound; a
+    declared Content-Length over it never gets here (``AdminChannel``).
     """
 
-    max_body = MAX_BODY
     _received = 0
-    _too_large = False
 
     def gotLength(self, length: int | None) -> None:
         # in memory: it is small (twisted.web would use a temporary file
         # for a large declared length)
         self.content = io.BytesIO()
-        if length is not None and length > self.max_body:
-            self._too_large = True
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
+        if self.channel is None:
             return
         self._received += len(data)
-        if self._received > self.max_body:
-            self._too_large = True
+        limit = self.channel.site.max_body
+        if self._received > limit:
             self.content = io.BytesIO()
+            self.channel.refuse(413, too_large(limit))
             return
         self.content.write(data)
 
-    def process(self) -> None:
-        if not self._too_large:
-            super().process()
-            return
-        self.site = self.channel.site
-        body = _error(self, 413, f"the request body is larger than {self.max_body} bytes")
-        self.write(body)
-        self.finish()
+
+def too_large(limit: int) -> str:
+    return f"the request body is larger than {limit} bytes"
 
 
-class AdminChannel(HTTPChannel):
-    """An HTTP/1.1 channel its site knows of, so that a stop can close it."""
+class AdminChannel(HeadDeadlineChannel):
+    """The admin endpoint's HTTP/1.1 channel: a deadline for each request head
+    and body, bodies over the bound refused at once, and known to its site
+    so that a stop can close it.
+
+    The head deadline, the header bounds, the framing checks and the way a
+    request is refused (a whole answer with ``Connection: close``, then
+    ``linger`` seconds of reading and dropping, then the close) are the
+    public side's (``tunnel.server.site.HeadDeadlineChannel``): twisted.web
+    alone restarts its idle timer on every byte, so a client trickling a
+    request would hold the connection forever.  Here the body has a
+    deadline too (``body_timeout`` seconds from the end of its head), a
+    declared Content-Length over the site's ``max_body`` is answered 413
+    before a byte of the body is read (and before twisted.web would answer
+    ``Expect: 100-continue`` by itself), and a chunked body is cut off as
+    soon as it passes the bound.
+    """
+
+    head_timeout = HEAD_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    _body_timer = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channel_opened(self)
 
     def connectionLost(self, reason) -> None:
+        self._stop_body_timer()
         self.site.channel_closed(self)
         super().connectionLost(reason)
 
+    def allHeadersReceived(self) -> None:
+        length = self.length  # None: chunked
+        limit = self.site.max_body
+        if length is not None and length > limit:
+            self.refuse(413, too_large(limit))
+            return
+        super().allHeadersReceived()
+        if length != 0:
+            self._body_timer = self.callLater(self.body_timeout, self._body_too_slow)
+
+    def allContentReceived(self) -> None:
+        self._stop_body_timer()
+        super().allContentReceived()
+
+    def refuse(self, code: int, message: str) -> None:
+        """Answer the request being read with ``code`` (text ``message``), then
+        drop what the client still sends and close.  Once only: a second
+        refusal, or one after another of the channel's own, does nothing."""
+        self._stop_body_timer()
+        self._refuse(code, message)
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        self.refuse(408, f"the request body did not arrive within {self.body_timeout:g} s")
+
+    def _stop_body_timer(self) -> None:
+        cancel(self._body_timer)
+        self._body_timer = None
+
 
 class AdminSite(Site):
-    """The admin endpoint's Site: bounded bodies, no access log, idle timeout,
-    and ``close_connections`` (a browser keeps its connection to the status
-    page open: stopping the endpoint must end it too)."""
+    """The admin endpoint's Site: bounded heads and bodies (``AdminChannel``),
+    at most ``max_connections`` connections at once (one more is closed at
+    once), no access log, an idle timeout, and ``close_connections`` (a
+    browser keeps its connection to the status page open: stopping the
+    endpoint must end it too)."""
 
     requestFactory = BoundedRequest
     displayTracebacks = False
+    max_body = MAX_BODY
 
-    def __init__(self, resource: IResource, *, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        reactor: Any = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         kwargs = {} if reactor is None else {"reactor": reactor}
         super().__init__(resource, timeout=IDLE_TIMEOUT, **kwargs)
+        self.max_connections = max_connections
         self._channels: set[AdminChannel] = set()
         self._all_closed: OneShot | None = None
+        #: what connections cause us to log, rate limited (anyone who reaches the port)
+        self.refused_log = RateLimitedLog(Logger(namespace=__name__), clock=self.reactor)
+
+    def buildProtocol(self, addr) -> AdminChannel | None:
+        if len(self._channels) >= self.max_connections:
+            self.refused_log.info(
+                "admin-connections",
+                "refused an admin connection from {peer}: {n} are open already",
+                peer=getattr(addr, "host", addr),
+                n=len(self._channels),
+            )
+            return None  # the reactor closes it
+        return super().buildProtocol(addr)
 
     def protocol(self) -> AdminChannel:
-        return AdminChannel()
+        channel = AdminChannel()
+        channel.public_log = self.refused_log  # slow heads, refusals: rate limited
+        return channel
+
+    @property
+    def open_connections(self) -> int:
+        """How many connections are open now."""
+        return len(self._channels)
 
     def channel_opened(self, channel: AdminChannel) -> None:
         self._channels.add(channel)

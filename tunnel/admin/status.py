@@ -2,6 +2,10 @@
 
 ``page(snapshot)`` renders ``AdminAPI.snapshot()`` (the same data the JSON
 routes give) as one HTML document: counters, hosts, tunnels and TCP ports.
+The request, byte and stream counters are sums over the clients connected
+now (the tunnels table's columns), and say so: they fall when a client
+leaves.  Lifetime totals are Prometheus' business (``/metrics``, next to
+this page), and not every server has a ``Metrics``.
 Every value passes through ``html.escape``: hosts and rules are operator
 input, but a page must not run what a typo (or a pasted string) holds.
 
@@ -136,24 +140,43 @@ def _port_row(port: Mapping[str, Any]) -> str:
     )
 
 
-_COUNTERS = (
+#: what the server holds now
+_NOW = (
     ("clients", "clients connected", str),
     ("hosts", "hosts", str),
     ("ports", "TCP ports", str),
+)
+#: sums over the clients connected now (each since it connected): they go
+#: down when a client leaves, so they are labelled as such, not as the
+#: server's; its lifetime counters are in /metrics
+_OF_CLIENTS = (
     ("requests", "requests", str),
     ("bytes_in", "bytes in", human_bytes),
     ("bytes_out", "bytes out", human_bytes),
     ("streams_open", "open streams", str),
 )
+CLIENTS_NOTE = (
+    "Of the clients connected now, each since it connected: a client that"
+    " leaves takes its counts along.  Lifetime totals are in /metrics."
+)
+
+
+def _items(totals: Mapping[str, Any], counters: Sequence[tuple[str, str, Any]]) -> str:
+    return "".join(
+        f'<div><dt>{escape(label)}</dt><dd id="total-{escape(name.replace("_", "-"))}">'
+        f"{escape(show(totals[name]))}</dd></div>"
+        for name, label, show in counters
+    )
 
 
 def _counters(totals: Mapping[str, Any]) -> str:
-    items = "".join(
-        f'<div><dt>{escape(label)}</dt><dd id="total-{escape(name.replace("_", "-"))}">'
-        f"{escape(show(totals[name]))}</dd></div>"
-        for name, label, show in _COUNTERS
+    return (
+        '<section id="counters"><h2>Counters</h2>'
+        f"<dl>{_items(totals, _NOW)}</dl>"
+        '<h3 id="of-clients">Connected clients</h3>'
+        f'<dl aria-describedby="of-clients-note">{_items(totals, _OF_CLIENTS)}</dl>'
+        f'<p class="note" id="of-clients-note">{escape(CLIENTS_NOTE)}</p></section>'
     )
-    return f'<section id="counters"><h2>Counters</h2><dl>{items}</dl></section>'
 
 
 def page(snapshot: Mapping[str, Any]) -> bytes:
@@ -259,6 +282,8 @@ td.connected.yes { color: #070; }
 td.connected.no { color: #a00; }
 tr.empty td { color: #888; font-style: italic; }
 #counters dl { display: flex; flex-wrap: wrap; gap: .6em 2em; margin: 0; }
+#counters h3 { font-size: .95em; font-weight: 600; color: #444; margin: .9em 0 .3em; }
+#counters .note { color: #666; font-size: .85em; margin: .3em 0 0; }
 #counters div { min-width: 7em; }
 #counters dt { color: #666; font-size: .85em; }
 #counters dd { margin: 0; font-size: 1.3em; font-variant-numeric: tabular-nums; }

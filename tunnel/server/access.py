@@ -14,7 +14,8 @@ first address a trusted proxy vouched for (the scheme of RFC 7239 section
 
 Everything an outsider sends is bounded: X-Forwarded-For entries read,
 the Authorization header's length, the rate buckets kept (a bounded LRU),
-the password checks cached and running at once.
+the password checks cached, running and queued at once, and each client's
+share of them (``PasswordChecker``).
 """
 
 from __future__ import annotations
@@ -101,20 +102,32 @@ FORBIDDEN = Verdict(Decision.FORBIDDEN, 403, "forbidden")
 BUSY = Verdict(
     Decision.UNAVAILABLE, 503, "too many password checks, retry later", ((b"Retry-After", b"1"),)
 )
+#: one client's share of the password checks is taken (by its other requests)
+CLIENT_BUSY = Verdict(
+    Decision.RATE_LIMITED,
+    429,
+    "too many password checks from your address at once, retry later",
+    ((b"Retry-After", b"1"),),
+)
 CHECK_FAILED = Verdict(
     Decision.UNAVAILABLE, 503, "cannot check the password now", ((b"Retry-After", b"1"),)
 )
 
 
-def rate_limited(wait: float) -> Verdict:
+def rate_limited(wait: float, message: str = "too many requests") -> Verdict:
     """429 with Retry-After: the whole seconds until the client's next token."""
     seconds = max(1, math.ceil(wait))
     return Verdict(
         Decision.RATE_LIMITED,
         429,
-        "too many requests",
+        message,
         ((b"Retry-After", str(seconds).encode("ascii")),),
     )
+
+
+def too_many_failures(wait: float) -> Verdict:
+    """429 for a client that tried too many wrong passwords on a host lately."""
+    return rate_limited(wait, "too many wrong passwords, retry later")
 
 
 #: host names that are safe inside a quoted-string as they are
@@ -307,6 +320,16 @@ class _Bucket:
         self.stamp = stamp
 
 
+def client_key(client: Address | None, shift: int = 64) -> tuple[int, int]:
+    """Whom a limit counts: an IPv4 address, or an IPv6 address without its
+    last ``shift`` bits (its /64 by default); (0, 0) for no address."""
+    if client is None:
+        return 0, 0
+    if client.version == 6:
+        return 6, int(client) >> shift
+    return 4, int(client)
+
+
 class RateLimiter:
     """Token buckets per (host, client), in an LRU of at most ``max_buckets``.
 
@@ -334,11 +357,17 @@ class RateLimiter:
         return len(self._buckets)
 
     def _key(self, host: str, client: Address | None) -> tuple[str, int, int]:
-        if client is None:
-            return host, 0, 0
-        if client.version == 6:
-            return host, 6, int(client) >> self._shift
-        return host, 4, int(client)
+        return (host, *client_key(client, self._shift))
+
+    def wait(self, host: str, client: Address | None, rate: Rate) -> float:
+        """The seconds until the client's bucket holds a token (0.0: it does
+        now), spending nothing; a client without a bucket has a full one."""
+        bucket = self._buckets.get(self._key(host, client))
+        if bucket is None:
+            return 0.0
+        elapsed = max(0.0, self.clock.seconds() - bucket.stamp)
+        tokens = min(float(rate.burst), bucket.tokens + elapsed * rate.per_second)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate.per_second
 
     def take(self, host: str, client: Address | None, rate: Rate) -> float:
         """Spend a token of the client's bucket: 0.0 if there was one, or the
@@ -362,6 +391,9 @@ class RateLimiter:
 
 
 # -- basic auth: verifying passwords -------------------------------------------------
+
+#: wrong passwords a client may try on a host: 10 at once, then one every 30 s
+WRONG_PASSWORDS = Rate(per_second=1 / 30, burst=10)
 
 #: ``verify(hash, password) -> bool or Deferred[bool]``: the slow check
 Verify = Callable[[PasswordHash, bytes], "bool | Deferred[bool]"]
@@ -415,6 +447,30 @@ class ThreadPoolVerifier:
         self._pool.stop()
 
 
+class _CheckState(enum.Enum):
+    QUEUED = "queued"  # waiting in the FIFO for a free place among the running
+    RUNNING = "running"  # handed to ``verify``
+    SETTLED = "settled"  # decided: ``verdict`` holds the answer
+
+
+class _Check:
+    """One password check: who asked first, and everyone waiting for it."""
+
+    __slots__ = ("auth", "client", "host", "password", "state", "user_ok", "verdict", "waiters")
+
+    def __init__(
+        self, auth: BasicAuth, password: bytes, user_ok: bool, host: str, client: Address | None
+    ) -> None:
+        self.auth = auth
+        self.password = password
+        self.user_ok = user_ok
+        self.host = host
+        self.client = client
+        self.state = _CheckState.QUEUED
+        self.verdict: Verdict | None = None
+        self.waiters: list[Deferred[Verdict]] = []
+
+
 class PasswordChecker:
     """Decides basic auth for requests: at once for credentials seen before.
 
@@ -426,11 +482,31 @@ class PasswordChecker:
     logged in.  Requests that present the same new credentials while they
     are being checked wait for that one check.
 
-    At most ``max_pending`` different credentials are checked at once;
-    beyond that a request gets 503 with Retry-After: the server is busy
-    (possibly because someone is guessing), which is not the requester's
-    fault as 429 would say.  The per-address rate rule is what limits one
-    guesser; this bound keeps the work queued behind the threads short.
+    The scrypt work is shared fairly between clients (an IPv4 address, or
+    an IPv6 ``ipv6_prefix`` network, as the rate buckets count them):
+
+    * one client has at most ``per_client`` different credentials pending
+      (running or queued); beyond that it gets 429 with Retry-After, so one
+      client cannot take the places of everyone else however many
+      connections it opens;
+    * at most ``max_running`` checks run at once, the next ``max_queued``
+      wait in a FIFO (a first login waits its turn rather than fail); only
+      beyond that, when many clients check at once, a request gets 503 with
+      Retry-After: the server is busy, which is not the requester's fault;
+    * ``failures`` (a ``Rate``, None for no limit) bounds the wrong
+      passwords a client may try for one host: each wrong password that
+      had to be checked spends a token of the client's bucket for that
+      host, and while the bucket is empty every request of the client to
+      the host gets 429, even with the right password (otherwise the cache
+      of good credentials would answer guesses for free).  The buckets are
+      a bounded LRU (``RateLimiter``).  This holds whether or not the host
+      has a ``rate`` rule.
+
+    Both per-client rules need to tell clients apart: behind a reverse
+    proxy give ``--trusted-proxy``, or every client is the proxy.  A
+    request without any address (a UNIX socket peer) is not held to them,
+    since all such requests would share one share and one bucket, and one
+    guesser would lock everyone out; the global bounds still hold.
 
     The user name is compared in constant time, and the password is
     checked even when the user name is wrong, so response times do not
@@ -445,21 +521,51 @@ class PasswordChecker:
         *,
         clock: IReactorTime,
         cache_size: int = 1024,
-        max_pending: int = 8,
+        max_running: int = 4,
+        max_queued: int = 64,
+        per_client: int = 2,
+        failures: Rate | None = WRONG_PASSWORDS,
+        max_buckets: int = 10_000,
+        ipv6_prefix: int = 64,
     ) -> None:
+        if max_running < 1 or max_queued < 0 or per_client < 1:
+            raise ValueError("max_running and per_client must be positive, max_queued not negative")
         self._verify = verify
         self.cache_size = cache_size
-        self.max_pending = max_pending
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.per_client = per_client
+        self.failure_rate = failures
+        #: wrong passwords per (host, client): a bounded LRU of token buckets
+        self.failures = RateLimiter(clock, max_buckets=max_buckets, ipv6_prefix=ipv6_prefix)
+        self._shift = 128 - ipv6_prefix
         self._secret = os.urandom(32)
         self._good: OrderedDict[bytes, None] = OrderedDict()
         self._bad: OrderedDict[bytes, None] = OrderedDict()
-        self._pending: dict[bytes, list[Deferred[Verdict]]] = {}
+        #: checks not yet decided, by key (at most max_running + max_queued)
+        self._checks: dict[bytes, _Check] = {}
+        #: the keys of the queued checks, oldest first
+        self._queue: OrderedDict[bytes, None] = OrderedDict()
+        self._running = 0
+        #: pending checks per client (only clients that have one)
+        self._per_client: dict[tuple[int, int], int] = {}
+        self._draining = False
         self._log = RateLimitedLog(self.log, clock=clock)
 
     @property
     def pending(self) -> int:
-        """How many different credentials are being checked now."""
-        return len(self._pending)
+        """How many different credentials are being checked or wait to be."""
+        return len(self._checks)
+
+    @property
+    def running(self) -> int:
+        """How many checks are with ``verify`` now."""
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        """How many checks wait for a place among the running ones."""
+        return len(self._queue)
 
     def _key(self, host: str, auth: BasicAuth, user: str, password: str) -> bytes:
         mac = hmac.new(self._secret, digestmod=hashlib.sha256)
@@ -475,34 +581,90 @@ class PasswordChecker:
         return mac.digest()
 
     def check(
-        self, auth: BasicAuth, authorization: bytes | None, host: str
+        self,
+        auth: BasicAuth,
+        authorization: bytes | None,
+        host: str,
+        client: Address | None = None,
     ) -> Verdict | Deferred[Verdict]:
+        """Decide ``authorization`` for ``host`` under ``auth``, for ``client``
+        (None: a client without an address, held to the global bounds only)."""
         credentials = parse_basic(authorization)
         if credentials is None:
             return unauthorized(host)
+        if self.failure_rate is not None and client is not None:
+            wait = self.failures.wait(host, client, self.failure_rate)
+            if wait:
+                return too_many_failures(wait)
         user, password = credentials
         key = self._key(host, auth, user, password)
         for cache, verdict in ((self._good, AUTHENTICATED), (self._bad, None)):
             if key in cache:
                 cache.move_to_end(key)
                 return verdict if verdict is not None else unauthorized(host)
-        waiters = self._pending.get(key)
-        if waiters is None:
-            if len(self._pending) >= self.max_pending:
+        check = self._checks.get(key)
+        if check is None:
+            who = client_key(client, self._shift)
+            if client is not None and self._per_client.get(who, 0) >= self.per_client:
+                return CLIENT_BUSY
+            if self._running >= self.max_running and len(self._queue) >= self.max_queued:
                 return BUSY
-            waiters = self._pending[key] = []
             user_ok = hmac.compare_digest(user.encode("utf-8"), auth.user_bytes)
-            decided: list[Verdict] = []
-            checking = maybeDeferred(self._verify, auth.password, password.encode("utf-8"))
-            checking.addBoth(self._settle, key, user_ok, host).addCallback(decided.append)
-            if decided:  # a synchronous verify decided already
-                return decided[0]
-        waiter: Deferred[Verdict] = Deferred()  # cancelling it leaves the check running
-        waiters.append(waiter)
+            check = _Check(auth, password.encode("utf-8"), user_ok, host, client)
+            self._checks[key] = check
+            self._per_client[who] = self._per_client.get(who, 0) + 1
+            self._queue[key] = None
+            self._drain()
+            if check.verdict is not None:  # a synchronous verify decided already
+                return check.verdict
+        waiter: Deferred[Verdict] = Deferred(lambda d: self._abandon(key, d))
+        check.waiters.append(waiter)
         return waiter
 
-    def _settle(self, result: bool | Failure, key: bytes, user_ok: bool, host: str) -> Verdict:
-        waiters = self._pending.pop(key)
+    def _drain(self) -> None:
+        """Start queued checks, oldest first, while fewer than max_running run.
+
+        Not re-entered: a verify that decides at once settles within the
+        loop, which then starts the next one."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue and self._running < self.max_running:
+                key, _ = self._queue.popitem(last=False)
+                check = self._checks[key]
+                check.state = _CheckState.RUNNING
+                self._running += 1
+                checking = maybeDeferred(self._verify, check.auth.password, check.password)
+                checking.addBoth(self._settle, key, check)
+        finally:
+            self._draining = False
+
+    def _abandon(self, key: bytes, waiter: Deferred[Verdict]) -> None:
+        """A waiter was cancelled (its client left).  A running check goes on
+        (its result is cached); a queued one nobody waits for any more is
+        dropped, giving its client's share back."""
+        check = self._checks.get(key)
+        if check is None or waiter not in check.waiters:
+            return
+        check.waiters.remove(waiter)
+        if check.state is _CheckState.QUEUED and not check.waiters:
+            del self._queue[key]
+            self._forget(key, check)
+
+    def _forget(self, key: bytes, check: _Check) -> None:
+        del self._checks[key]
+        who = client_key(check.client, self._shift)
+        left = self._per_client[who] - 1
+        if left:
+            self._per_client[who] = left
+        else:
+            del self._per_client[who]
+
+    def _settle(self, result: bool | Failure, key: bytes, check: _Check) -> None:
+        self._running -= 1
+        self._forget(key, check)
+        host = check.host
         if isinstance(result, Failure):
             self._log.warn(
                 "password-check",
@@ -512,16 +674,22 @@ class PasswordChecker:
             )
             verdict = CHECK_FAILED
         else:
-            good = bool(result) and user_ok
+            good = bool(result) and check.user_ok
             cache = self._good if good else self._bad
             cache[key] = None
             if len(cache) > self.cache_size:
                 cache.popitem(last=False)
             verdict = AUTHENTICATED if good else unauthorized(host)
+            if not good and self.failure_rate is not None and check.client is not None:
+                self.failures.take(host, check.client, self.failure_rate)
+        check.state = _CheckState.SETTLED
+        check.verdict = verdict
+        check.password = b""
+        waiters, check.waiters = check.waiters, []
         for waiter in waiters:
             if not waiter.called:
                 waiter.callback(verdict)
-        return verdict
+        self._drain()
 
 
 # -- the gate ----------------------------------------------------------------------
@@ -536,9 +704,16 @@ class AccessGate(Service):
     :param verify: the slow password check, ``(hash, password) -> bool or
         Deferred[bool]``; by default ``PasswordHash.matches`` on a pool of
         ``threads`` threads of the gate's own, stopped with this service.
-    :param max_pending: different credentials checked at once at most.
+    :param max_running: password checks given to ``verify`` at once at most.
+    :param max_queued: password checks waiting their turn at most (beyond:
+        503).
+    :param per_client: password checks one client may have running or
+        waiting at most (beyond: 429).
+    :param failures: wrong passwords one client may try on a host (a
+        ``Rate``; None: no limit).  See ``PasswordChecker``.
     :param cache_size: results kept per kind (good, bad).
-    :param ipv6_prefix: IPv6 clients in one such network share a bucket.
+    :param ipv6_prefix: IPv6 clients in one such network are one client
+        (for the rate buckets and the password limits).
     """
 
     def __init__(
@@ -548,7 +723,10 @@ class AccessGate(Service):
         trusted_proxies: Sequence[Network] = (),
         max_buckets: int = 10_000,
         verify: Verify | None = None,
-        max_pending: int = 8,
+        max_running: int = 4,
+        max_queued: int = 64,
+        per_client: int = 2,
+        failures: Rate | None = WRONG_PASSWORDS,
         cache_size: int = 1024,
         ipv6_prefix: int = 64,
         threads: int = 2,
@@ -560,7 +738,15 @@ class AccessGate(Service):
             threads_reactor = clock if IReactorFromThreads.providedBy(clock) else None
             verify = self._own_verifier = ThreadPoolVerifier(threads_reactor, threads=threads)
         self.passwords = PasswordChecker(
-            verify, clock=clock, cache_size=cache_size, max_pending=max_pending
+            verify,
+            clock=clock,
+            cache_size=cache_size,
+            max_running=max_running,
+            max_queued=max_queued,
+            per_client=per_client,
+            failures=failures,
+            max_buckets=max_buckets,
+            ipv6_prefix=ipv6_prefix,
         )
 
     def stopService(self) -> None:
@@ -591,7 +777,10 @@ class AccessGate(Service):
           could push out an allowed client's;
         * the rate next, so that every request, including each password
           guess, spends a token before any scrypt work is done for it;
-        * the password last: the only check that may have to wait.
+        * the password last: the only check that may have to wait (each
+          client gets its share of the checks, and a client's wrong
+          passwords are limited even without a rate rule:
+          ``PasswordChecker``).
 
         :param peer: the TCP peer's IP address (``getClientAddress().host``).
         :param forwarded_for: the raw X-Forwarded-For header values.
@@ -599,9 +788,7 @@ class AccessGate(Service):
         """
         if not rules:
             return ALLOWED
-        client = None
-        if rules.allow is not None or rules.rate is not None:
-            client = self.client(peer, forwarded_for)
+        client = self.client(peer, forwarded_for)
         if not rules.allows(client):
             return FORBIDDEN
         if rules.rate is not None:
@@ -609,5 +796,5 @@ class AccessGate(Service):
             if wait:
                 return rate_limited(wait)
         if rules.basic_auth is not None:
-            return self.passwords.check(rules.basic_auth, authorization, host)
+            return self.passwords.check(rules.basic_auth, authorization, host, client)
         return ALLOWED
