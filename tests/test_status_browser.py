@@ -33,7 +33,6 @@ if CHROMIUM is None or CHROMEDRIVER is None:
     )
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 #: seconds a wait for what the page shows may take (the page refreshes every 2 s)
@@ -84,15 +83,34 @@ async def env():
         await admin.stop()
 
 
+# Read in one script, which runs between two of the page's refreshes: the
+# page swaps its <main> every 2 s, so element handles kept across WebDriver
+# calls can go stale under a test that reads them one by one.
+_ROWS = """
+return Array.from(document.querySelectorAll('#' + arguments[0] + ' tbody tr')).map(
+    row => Array.from(row.querySelectorAll('td')).map(cell => cell.innerText.trim()));
+"""
+_TEXT = """
+const element = document.getElementById(arguments[0]);
+return element === null ? null : element.innerText.trim();
+"""
+_SHOWN = """
+const element = document.getElementById(arguments[0]);
+return element !== null && element.getClientRects().length > 0
+    && getComputedStyle(element).visibility !== 'hidden';
+"""
+
+
 def rows(driver, table: str) -> list[list[str]]:
-    return [
-        [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-        for row in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
-    ]
+    return driver.execute_script(_ROWS, table)
 
 
 def counter(driver, name: str) -> str:
-    return driver.find_element(By.ID, f"total-{name}").text
+    return driver.execute_script(_TEXT, f"total-{name}")
+
+
+def shown(driver, element_id: str) -> bool:
+    return driver.execute_script(_SHOWN, element_id)
 
 
 @pytest_twisted.ensureDeferred
@@ -140,7 +158,7 @@ async def test_the_page_shows_hosts_and_tunnels_and_its_counters_move(browser, e
             "requests": counter(browser, "requests"),
             "tunnel requests": rows(browser, "tunnels")[0][3],
             "mark": browser.execute_script("return window.tunnelTestMark;"),
-            "stale": browser.find_element(By.ID, "stale").is_displayed(),
+            "stale": shown(browser, "stale"),
             "log": browser.get_log("browser"),
         }
 
@@ -166,8 +184,7 @@ async def test_the_page_says_when_the_server_stops_answering(browser, env):
     await env.admin.stopService()  # the admin endpoint goes away; env.stop() copes
 
     def wait_for_the_note() -> str:
-        stale = browser.find_element(By.ID, "stale")
-        WebDriverWait(browser, WAIT).until(lambda d: stale.is_displayed())
-        return stale.text
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "stale"))
+        return browser.execute_script(_TEXT, "stale")
 
     assert (await deferToThread(wait_for_the_note)).startswith("not updated: ")
