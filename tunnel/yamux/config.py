@@ -54,8 +54,9 @@ class YamuxConfig:
     max_grown_window: int | None = None
     #: window beyond the initial 256 KiB that the streams of one session may
     #: hold together (None: no bound).  A stream opened while it is spent gets
-    #: the initial 256 KiB window and does not grow, so what a session can be
-    #: made to buffer is at most 256 KiB per stream plus this.
+    #: the initial 256 KiB window, and a window grows only while it lasts, so
+    #: what a session can be made to buffer is at most 256 KiB per stream plus
+    #: this.
     receive_budget: int | None = None
     #: seconds to wait for the ACK of a stream we opened (None: forever).
     stream_open_timeout: float | None = 75.0
