@@ -276,9 +276,10 @@ class ServerHarness:
     every request and closes it after the response, so the server keeps no
     stream between requests here (``max_idle_streams=0``) unless a test asks;
     keep-alive over the tunnel is tested in test_pool.py.  The Go sessions had
-    hashicorp's windows: so do ours here (a tunnel session's larger windows,
-    ``LARGE_WINDOWS``, differ on the wire only in the SYN/ACK window delta;
-    test_interop_go.py runs them against the Go programs).
+    hashicorp's windows: so do ours here (a tunnel session's ``LARGE_WINDOWS``
+    differ on the wire only in larger WindowUpdate credit as a window grows,
+    and Data frames of up to 256 KiB; test_interop_go.py runs them against
+    the Go programs).
     """
 
     def __init__(self, **kwargs) -> None:

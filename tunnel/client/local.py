@@ -23,6 +23,13 @@ from ..koding.wire import NO_LOCAL_SERVER, ControlMessage, TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
 from ..yamux import YamuxStream
+from ..yamux.sizing import size_transport
+
+#: the local connection carries a response's bulk to the tunnel: it is read
+#: in pieces as large as the tunnel's frames (``LARGE_WINDOWS``), and sends
+#: (a request body) go out in pieces of up to twice that
+LOCAL_READ_SIZE = 256 * 1024
+LOCAL_SEND_SIZE = 512 * 1024
 
 
 class LocalTargets:
@@ -105,8 +112,15 @@ class LocalForwarder:
         endpoint_for: Callable[[ControlMessage], IStreamClientEndpoint | None],
         *,
         clock: IReactorTime | None = None,
+        read_size: int | None = LOCAL_READ_SIZE,
+        send_size: int | None = LOCAL_SEND_SIZE,
     ):
+        """:param read_size: bytes read from a local TCP connection at once
+        (None: Twisted's 64 KiB); ``send_size``: the most sent to it at once
+        (None: Twisted's 128 KiB); see ``tunnel.yamux.sizing``."""
         self.endpoint_for = endpoint_for
+        self.read_size = read_size
+        self.send_size = send_size
         #: one line per public request while the local server is down would let
         #: whoever sends requests fill the client's log
         self.public_log = RateLimitedLog(self.log, clock=clock)
@@ -124,6 +138,7 @@ class LocalForwarder:
         d = endpoint.connect(_QuietFactory(local))
 
         def connected(_: object) -> None:
+            size_transport(local.transport, self.read_size, self.send_size)
             remote = SpliceProtocol()
             stream.attach(remote)
             if stream.connected:

@@ -49,6 +49,8 @@ A stream calls on its session (what it needs from the connection):
 - ``schedule_send(stream)``: queue the stream for the round-robin drain;
 - ``send_window_update(id, flags, delta)``: credit, FIN or RST (control
   frames are never queued behind data);
+- ``grow_window(stream, extra)``: may the stream's receive window grow
+  (``max_grown_window``) by ``extra``, within ``receive_budget``?
 - ``expect_fin(stream)``: our side is fully closed; wait for the peer's FIN;
 - ``stream_ended(stream)``: the stream is over; forget it.
 
@@ -105,6 +107,7 @@ from .frame import (
     Header,
     encode,
 )
+from .sizing import size_transport
 from .stream import YamuxStream
 
 StreamHandler = Callable[[YamuxStream], None]
@@ -469,6 +472,7 @@ class YamuxSession(Protocol):
         set_no_delay = getattr(transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        size_transport(transport, self.config.read_size, self.config.send_size)
         self.host_address = transport.getHost()
         transport.registerProducer(self, True)
         if not self._quiet:
@@ -641,12 +645,17 @@ class YamuxSession(Protocol):
     def _reserve_window(self) -> int:
         """The window delta for a new stream: max_stream_window's extra, within receive_budget."""
         delta = self._window_delta
-        if delta:
-            budget = self.config.receive_budget
-            if budget is not None and self._extra_window + delta > budget:
-                return 0
-            self._extra_window += delta
+        if delta and not self._reserve(delta):
+            return 0
         return delta
+
+    def _reserve(self, extra: int) -> bool:
+        """Take ``extra`` bytes of receive window from the budget, if it has them."""
+        budget = self.config.receive_budget
+        if budget is not None and self._extra_window + extra > budget:
+            return False
+        self._extra_window += extra
+        return True
 
     def _hand_over(self, handler: StreamHandler, stream: YamuxStream) -> None:
         """Give a new stream to the application; its failure costs that stream only."""
@@ -790,6 +799,13 @@ class YamuxSession(Protocol):
         self._ready[stream] = None
         if not self._write_paused:
             self._drain()
+
+    def grow_window(self, stream: YamuxStream, extra: int) -> bool:
+        """May ``stream``'s receive window grow by ``extra`` (within receive_budget)?
+
+        The session counts it as the stream's until ``stream_ended``.
+        """
+        return self._closed is None and self._reserve(extra)
 
     def expect_fin(self, stream: YamuxStream) -> None:
         """``stream`` is fully closed by us: reset it unless the peer's FIN comes in time."""

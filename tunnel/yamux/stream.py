@@ -11,7 +11,9 @@ Flow control follows ``twisted.web._http2.H2Stream`` and conch's
 * receiving: data reaches the protocol unless the stream is paused (or has no
   protocol yet); credit is returned to the peer only for bytes the protocol
   has consumed, so a consumer that stops reading stops the sender after one
-  window.
+  window.  With ``max_grown_window`` the window doubles each time the peer
+  has sent a whole window's worth since it last grew (the extra goes out
+  with the next credit), within the session's ``receive_budget``.
 
 Lifecycle: a stream is in one ``Phase`` at a time and moves only along the
 transition table below (``_move``); the public ``StreamState`` is derived
@@ -209,6 +211,8 @@ class YamuxStream:
         "_producer_paused",
         "_max_window",
         "_half_window",
+        "_grow_limit",
+        "_since_growth",
         "_recv_window",
         "_recv_buf",
         "_recv_buffered",
@@ -246,6 +250,10 @@ class YamuxStream:
         # receiving
         self._max_window = window
         self._half_window = window // 2
+        #: the window may double up to this (0: it does not grow)
+        self._grow_limit = config.max_grown_window or 0
+        #: bytes credited back to the peer since the window last grew
+        self._since_growth = 0
         self._recv_window = window
         #: what arrived while the protocol could not take it; a deque once needed
         self._recv_buf: deque[bytes] | None = None
@@ -302,7 +310,8 @@ class YamuxStream:
 
     @property
     def window_size(self) -> int:
-        """The receive window we grant this stream (the session chose it)."""
+        """The receive window we grant this stream (the session chose it; it
+        may have grown since, see ``YamuxConfig.max_grown_window``)."""
         return self._max_window
 
     @property
@@ -610,8 +619,28 @@ class YamuxStream:
             return
         delta = self._max_window - self._recv_buffered - self._recv_window
         if delta >= self._half_window:
+            if self._grow_limit > self._max_window:
+                delta += self._grow(delta)
             self._recv_window += delta
             self.session.send_window_update(self.id, 0, delta)
+
+    def _grow(self, credited: int) -> int:
+        """The peer sent a whole window since the window last grew: double it
+        (up to ``max_grown_window``, within the session's budget).  Returns the
+        growth, which goes out with this credit."""
+        since = self._since_growth + credited
+        window = self._max_window
+        if since < window:
+            self._since_growth = since
+            return 0
+        self._since_growth = 0
+        extra = min(window, self._grow_limit - window)
+        if not self.session.grow_window(self, extra):
+            return 0  # the budget is spent for now
+        window += extra
+        self._max_window = window
+        self._half_window = window // 2
+        return extra
 
     def _deliver_eof(self) -> None:
         """Tell the protocol of the peer's FIN, if it is in and not told yet."""
