@@ -19,12 +19,18 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from tunnel.client.local import LOCAL_READ_SIZE, LOCAL_SEND_SIZE, LocalForwarder
 from tunnel.koding.wire import ControlMessage, TransportProtocol
+from tunnel.server import TunnelResource, TunnelServer, TunnelSite
+from tunnel.server.site import PUBLIC_READ_SIZE, PUBLIC_SEND_SIZE
 from tunnel.yamux import LARGE_WINDOWS, YamuxConfig
 from tunnel.yamux.frame import FLAG_SYN, TYPE_WINDOW_UPDATE
 from tunnel.yamux.sizing import keep_freed_memory, size_transport
@@ -119,6 +125,24 @@ async def test_the_client_reads_its_local_connections_in_large_pieces():
         stream.abortConnection()
         wire.lose()
         await port.stopListening()
+
+
+def test_public_connections_move_bodies_in_large_pieces():
+    class TCPLike(StringTransport):
+        """As a TCP transport: Twisted's sizes as class attributes."""
+
+        bufferSize = FileDescriptor.bufferSize
+        SEND_LIMIT = FileDescriptor.SEND_LIMIT
+
+    clock = Clock()
+    site = TunnelSite(TunnelResource(TunnelServer(clock=clock)), reactor=clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    transport = TCPLike()
+    channel.makeConnection(transport)
+    assert (transport.bufferSize, transport.SEND_LIMIT) == (PUBLIC_READ_SIZE, PUBLIC_SEND_SIZE)
+    assert (TCPLike.bufferSize, TCPLike.SEND_LIMIT) == DEFAULTS
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []
 
 
 class FakeLibc:

@@ -38,6 +38,7 @@ from twisted.web.server import Site
 
 from ..logs import RateLimitedLog
 from ..timers import cancel
+from ..yamux.sizing import size_transport
 from .bodies import StreamingChannel, streaming_request
 from .events import ErrorKind, ServerEvents, report
 from .headers import connection_tokens
@@ -45,6 +46,10 @@ from .pages import refusal_bytes
 
 #: control characters a field value must not hold (HTAB is allowed)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: what a public connection reads and hands the kernel at once (as the tunnel's
+#: own connections: ``yamux.config.LARGE_WINDOWS``, ``client.local``)
+PUBLIC_READ_SIZE = 256 * 1024
+PUBLIC_SEND_SIZE = 512 * 1024
 #: the largest request Content-Length passed on (2**63 - 1, as Go's net/http)
 MAX_CONTENT_LENGTH = 2**63 - 1
 
@@ -83,6 +88,9 @@ class HeadDeadlineChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # bulk bodies move in the pieces the tunnel's streams use (not
+        # Twisted's 64 KiB reads and 128 KiB sends)
+        size_transport(self.transport, PUBLIC_READ_SIZE, PUBLIC_SEND_SIZE)
         self._arm()
 
     def getHost(self):

@@ -135,6 +135,12 @@ def host_from_endpoint(description: str) -> str:
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    from ..yamux.sizing import keep_freed_memory
+
+    # process-wide, so the program's to set: large transfer pieces reuse freed
+    # memory instead of faulting fresh pages in (tunnel/yamux/sizing.py)
+    keep_freed_memory()
+
     from ..client import LocalForwarder, LocalTargets, Server, TunnelClientService
 
     try:

@@ -353,6 +353,12 @@ class Options(usage.Options):
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    from ..yamux.sizing import keep_freed_memory
+
+    # process-wide, so the program's to set: large transfer pieces reuse freed
+    # memory instead of faulting fresh pages in (tunnel/yamux/sizing.py)
+    keep_freed_memory()
+
     from ..koding.identifiers import TunnelKey
     from ..server import TunnelResource, TunnelServer, TunnelServerService, TunnelSite
     from ..server.access import AccessGate
