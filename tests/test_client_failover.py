@@ -12,6 +12,8 @@ refuses it.  Last, real processes: two ``twistd tunnel-server`` and one
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import pytest_twisted
 from hypothesis import given
@@ -235,8 +237,8 @@ def test_attempts_go_round_the_servers_one_backoff_delay_apart():
 
 
 def test_a_lost_link_goes_to_another_server_first_after_the_first_delay():
-    """The attempt count restarts after a link that became ready (ClientService's
-    rule), so the failover waits the policy's first delay, not the last one."""
+    """The attempt count restarts after a link that was up for ``min_uptime``,
+    so the failover waits the policy's first delay, not the last one."""
     shuffle = Scripted("bac", "cb")
     client = Client(shuffle)
     service = client.service
@@ -246,6 +248,7 @@ def test_a_lost_link_goes_to_another_server_first_after_the_first_delay():
     dial = client.last().connect()  # a
     dial.receive(SERVER_ACCEPTS)
     assert str(service.current_server) == "a"
+    client.clock.advance(10.0)  # min_uptime: a link that served
     dial.lose(ConnectionLost("node a died"))
     assert service.state == S.DISCONNECTED
     assert client.retry.asked == [1, 1]
@@ -282,6 +285,7 @@ def test_one_server_is_redialled_as_before():
         dial.receive(SERVER_ACCEPTS)
         assert connect_host(dial) == b"h:1" and service.host == "h:1"
         assert service.endpoint is dialler
+        clock.advance(10.0)
         dial.lose(ConnectionLost("gone"))
         clock.advance(0.5)
         service.stopService()
@@ -299,6 +303,7 @@ def test_logs_name_each_server_and_never_the_identifier():
         client.clock.advance(0.5)
         dial = client.last().connect()
         dial.receive(SERVER_ACCEPTS)
+        client.clock.advance(10.0)
         dial.lose(ConnectionLost("gone"))
         client.clock.advance(0.5)
         client.service.stopService()
@@ -311,6 +316,50 @@ def test_logs_name_each_server_and_never_the_identifier():
     assert any(t.startswith("tunnel to the server at a lost: ") for t in text)
     assert text[-1] == "connecting to the tunnel server at b"
     assert not any("ident-secret" in t for t in text), text
+
+
+def test_a_flapping_server_is_backed_off_and_the_rotation_still_moves_on():
+    """Both servers accept the tunnel and drop it at once: each drop is one
+    more failure (the delays grow), and each lost link still sends the next
+    attempt to the other server."""
+    client = Client(random.Random(1).shuffle, text="ab")
+    service = client.service
+    service.startService()
+    for delay in (0.5, 0.75, 1.0, 1.0):
+        dial = client.last().connect()
+        dial.receive(SERVER_ACCEPTS)
+        assert service.state == S.CONNECTED
+        dial.lose(ConnectionLost("the node drops it"))
+        client.clock.advance(delay - 0.01)
+        dials = len(client.dialled)
+        client.clock.advance(0.01)
+        assert len(client.dialled) == dials + 1
+    assert client.retry.asked == [1, 2, 3, 4]
+    assert client.dialled in (["a", "b"] * 2 + ["a"], ["b", "a"] * 2 + ["b"])
+    service.stopService()
+    assert client.clock.getDelayedCalls() == []
+
+
+def test_a_vanished_server_is_left_after_the_handshake_timeout():
+    """A dial that never completes (the machine is gone, no RST) is cancelled
+    after ``handshake_timeout``, and the next server is tried after the delay."""
+    client = Client(Scripted("ab"), text="ab", handshake_timeout=4.0)
+    with capturedLogs() as events:
+        client.service.startService()
+        client.clock.advance(3.9)
+        assert client.dialled == ["a"] and not client.last().cancelled
+        client.clock.advance(0.1)
+        assert client.last().cancelled
+        client.clock.advance(0.5)
+        assert client.dialled == ["a", "b"]
+        client.last().connect().receive(SERVER_ACCEPTS)
+        assert client.service.state == S.CONNECTED
+    text = [formatEvent(e) for e in events]
+    failed = "connecting to the tunnel server at a failed: "
+    assert any(t.startswith(failed) and "no connection after 4 seconds" in t for t in text)
+    client.service.stopService()
+    client.last().lose()
+    assert client.clock.getDelayedCalls() == []
 
 
 # -- 3. whole tunnels in memory: nodes that die, go silent, stop or refuse -------------------

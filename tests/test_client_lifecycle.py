@@ -15,11 +15,17 @@ import random
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -241,7 +247,8 @@ def test_a_failed_attempt_is_retried_after_the_policy_delay(how):
     client.assert_quiet()
 
 
-def test_the_attempt_count_restarts_after_a_connection():
+def test_the_attempt_count_restarts_after_a_connection_that_lived():
+    """A link up for ``min_uptime`` (10 s by default) restarts the count."""
     policy = exponential_backoff(initial=0.5, maximum=4.0, rng=random.Random(7).random)
     asked: list[tuple[int, float]] = []
 
@@ -255,6 +262,7 @@ def test_the_attempt_count_restarts_after_a_connection():
         client.dialler.last.refuse()
         client.clock.advance(asked[-1][1])
     dial = client.connect()
+    client.clock.advance(10.0)
     dial.lose(ConnectionLost("the link died"))
     assert client.service.state == S.DISCONNECTED
     assert isinstance(client.service.last_error, ConnectionLost)
@@ -295,6 +303,82 @@ def test_the_policy_gives_up():
     client.connect()
     client.service.stopService()
     client.dialler.last.lose()
+    client.assert_quiet()
+
+
+def test_links_that_die_young_count_as_failures():
+    """A server that accepts the tunnel and drops it at once is backed off
+    from: each link lost within ``min_uptime`` is one more failure in a row
+    (after the failures before it), until a link lives long enough."""
+    retry = Recording(default=2.0)
+    client = Client(retry, min_uptime=5.0)
+    client.service.startService()
+    client.dialler.last.refuse()  # 1
+    client.clock.advance(2.0)
+    for _ in range(4):  # 2, 3, 4, 5: up 4.9 s each, short of min_uptime
+        dial = client.connect()
+        client.clock.advance(4.9)
+        dial.lose(ConnectionLost("the node drops it"))
+        client.clock.advance(2.0)
+    client.dialler.last.refuse()  # 6: a failed dial goes on counting
+    client.clock.advance(2.0)
+    dial = client.connect()
+    client.clock.advance(5.0)  # this one lived: the count restarts
+    dial.lose(ConnectionLost("the node died"))
+    client.clock.advance(2.0)
+    dial = client.connect()
+    dial.lose(ConnectionLost("at once"))  # right after a long link: 2
+    assert retry.asked == [1, 2, 3, 4, 5, 6, 1, 2]
+    client.service.stopService()
+    client.assert_quiet()
+
+
+def test_a_flapping_server_gets_growing_delays_and_bounded_logs():
+    """The review's case: accept, then drop at once, forever.  With the
+    default policy (no jitter here) the delays grow to its 60 s cap, so ten
+    minutes bring a couple of dozen attempts and four log lines each, not
+    two attempts a second."""
+    policy = exponential_backoff(rng=lambda: 0.5)
+    delays: list[float] = []
+
+    def recording(attempt: int) -> float | None:
+        delays.append(policy(attempt))
+        return delays[-1]
+
+    client = Client(recording)
+    with capturedLogs() as events:
+        client.service.startService()
+        while client.clock.seconds() < 600:
+            dial = client.connect()
+            dial.lose(ConnectionLost("the node drops it"))
+            client.clock.advance(delays[-1])
+        client.service.stopService()
+    assert all(a < b for a, b in zip(delays[:11], delays[1:12], strict=True))
+    assert delays[:3] == [0.5, 0.75, 1.125]
+    assert delays[-1] == 60.0
+    assert len(client.dialler.dials) < 25
+    assert len(events) < 5 * 25
+
+
+def test_a_dial_that_never_answers_is_cancelled_after_the_handshake_timeout():
+    """A vanished machine answers no SYN: the dial is given up after
+    ``handshake_timeout`` (not the endpoint's 30 s) and the next one follows."""
+    client = Client(handshake_timeout=3.0)
+    client.service.startService()
+    client.clock.advance(2.99)
+    assert not client.dialler.last.cancelled
+    client.clock.advance(0.01)
+    assert client.dialler.last.cancelled
+    error = client.service.last_error
+    assert isinstance(error, TimeoutError) and "no connection after 3 seconds" in str(error)
+    client.clock.advance(1.0)  # Recording's delay
+    assert len(client.dialler.dials) == 2
+    assert client.changes[-1].current == S.CONNECTING and client.changes[-1].error is error
+    dial = client.connect()  # a dial that connects in time keeps no timer
+    client.clock.advance(60.0)
+    assert client.service.state == S.CONNECTED
+    client.service.stopService()
+    dial.lose()
     client.assert_quiet()
 
 

@@ -8,7 +8,9 @@ hands out ``when_ready()`` waiters.  A thin layer here keeps what it cannot
 express (spec.md 2.12): failing over between several servers (the endpoint
 it dials picks one per attempt from a ``ServerRotation``), a graceful drain
 on stop, stopping an attempt in its handshake, a policy that gives up,
-koding's ClientState values and ``last_error``.
+a bound on each dial, counting a link that dies young as a failure (a
+server that accepts and drops at once is backed off from), koding's
+ClientState values and ``last_error``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import (
     ILoggingContext,
     IProtocol,
@@ -114,6 +117,11 @@ class _AttemptEndpoint:
     """The endpoint ClientService dials: each connect() is one attempt, to
     the next server of the rotation.
 
+    A dial that has not connected after ``timeout`` seconds is cancelled
+    and fails with a TimeoutError: a vanished machine answers nothing, and
+    the endpoint's own timeout (TCP's is 30 s) would hold the failover that
+    long.  From the connection on, the protocol's handshake timer bounds it.
+
     :param starts: called with the server as each dial starts.
     :param connected: turns ClientService's protocol proxy into the attempt.
     :param failed: called with the failure of a dial (and passes it on).
@@ -123,11 +131,15 @@ class _AttemptEndpoint:
         self,
         rotation: ServerRotation,
         *,
+        clock,
+        timeout: float,
         starts: Callable[[Server], None],
         connected: Callable[[IProtocol], _Attempt],
         failed: Callable[[Failure], Failure],
     ) -> None:
         self.rotation = rotation
+        self.clock = clock
+        self.timeout = timeout
         self.starts = starts
         self.connected = connected
         self.failed = failed
@@ -144,7 +156,19 @@ class _AttemptEndpoint:
         server = self.rotation.next()
         self.starts(server)
         d = server.endpoint.connect(_AttemptFactory(factory, self.connected))
+        if not d.called:
+            timer = self.clock.callLater(self.timeout, d.cancel)
+            d.addBoth(self._dialled, timer)
         return d.addCallbacks(lambda attempt: attempt.proxy, self.failed)
+
+    def _dialled(self, result: object, timer: Any) -> object:
+        """The dial is over: stop its timer, or, if the timer ended it, say so
+        (a cancel by ClientService's stop is passed on as it is)."""
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure):
+            return Failure(TimeoutError(None, f"no connection after {self.timeout:g} seconds"))
+        return result
 
 
 class TunnelClientService(Service):
@@ -163,7 +187,13 @@ class TunnelClientService(Service):
     :param retry: attempt number -> delay in seconds, or None to give up.
         One delay per attempt, whichever server it goes to.
     :param shuffle: orders each round of servers (``random.shuffle``).
+    :param handshake_timeout: seconds a dial may take to connect, and then
+        the CONNECT and control handshake to complete (each in turn).
     :param stop_timeout: seconds open tunnels may go on after stopService.
+    :param min_uptime: a ready link lost sooner than this counts as a failed
+        attempt when the retry policy is asked (so a server that accepts the
+        tunnel and drops it at once is retried ever more slowly); a link that
+        lived longer restarts the count.
     """
 
     log = Logger()
@@ -181,6 +211,7 @@ class TunnelClientService(Service):
         yamux_config: YamuxConfig | None = None,
         handshake_timeout: float = 10.0,
         stop_timeout: float = 10.0,
+        min_uptime: float = 10.0,
     ) -> None:
         if not identifier or any(c in identifier for c in "\r\n\0"):
             raise ValueError("the identifier must be non-empty and free of CR, LF and NUL")
@@ -200,6 +231,7 @@ class TunnelClientService(Service):
         self.yamux_config = yamux_config
         self.handshake_timeout = handshake_timeout
         self.stop_timeout = stop_timeout
+        self.min_uptime = min_uptime
         self.state = ClientState.UNKNOWN
         #: the connection of the current (or last) attempt
         self.protocol: TunnelClientProtocol | None = None
@@ -212,9 +244,18 @@ class TunnelClientService(Service):
         self._stopped = OneShot()
         self._observers = Observers()
         self._rotation = rotation
+        #: the n last given to the retry policy: failures in a row, short links included
+        self._failures = 0
+        #: failures in a row before ClientService's count last restarted
+        self._carried = 0
+        #: (when, failures before it) of the ready link the policy has not yet
+        #: been asked about; its loss is the next thing ClientService asks about
+        self._link_up: tuple[float, int] | None = None
         self._loop = ClientService(
             _AttemptEndpoint(
                 rotation,
+                clock=clock,
+                timeout=handshake_timeout,
                 starts=self._attempt_starts,
                 connected=self._connected,
                 failed=self._attempt_failed,
@@ -303,6 +344,8 @@ class TunnelClientService(Service):
 
     def _start(self) -> None:
         self._phase = _Phase.RUNNING
+        self._failures = self._carried = 0  # nothing carried over a stop
+        self._link_up = None
         self._set_state(ClientState.STARTED)
         if self._phase is _Phase.RUNNING:  # an observer may have stopped it
             self._loop.startService()
@@ -343,6 +386,7 @@ class TunnelClientService(Service):
     def _ready(self, protocol: TunnelClientProtocol, attempt: _Attempt) -> TunnelClientProtocol:
         attempt.link = _Link.READY
         self.last_error = None
+        self._link_up = (self.clock.seconds(), self._failures)
         self.log.info(
             "tunnel to the server is up at {server} ({ident})",
             server=str(self.current_server),
@@ -375,14 +419,28 @@ class TunnelClientService(Service):
             )
         return failure
 
+    def _failures_in_a_row(self, failures: int) -> int:
+        """ClientService's count of failed attempts (since the last ready link),
+        plus those before that link if it lived less than ``min_uptime``: a
+        link that dies young is one more failure, not a fresh start."""
+        if self._link_up is not None:  # its loss is what ClientService asks about
+            since, before = self._link_up
+            self._link_up = None
+            lived = self.clock.seconds() - since
+            self._carried = before if lived < self.min_uptime else 0
+        self._failures = self._carried + failures
+        return self._failures
+
     def _retry_delay(self, failures: int) -> float:
         """ClientService's retryPolicy, from ours: ``failures`` counts the
-        attempts failed in a row (1 for the first retry).
+        attempts failed in a row (1 for the first retry), see
+        ``_failures_in_a_row``.
 
         ClientService always retries, and cannot be stopped from inside its
         policy (it is mid-transition); so when ours gives up, ClientService is
         stopped on the next turn, before the delay returned here runs out.
         """
+        failures = self._failures_in_a_row(failures)
         delay = self.retry(failures)
         if delay is not None:
             return delay
