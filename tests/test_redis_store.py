@@ -49,6 +49,7 @@ from tunnel.server.store import (
 )
 
 from . import redis_server
+from .admin_env import AdminEnv
 from .live import http_client, until
 from .processes import Twistd, free_port, reap_all, spawn_twistd, stop, until_children
 
@@ -777,6 +778,25 @@ async def test_a_hung_redis_fails_changes_within_the_timeout(own_redis):
         assert await store.put_host(HostEntry("c.test", KEY)) is True
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_api_answers_504_to_a_change_redis_did_not_answer(own_redis):
+    env = await AdminEnv(new_store(own_redis, timeout=0.3)).start()
+    try:
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        try:
+            with capturedLogs() as events:
+                code, body, _ = await env.call("PUT", "/api/hosts/b.localhost", {"identifier": "x"})
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+        assert code == 504, body
+        assert body["error"].startswith("the store did not answer in time: put_host")
+        assert "the change may have been applied" in body["error"]
+        assert lines(events, "admin: a change got no answer from the store")
+        assert not [e for e in events if "log_failure" in e]
+    finally:
+        await env.stop()
 
 
 @pytest_twisted.ensureDeferred
