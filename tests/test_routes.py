@@ -689,7 +689,7 @@ def test_a_resync_converges_to_the_snapshot_from_what_is_served_here():
     # the store now holds h.test back on ONE, no mine.test, no 2222, and 4444
     listen.taken.clear()
     snapshot = Snapshot(
-        (HostEntry("h.test", ONE), HostEntry("new.test", TWO, RATE_1)),
+        (HostEntry("H.Test.", ONE), HostEntry("new.test", TWO, RATE_1)),
         (PortEntry(4444, ONE),),
         version=9,
     )
@@ -702,10 +702,13 @@ def test_a_resync_converges_to_the_snapshot_from_what_is_served_here():
     assert listen.open_ports() == [4444] and routes.ports() == [PortEntry(4444, ONE)]
     assert server.addrs.lookup("127.0.0.1", 4444) == ONE
     assert server.addrs.lookup("127.0.0.1", 2222) is None
-    # the same again changes nothing (the same route objects)
-    route = server.vhosts.get("new.test")
+    # the same again changes nothing (the same route objects, a name stored
+    # unnormalised included)
+    routes_before = {h: server.vhosts.get(h) for h in ("h.test", "new.test")}
     store.tell(Resynced(snapshot))
-    assert server.vhosts.get("new.test") is route and listen.open_ports() == [4444]
+    assert {h: server.vhosts.get(h) for h in ("h.test", "new.test")} == routes_before
+    assert all(server.vhosts.get(h) is r for h, r in routes_before.items())
+    assert listen.open_ports() == [4444]
     result(routes.stop())
 
 

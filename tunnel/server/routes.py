@@ -234,11 +234,16 @@ class Routes:
                 hosts=len(self._hosts),
                 ports=len(self._ports),
             )
-        hosts = {e.host: e for e in snapshot.hosts}
-        ports = {e.port: e for e in snapshot.ports}
-        for name in sorted(set(self._hosts) - set(hosts)):
+        hosts = set()
+        for entry in snapshot.hosts:
+            try:
+                hosts.add(host_key(entry.host))
+            except ValueError:
+                pass  # left out below, with its reason
+        ports = {e.port for e in snapshot.ports}
+        for name in sorted(set(self._hosts) - hosts):
             self._apply_host(HostChanged(name, None))
-        for port in sorted((set(self._ports) | set(self._listeners)) - set(ports)):
+        for port in sorted((set(self._ports) | set(self._listeners)) - ports):
             await self._apply_port(PortChanged(port, None))
         for entry in snapshot.hosts:
             self._apply_host(HostChanged(entry.host, entry))
