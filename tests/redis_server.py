@@ -35,6 +35,11 @@ import pytest
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 #: seconds the server gets to say it is ready
 START_TIMEOUT = 10.0
+#: attempts at starting a server (a port taken meanwhile: choose again, or
+#: after a restart wait a little for it and try the same one again)
+START_ATTEMPTS = 5
+#: seconds between attempts at restarting on the same port (times the attempt)
+RESTART_PAUSE = 0.2
 SKIP_REASON = "redis-server is not installed (Debian's redis-server package; .ci/run installs it)"
 
 
@@ -149,8 +154,10 @@ class RedisServer:
         and return once it answers PING."""
         assert self.process is None, "already running"
         require()
-        attempts = 3 if not self.port else 1  # a fresh port may be taken meanwhile
-        for attempt in range(attempts):
+        # a fresh port may be taken between choosing it and binding it: choose
+        # again; the same port after a restart may be taken meanwhile by
+        # another process (a client's ephemeral port, briefly): try again
+        for attempt in range(START_ATTEMPTS):
             if not self.starts:
                 self.port = _free_port()
             log = self._spawn()
@@ -158,7 +165,9 @@ class RedisServer:
                 self.starts += 1
                 assert self.command("PING") == "PONG"
                 return self
-            if not self.starts and "Address already in use" in log and attempt + 1 < attempts:
+            if "Address already in use" in log and attempt + 1 < START_ATTEMPTS:
+                if self.starts:
+                    time.sleep(RESTART_PAUSE * (attempt + 1))
                 continue
             raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log}")
         raise AssertionError("unreachable")

@@ -40,13 +40,16 @@ from tunnel.server.store import (
     HostEntry,
     PortChanged,
     PortEntry,
+    Resynced,
     SharedRegistryStore,
     Snapshot,
     StoreClosed,
     StoreError,
+    StoreOutcomeUnknown,
 )
 
 from . import redis_server
+from .admin_env import AdminEnv
 from .live import http_client, until
 from .processes import Twistd, free_port, reap_all, spawn_twistd, stop, until_children
 
@@ -185,7 +188,7 @@ def test_a_command_that_gets_no_answer_fails_in_time_and_drops_the_connection():
     link = RedisLink(endpoint, name="r", clock=clock, timeout=2, keepalive=0, backoff=FAST)
     d = link.run("put_host", lambda p: p.ping())
     clock.advance(2)
-    with pytest.raises(StoreError, match="put_host: Redis r did not answer in 2 s"):
+    with pytest.raises(StoreOutcomeUnknown, match="put_host: Redis r did not answer in 2 s"):
         raise fired(d)
     assert endpoint.protocols[0].transport.disconnecting  # aborted
     lose(endpoint.protocols[0])
@@ -215,26 +218,33 @@ def test_keepalive_pings_and_drops_a_connection_that_does_not_answer():
 
 def test_notices_parse_and_bad_ones_are_refused():
     hexkey = KEY.digest.hex()
-    assert parse_notice(f'7 {{"host":"a.test","key":"{hexkey}","rules":{{}}}}') == (
+    assert parse_notice(f'7 e1 {{"host":"a.test","key":"{hexkey}","rules":{{}}}}') == (
         7,
+        "e1",
         HostChanged("a.test", HostEntry("a.test", KEY, {})),
     )
-    assert parse_notice('8 {"host":"a.test"}') == (8, HostChanged("a.test", None))
-    assert parse_notice(f'9 {{"port":22,"key":"{hexkey}"}}') == (
+    assert parse_notice('8 e1 {"host":"a.test"}') == (8, "e1", HostChanged("a.test", None))
+    assert parse_notice(f'9 e2 {{"port":22,"key":"{hexkey}"}}') == (
         9,
+        "e2",
         PortChanged(22, PortEntry(22, KEY)),
     )
     for bad in [
         b"\xff",
         '{"host":"a"}',
-        "x {}",
-        "1 [",
-        "1 []",
-        "1 {}",
-        '1 {"host":1}',
-        '1 {"port":0}',
-        '1 {"host":"a","key":"00"}',
-        f'1 {{"host":"a","key":"{hexkey}","rules":[]}}',
+        "x e {}",
+        '1 {"host":"a"}',
+        '1 e-1 {"host":"a"}',
+        f'1 {"e" * 65} {{"host":"a"}}',
+        "1 e [",
+        "1 e []",
+        "1 e {}",
+        '1 e {"host":1}',
+        '1 e {"port":0}',
+        '1 e {"host":"a","key":"00"}',
+        '1 e {"host":"\udcff"}',
+        '1 e {"host":"\\udcff"}',
+        f'1 e {{"host":"a","key":"{hexkey}","rules":[]}}',
     ]:
         with pytest.raises(ValueError):
             parse_notice(bad)
@@ -270,9 +280,11 @@ async def test_what_redis_holds_and_one_script_per_change(redis):
         assert redis.command("HGETALL", "model:ports") == []
         assert redis.command("GET", "model:version") == b"3"  # the delete of nothing: none
         snapshot = await store.load()
-        assert snapshot == Snapshot((HostEntry("a.test", KEY, RULES),), (), version=3)
+        epoch = redis.command("GET", "model:epoch").decode()
+        assert snapshot == Snapshot((HostEntry("a.test", KEY, RULES),), (), 3, epoch)
+        assert len(epoch) == 32
         keys = sorted(redis.command("KEYS", "model:*"))
-        assert keys == [b"model:hosts", b"model:version"]
+        assert keys == [b"model:epoch", b"model:hosts", b"model:version"]
         dump = b"".join(redis.command("DUMP", k) for k in keys)
         assert IDENTIFIER.encode() not in dump and KEY.digest.hex().encode() in dump
     finally:
@@ -290,12 +302,22 @@ async def test_values_that_cannot_be_read_are_skipped_with_a_warning(redis):
         redis.command("HSET", f"{prefix}hosts", "short.test", '{"key":"00"}')
         redis.command("HSET", f"{prefix}hosts", "rules.test", f'{{"key":"{good}","rules":1}}')
         redis.command("HSET", f"{prefix}ports", "70000", good, "22", "zz", "x", good)
+        # bytes that are not UTF-8, in a value and in a name: only those fields
+        redis.command("HSET", f"{prefix}hosts", "bytes.test", b'{"key":"\xff"}')
+        redis.command("HSET", f"{prefix}hosts", b"\xfe.test", f'{{"key":"{good}"}}')
+        redis.command("HSET", f"{prefix}ports", "23", b"\xff" * 64)
         with capturedLogs() as events:
             snapshot = await store.load()
         assert snapshot.hosts == (HostEntry("good.test", KEY),) and snapshot.ports == ()
         found = warnings(events)
-        assert len(found) == 7 and all(store.name in line for line in found)
+        assert len(found) == 10 and all(store.name in line for line in found)
+        assert [line for line in found if "'bytes.test'" in line and "UTF-8" in line]
+        assert [line for line in found if "'23'" in line]
         assert not [e for e in events if "log_failure" in e]
+        # the version is not a number: a StoreError that says so, not a ValueError
+        redis.command("SET", f"{prefix}version", b"\xff1")
+        with pytest.raises(StoreError, match="version .* is not a number"):
+            await store.load()
     finally:
         await store.close()
 
@@ -309,7 +331,8 @@ async def test_rules_that_are_not_json_and_bad_ports_fail_and_change_nothing(red
             await store.put_host(HostEntry("a.test", KEY, rules))
         with pytest.raises(StoreError, match="put_port failed"):
             await store.put_port(PortEntry(0, KEY))
-        assert await store.load() == Snapshot(version=0)
+        snapshot = await store.load()
+        assert (snapshot.hosts, snapshot.ports, snapshot.version) == ((), (), 0)
     finally:
         await store.close()
 
@@ -346,11 +369,17 @@ async def test_every_call_after_close_fails_clearly_and_close_waits_for_changes(
 
 
 class Recorder:
+    """The changes told, one by one (``changes``), and the catch-ups (``resyncs``)."""
+
     def __init__(self) -> None:
         self.changes: list = []
+        self.resyncs: list[Snapshot] = []
 
     def __call__(self, change) -> None:
-        self.changes.append(change)
+        if isinstance(change, Resynced):
+            self.resyncs.append(change.snapshot)
+        else:
+            self.changes.append(change)
 
     async def wait_for(self, count: int) -> list:
         await until(lambda: len(self.changes) >= count, timeout=5, what=f"{count} changes")
@@ -378,6 +407,7 @@ async def test_a_watcher_hears_every_change_in_order_its_own_included(redis):
             PortChanged(2222, None),
             HostChanged("a.test", None),
         ]
+        assert len(heard.resyncs) == 1  # when the subscription began
         unwatch()
         await theirs.put_host(HostEntry("b.test", KEY))
         assert await mine.load() != Snapshot()  # a round trip: no notice came meanwhile
@@ -397,28 +427,32 @@ async def test_a_watcher_cut_off_catches_up_with_what_it_missed(redis):
     try:
         mine.watch(await mine.load(), heard)
         await until(lambda: mine.feed_state is FeedState.LIVE, timeout=5, what="the feed")
-        with capturedLogs() as events:
-            redis.command("CLIENT", "KILL", "TYPE", "pubsub")  # every subscriber
-            # before the subscriber is back (50 ms): notices nobody gets
-            await theirs.delete_host("gone.test")
-            await theirs.put_host(HostEntry("kept.test", OTHER, RULES))
-            await theirs.put_port(PortEntry(3333, KEY))
-            changes = await heard.wait_for(3)
-        assert len(changes) == 3
-        assert HostChanged("gone.test", None) in changes
-        assert HostChanged("kept.test", HostEntry("kept.test", OTHER, RULES)) in changes
-        assert PortChanged(3333, PortEntry(3333, KEY)) in changes
-        assert lines(events, "caught up (3 changes told)")
+        resyncs = len(heard.resyncs)
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")  # every subscriber
+        # before the subscriber is back (50 ms): notices nobody gets
+        await theirs.delete_host("gone.test")
+        await theirs.put_host(HostEntry("kept.test", OTHER, RULES))
+        await theirs.put_port(PortEntry(3333, KEY))
+        await until(lambda: len(heard.resyncs) > resyncs, timeout=5, what="a catch-up")
+        # everything the store holds, whatever was told before
+        assert heard.resyncs[-1].hosts == (HostEntry("kept.test", OTHER, RULES),)
+        assert heard.resyncs[-1].ports == (PortEntry(3333, KEY),)
+        assert heard.changes == []
         # live again: the next change comes as a notice
+        await until(lambda: mine.feed_state is FeedState.LIVE, timeout=5, what="the feed")
         await theirs.delete_port(3333)
-        assert (await heard.wait_for(4))[3] == PortChanged(3333, None)
+        assert await heard.wait_for(1) == [PortChanged(3333, None)]
         # an unreadable notice: a catch-up, which finds nothing new
         with capturedLogs() as events:
             redis.command("PUBLISH", f"{prefix}changes", "garbage")
             await until(lambda: lines(events, "unreadable notice"), timeout=5, what="a warning")
             await theirs.put_host(HostEntry("new.test", KEY))
             new = HostChanged("new.test", HostEntry("new.test", KEY))
-            assert (await heard.wait_for(5))[4] == new
+            await until(
+                lambda: new in heard.changes or new.entry in heard.resyncs[-1].hosts,
+                timeout=5,
+                what="the new host",
+            )
     finally:
         await mine.close()
         await theirs.close()
@@ -433,11 +467,13 @@ async def test_a_watch_from_an_old_or_unversioned_snapshot_is_told_the_differenc
         await store.put_host(HostEntry("a.test", KEY))
         heard = Recorder()
         store.watch(old, heard)
-        assert await heard.wait_for(1) == [HostChanged("a.test", HostEntry("a.test", KEY))]
-        # a snapshot of no version (another store's): what differs is told
+        await until(lambda: heard.resyncs, timeout=5, what="a catch-up")
+        assert heard.resyncs[0].hosts == (HostEntry("a.test", KEY),)
+        # a snapshot of no version (another store's): everything is told
         other = Recorder()
         store.watch(Snapshot((HostEntry("a.test", KEY), HostEntry("x.test", OTHER))), other)
-        assert await other.wait_for(1) == [HostChanged("x.test", None)]
+        await until(lambda: other.resyncs, timeout=5, what="a catch-up")
+        assert other.resyncs[0].hosts == (HostEntry("a.test", KEY),)
     finally:
         await store.close()
 
@@ -449,11 +485,12 @@ class Node:
     """A TunnelServer and its Routes on the shared Redis, listening on real
     ephemeral ports for the logical TCP ports of the registry."""
 
-    def __init__(self, server, prefix: str) -> None:
+    def __init__(self, server, prefix: str, **options) -> None:
         self.server = TunnelServer()
         self.listen = TCPPorts(self.server, interface="127.0.0.1", reactor=reactor)
         self.real: dict[int, object] = {}
-        self.routes = Routes(self.server, new_store(server, prefix), listen_tcp=self._listen)
+        store = new_store(server, prefix, **options)
+        self.routes = Routes(self.server, store, listen_tcp=self._listen)
 
     def _listen(self, port: int):
         def opened(listener):
@@ -471,9 +508,9 @@ class Node:
         return listener is not None and listener.connected
 
 
-async def two_nodes(server) -> tuple[Node, Node]:
+async def two_nodes(server, **options) -> tuple[Node, Node]:
     prefix = f"nodes-{uuid.uuid4().hex[:8]}:"
-    a, b = Node(server, prefix), Node(server, prefix)
+    a, b = Node(server, prefix, **options), Node(server, prefix, **options)
     await a.routes.start()
     await b.routes.start()
     return a, b
@@ -524,12 +561,170 @@ async def test_a_node_catches_up_after_its_feed_was_cut(redis):
         await b.routes.stop()
 
 
+#: reconnections slow enough that a test's changes are all made before the
+#: feed is back (each only a round trip on loopback)
+SLOW = Backoff(initial=0.5, maximum=0.5, jitter=0.0)
+
+
+def feeds_live(*nodes: Node) -> bool:
+    return all(n.routes.store.feed_state is FeedState.LIVE for n in nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_own_change_was_undone_while_cut_off_converges(redis):
+    a, b = await two_nodes(redis, backoff=SLOW)
+    try:
+        await b.routes.put_host("h.test", "old-ident")
+        await until(lambda: a.serves("h.test") == TunnelKey.of("old-ident"), what="a serving")
+        await until(lambda: feeds_live(a, b), what="both feeds live")
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        await until(lambda: a.routes.store.feed_state is FeedState.OFF, what="a cut off")
+        # A changes h (its feed never tells A), B puts the old value back: the
+        # store holds what the feed last told A, not what A serves
+        await a.routes.put_host("h.test", "new-ident")
+        await b.routes.put_host("h.test", "old-ident")
+        await until(lambda: feeds_live(a, b), what="both feeds live again")
+        await until(lambda: a.serves("h.test") == TunnelKey.of("old-ident"), what="a converged")
+        assert b.serves("h.test") == TunnelKey.of("old-ident")
+    finally:
+        await a.routes.stop()
+        await b.routes.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_restarted_empty_is_followed_loudly_even_at_the_same_version():
+    with redis_server.running() as server:
+        prefix = f"epoch-{uuid.uuid4().hex[:8]}:"
+        a = Node(server, prefix, backoff=SLOW)
+        await a.routes.start()
+        try:
+            await a.routes.put_host("p.test", "one")
+            await a.routes.put_host("q.test", "one")
+            await until(lambda: feeds_live(a), what="the feed")
+            with capturedLogs() as events:
+                server.stop()
+                server.start()  # empty, its counter at 0
+                await until(lambda: a.routes.store.feed_state is FeedState.OFF, what="cut off")
+                other = new_store(server, prefix)
+                await other.put_host(HostEntry("r.test", TunnelKey.of("two")))
+                await other.put_host(HostEntry("s.test", TunnelKey.of("two")))
+                await other.close()  # the counter is at 2 again, the data is not the same
+                await until(lambda: a.serves("r.test") is not None, what="a following")
+            assert a.serves("p.test") is None and a.serves("q.test") is None
+            assert a.serves("s.test") == TunnelKey.of("two")
+            assert lines(events, "its data was emptied or replaced (a new epoch)")
+            # emptied again, and nothing else: every host goes, with a warning
+            with capturedLogs() as events:
+                server.stop()
+                server.start()
+                await until(lambda: a.serves("r.test") is None, what="a emptied")
+            assert lines(events, "the shared registry is empty: removing the 2 hosts")
+        finally:
+            await a.routes.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_or_a_counter_reset_while_connected_is_caught_up(redis):
+    prefix = f"flush-{uuid.uuid4().hex[:8]}:"
+    a = Node(redis, prefix)
+    await a.routes.start()
+    other = new_store(redis, prefix)
+    try:
+        for host in ("a.test", "b.test", "c.test"):
+            await a.routes.put_host(host, "one")
+        await until(lambda: feeds_live(a), what="the feed")
+        with capturedLogs() as events:
+            redis.command("FLUSHALL")  # the connections stay
+            await other.put_host(HostEntry("new.test", TunnelKey.of("two")))  # version 1
+            await other.put_host(HostEntry("a.test", TunnelKey.of("two")))  # version 2
+            await until(lambda: a.serves("new.test") is not None, what="a following")
+            await until(lambda: a.serves("b.test") is None, what="b.test gone")
+        assert a.serves("a.test") == TunnelKey.of("two") and a.serves("c.test") is None
+        assert lines(events, "a new epoch")
+        # the counter alone deleted: the next notice goes back, same epoch
+        await until(lambda: feeds_live(a), what="the feed")
+        with capturedLogs() as events:
+            redis.command("DEL", f"{prefix}version")
+            await other.put_host(HostEntry("x.test", TunnelKey.of("two")))  # version 1
+            await until(lambda: a.serves("x.test") is not None, what="a following")
+        assert lines(events, "the change counter went back")
+    finally:
+        await other.close()
+        await a.routes.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_notices_out_of_sequence_or_unreadable_cost_one_catch_up_each_burst(redis):
+    store = new_store(redis)
+    heard = Recorder()
+    try:
+        await store.put_host(HostEntry("a.test", KEY))
+        store.watch(await store.load(), heard)
+        await until(lambda: store.feed_state is FeedState.LIVE, what="the feed")
+        epoch = redis.command("GET", f"{store.prefix}epoch").decode()
+        channel = f"{store.prefix}changes"
+        before = redis.commandstats()
+        with capturedLogs() as events:
+            # published by hand, above the stored counter: not genuine
+            for n in range(30):
+                redis.command("PUBLISH", channel, f'{999 + n} {epoch} {{"host":"x.test"}}')
+            await until(lambda: lines(events, "out of sequence"), what="a warning")
+            for _ in range(30):
+                redis.command("PUBLISH", channel, "garbage")
+            await until(lambda: lines(events, "unreadable notice"), what="a warning")
+            await until(lambda: store.feed_state is FeedState.LIVE, what="live again")
+            # live: a real change is told as it comes
+            await store.put_host(HostEntry("real.test", KEY))
+            await heard.wait_for(1)
+        after = redis.commandstats()
+        assert heard.changes == [HostChanged("real.test", HostEntry("real.test", KEY))]
+        assert store.feed_state is FeedState.LIVE
+        # a few snapshots (the bursts, spaced by the backoff), not a loop
+        snapshots = sum(after.get(c, 0) - before.get(c, 0) for c in ("eval", "evalsha")) - 1
+        assert 1 <= snapshots <= 8, snapshots
+        # at most a burst of 10, and one line saying the rest are counted
+        assert len(lines(events, "out of sequence")) <= 11
+        assert len(lines(events, "unreadable notice")) <= 11
+        assert not [e for e in events if "log_failure" in e]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_feed_that_cannot_catch_up_holds_a_bounded_queue_then_recovers(redis):
+    store = new_store(redis)
+    prefix, heard = store.prefix, Recorder()
+    try:
+        await store.put_host(HostEntry("good.test", KEY))
+        redis.command("HSET", f"{prefix}hosts", "bad.test", b'{"key":"\xff"}')  # skipped
+        with capturedLogs() as events:
+            redis.command("SET", f"{prefix}version", "not a number")  # snapshots fail
+            store.watch(Snapshot(version=0), heard)
+            await until(lambda: lines(events, "cannot catch up yet"), what="failing")
+            assert store.feed_state is FeedState.SYNCING
+            # more notices than the feed holds while it cannot place them
+            script = "for i = 1, 2500 do redis.call('PUBLISH', KEYS[1], i .. ARGV[1]) end"
+            redis.command("EVAL", script, 1, f"{prefix}changes", ' e {"host":"z"}')
+            await until(lambda: lines(events, "dropping them and catching up"), what="the cap")
+            redis.command("SET", f"{prefix}version", "7")
+            await until(lambda: store.feed_state is FeedState.LIVE, what="live")
+            await until(lambda: heard.resyncs, what="a catch-up")
+        assert heard.resyncs[-1].hosts == (HostEntry("good.test", KEY),)
+        assert heard.changes == []
+        assert len(lines(events, "dropping them and catching up")) <= 11
+        assert lines(events, "skipping host 'bad.test': not UTF-8 text")
+    finally:
+        await store.close()
+
+
 # -- Redis going away -------------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
 async def test_redis_killed_and_restarted(own_redis):
-    a, b = await two_nodes(own_redis)
+    # a timeout far above the bound below: failing within it proves nobody
+    # waited for one
+    a, b = await two_nodes(own_redis, timeout=30.0)
     try:
         await a.routes.put_host("kept.test", "ident-one")
         await until(lambda: b.serves("kept.test") is not None, what="b serving")
@@ -547,7 +742,7 @@ async def test_redis_killed_and_restarted(own_redis):
             ):
                 with pytest.raises(StoreError, match="is unavailable"):
                     await call()
-            assert time.monotonic() - started < 1.0  # fast: nobody waits on a dead Redis
+            assert time.monotonic() - started < 15  # fast: nobody waits on a dead Redis
             # serving goes on from the tables
             assert a.serves("kept.test") == b.serves("kept.test") == TunnelKey.of("ident-one")
             assert not a.listening(40300)
@@ -572,16 +767,36 @@ async def test_a_hung_redis_fails_changes_within_the_timeout(own_redis):
         await store.put_host(HostEntry("a.test", KEY))
         os.kill(own_redis.process.pid, signal.SIGSTOP)
         try:
-            started = time.monotonic()
-            with pytest.raises(StoreError, match="did not answer in 0.3 s"):
+            # the exact timing is on a Clock (above); here: it fails, and says
+            # the change may have been made (Redis has the script, and runs it)
+            with pytest.raises(StoreOutcomeUnknown, match="did not answer in 0.3 s") as raised:
                 await store.put_host(HostEntry("b.test", KEY))
-            assert time.monotonic() - started < 1.0
+            assert "the change may have been applied" in str(raised.value)
         finally:
             os.kill(own_redis.process.pid, signal.SIGCONT)
         await until(lambda: store.link_state is LinkState.READY, what="reconnected")
         assert await store.put_host(HostEntry("c.test", KEY)) is True
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_api_answers_504_to_a_change_redis_did_not_answer(own_redis):
+    env = await AdminEnv(new_store(own_redis, timeout=0.3)).start()
+    try:
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        try:
+            with capturedLogs() as events:
+                code, body, _ = await env.call("PUT", "/api/hosts/b.localhost", {"identifier": "x"})
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+        assert code == 504, body
+        assert body["error"].startswith("the store did not answer in time: put_host")
+        assert "the change may have been applied" in body["error"]
+        assert lines(events, "admin: a change got no answer from the store")
+        assert not [e for e in events if "log_failure" in e]
+    finally:
+        await env.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -704,7 +919,7 @@ async def test_two_twistd_nodes_share_the_registry_and_outlive_a_redis_outage(tm
                 {"identifier": E2E_IDENTIFIER},
             )  # fmt: skip
             assert code == 503 and b"not stored" in error, error
-            assert time.monotonic() - started < 4
+            assert time.monotonic() - started < 15  # refused at once, not hung
             assert await public_get(ports["b"], "app.localhost") == (200, body)
 
             # back: the change goes through and B serves it

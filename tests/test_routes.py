@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from tunnel.koding.identifiers import TunnelKey
@@ -31,6 +31,7 @@ from tunnel.server.store import (
     MemoryStore,
     PortChanged,
     PortEntry,
+    Resynced,
     Snapshot,
 )
 from tunnel.server.vhosts import VirtualAddrs, VirtualHosts, host_key
@@ -673,3 +674,74 @@ def test_a_change_from_the_feed_waits_for_the_local_change_under_way():
     gate.callback(None)
     assert result(local) is True
     assert served(server) == {"app.test": (TWO, None)}  # in the order they came
+
+
+def test_a_resync_converges_to_the_snapshot_from_what_is_served_here():
+    store = SharedStore()
+    listen = RecordingListen(taken={4444})
+    routes, server = make_routes(store, listen)
+    # this node's own changes, which the feed never tells back while it is cut off
+    result(routes.put_host("h.test", TWO))
+    result(routes.put_host("mine.test", ONE))
+    result(routes.put_port(2222, ONE))
+    store.tell(PortChanged(4444, PortEntry(4444, ONE)))  # taken here: not carried
+    assert routes.ports() == [PortEntry(2222, ONE)]
+    # the store now holds h.test back on ONE, no mine.test, no 2222, and 4444
+    listen.taken.clear()
+    snapshot = Snapshot(
+        (HostEntry("H.Test.", ONE), HostEntry("new.test", TWO, RATE_1)),
+        (PortEntry(4444, ONE),),
+        version=9,
+    )
+    store.tell(Resynced(snapshot))
+    assert served(server) == {
+        "h.test": (ONE, None),
+        "new.test": (TWO, HostRules.from_stored(RATE_1)),
+    }
+    # the port it could not bind is retried, the one gone is closed
+    assert listen.open_ports() == [4444] and routes.ports() == [PortEntry(4444, ONE)]
+    assert server.addrs.lookup("127.0.0.1", 4444) == ONE
+    assert server.addrs.lookup("127.0.0.1", 2222) is None
+    # the same again changes nothing (the same route objects, a name stored
+    # unnormalised included)
+    routes_before = {h: server.vhosts.get(h) for h in ("h.test", "new.test")}
+    store.tell(Resynced(snapshot))
+    assert {h: server.vhosts.get(h) for h in ("h.test", "new.test")} == routes_before
+    assert all(server.vhosts.get(h) is r for h, r in routes_before.items())
+    assert listen.open_ports() == [4444]
+    result(routes.stop())
+
+
+def test_a_resync_retries_rules_this_node_could_not_read():
+    store = SharedStore()
+    failures = [ValueError("not yet")]
+
+    def rules_of(stored):
+        if failures:
+            raise failures.pop()
+        return HostRules.from_stored(stored) if stored else None
+
+    routes, server = make_routes(store, rules_of=rules_of)
+    store.tell(HostChanged("r.test", HostEntry("r.test", ONE, RATE_1)))
+    assert served(server) == {}
+    store.tell(Resynced(Snapshot((HostEntry("r.test", ONE, RATE_1),), version=3)))
+    assert served(server) == {"r.test": (ONE, HostRules.from_stored(RATE_1))}
+    result(routes.stop())
+
+
+def test_a_resync_to_an_empty_registry_empties_this_node_loudly():
+    store = SharedStore()
+    listen = RecordingListen()
+    routes, server = make_routes(store, listen)
+    result(routes.put_host("a.test", ONE))
+    result(routes.put_port(2222, ONE))
+    with capturedLogs() as events:
+        store.tell(Resynced(Snapshot(version=0)))
+    assert served(server) == {} and listen.open_ports() == [] and routes.ports() == []
+    warned = [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn]
+    assert len(warned) == 1 and "the shared registry is empty" in warned[0]
+    assert "1 hosts and 1 TCP ports" in warned[0]
+    with capturedLogs() as events:
+        store.tell(Resynced(Snapshot(version=0)))  # nothing served: nothing to say
+    assert not [e for e in events if e["log_level"] is LogLevel.warn]
+    result(routes.stop())

@@ -36,7 +36,8 @@ fields, wrong types, or a host, port or fingerprint that does not parse;
 an ambiguous fingerprint); 413 body too large (``service.AdminSite``); 415
 a body that is not sent as ``application/json``; 503 a change the
 registry's store could not make (nothing changed), or asked of a server
-that is stopping.
+that is stopping; 504 a change the store did not answer in time (it may
+have been made: a shared store's feed tells).
 
 The same app serves the status page (``status``) at ``/``.  Who may call
 it is decided in front of it (``auth.TokenGuard``).
@@ -65,7 +66,7 @@ from ..koding.identifiers import TunnelKey
 from ..server.registry import ClientConnection, TunnelServer
 from ..server.routes import Routes, RoutesStopped
 from ..server.rules import HostRules, RulesError
-from ..server.store import HostEntry, PortEntry, StoreError
+from ..server.store import HostEntry, PortEntry, StoreError, StoreOutcomeUnknown
 from ..server.vhosts import host_key
 from . import status
 
@@ -268,6 +269,10 @@ class AdminAPI:
 
         try:
             return await uncancellable(self._changes.run(run))
+        except StoreOutcomeUnknown as e:
+            # not "not stored": the store may have made it (its feed tells)
+            self.log.warn("admin: a change got no answer from the store: {why}", why=str(e))
+            raise ApiError(504, f"the store did not answer in time: {e}")
         except StoreError as e:
             self.log.warn("admin: a change was not stored: {why}", why=str(e))
             raise ApiError(503, f"the change was not stored: {e}")

@@ -12,8 +12,10 @@ because the registry needs three things that factory does not give:
   makes the next attempt start now, so the first admin change after Redis
   is back works without waiting out the backoff.  Every attempt (connect,
   AUTH, the caller's ``prepare``) and every command is bounded by
-  ``timeout`` seconds; a command that times out drops the connection, since
-  a server that does not answer one will not answer the next.
+  ``timeout`` seconds; a command that times out fails with
+  ``StoreOutcomeUnknown`` (Redis may have run it) and drops the
+  connection, since a server that does not answer one will not answer the
+  next.
 - **one log line per outage**: the first failure is logged (a warning
   naming the reason), the retries are not, and the reconnection is logged
   once with the outage's length; Twisted's ``ClientService`` would log
@@ -50,7 +52,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .store import StoreClosed, StoreError
+from .store import StoreClosed, StoreError, StoreOutcomeUnknown
 
 T = TypeVar("T")
 
@@ -228,7 +230,7 @@ class RedisLink:
                 # a server that does not answer one command will not answer
                 # the next: drop the connection (and reconnect)
                 self._drop(protocol)
-                raise StoreError(
+                raise StoreOutcomeUnknown(
                     f"{what}: Redis {self.name} did not answer in {self.timeout:g} s"
                 ) from None
             raise StoreError(f"{what} failed on Redis {self.name}: {_reason(failure)}") from None

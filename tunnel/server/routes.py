@@ -41,7 +41,9 @@ from .store import (
     PortChanged,
     PortEntry,
     RegistryStore,
+    Resynced,
     SharedRegistryStore,
+    Snapshot,
 )
 from .vhosts import host_key
 
@@ -217,6 +219,36 @@ class Routes:
             self._apply_host(change)
         elif isinstance(change, PortChanged):
             await self._apply_port(change)
+        elif isinstance(change, Resynced):
+            await self._resync(change.snapshot)
+
+    async def _resync(self, snapshot: Snapshot) -> None:
+        """Serve exactly ``snapshot``: compared with what is served here (not
+        with what the feed told), so this node's own changes made while the
+        feed was cut off, and entries it could not apply before (a port it
+        could not bind, rules it could not read), converge too."""
+        if not snapshot.hosts and not snapshot.ports and (self._hosts or self._ports):
+            self.log.warn(
+                "the shared registry is empty: removing the {hosts} hosts and {ports} TCP"
+                " ports served here (was its store emptied, or restarted without its data?)",
+                hosts=len(self._hosts),
+                ports=len(self._ports),
+            )
+        hosts = set()
+        for entry in snapshot.hosts:
+            try:
+                hosts.add(host_key(entry.host))
+            except ValueError:
+                pass  # left out below, with its reason
+        ports = {e.port for e in snapshot.ports}
+        for name in sorted(set(self._hosts) - hosts):
+            self._apply_host(HostChanged(name, None))
+        for port in sorted((set(self._ports) | set(self._listeners)) - ports):
+            await self._apply_port(PortChanged(port, None))
+        for entry in snapshot.hosts:
+            self._apply_host(HostChanged(entry.host, entry))
+        for entry in snapshot.ports:
+            await self._apply_port(PortChanged(entry.port, entry))
 
     def _apply_host(self, change: HostChanged) -> None:
         try:

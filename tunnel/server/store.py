@@ -41,6 +41,11 @@ class StoreClosed(StoreError):
     """The store was closed; nothing more can be read or changed."""
 
 
+class StoreOutcomeUnknown(StoreError):
+    """The store did not answer in time: the change may or may not have been
+    made (a shared store's feed tells which)."""
+
+
 @dataclass(frozen=True)
 class HostEntry:
     """A public host (normalised: ``name`` or ``name:port``), its tunnel and rules."""
@@ -69,6 +74,9 @@ class Snapshot:
     #: where a shared store's change counter stood when this was read (what
     #: ``SharedRegistryStore.watch`` continues from); None: a single-node store
     version: int | None = None
+    #: which incarnation of a shared store's data this is (a store emptied or
+    #: replaced gets a new one, and its counter starts again); None: unknown
+    epoch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,19 @@ class PortChanged:
     entry: PortEntry | None
 
 
-#: one change from a shared store's feed: what a host or a port is now
-Change = HostChanged | PortChanged
+@dataclass(frozen=True)
+class Resynced:
+    """After a gap in the feed (an outage, a store emptied or replaced), the
+    store holds exactly ``snapshot``: serve every entry in it and nothing
+    else, whatever was told before (a watcher compares it with what it
+    actually serves, and retries there what it could not apply before)."""
+
+    snapshot: Snapshot
+
+
+#: one change from a shared store's feed: what a host or a port is now, or
+#: everything the store holds
+Change = HostChanged | PortChanged | Resynced
 
 
 class RegistryStore(Protocol):
@@ -129,9 +148,11 @@ class SharedRegistryStore(RegistryStore, Protocol):
         the returned function is called.
 
         Changes arrive while the store can reach its backend; after an outage
-        (or a snapshot without a version), the store compares what it holds
-        with what the watcher was last told and calls ``on_change`` with the
-        differences, so a watcher always ends up with what the store holds.
+        (or a snapshot without a version, or a gap in the sequence), the
+        store reads everything it holds and calls ``on_change`` with one
+        ``Resynced``: the watcher makes what it serves equal to it, so it
+        always ends up with what the store holds, whatever it changed itself
+        meanwhile.
         ``on_change`` runs in the reactor's thread and must not raise.
         """
 
