@@ -13,13 +13,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import globalLogPublisher
 
 from tunnel.admin.service import AdminService
 from tunnel.server.metrics import Metrics
 from tunnel.server.routes import Routes, TCPPorts
 from tunnel.server.store import MemoryStore
 
+from .helpers import Collect
 from .live import http_client
 from .tunnel_env import TunnelEnv
 
@@ -37,20 +38,6 @@ def basic(user: bytes, password: bytes) -> dict[bytes, list[bytes]]:
 
 
 JSON = {b"content-type": [b"application/json"]}
-
-
-class Collect:
-    """Every log event while it is installed, formatted."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def __call__(self, event: dict) -> None:
-        self.events.append(event)
-
-    @property
-    def lines(self) -> list[str]:
-        return [formatEvent(e) or "" for e in self.events]
 
 
 @contextlib.contextmanager

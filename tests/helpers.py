@@ -7,6 +7,7 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 
 from tunnel.yamux import YamuxConfig, YamuxSession
 from tunnel.yamux.frame import HEADER_SIZE, TYPE_DATA, Header, decode, encode
@@ -61,3 +62,25 @@ class Wire:
 
     def lose(self, reason=None) -> None:
         self.session.connectionLost(reason)
+
+
+class Collect:
+    """A log observer: every event while it is installed, and them formatted."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+
+    @property
+    def lines(self) -> list[str]:
+        return [formatEvent(e) or "" for e in self.events]
+
+    def of(self, namespace_prefix: str) -> list[str]:
+        """The formatted events of loggers whose namespace starts so."""
+        return [
+            formatEvent(e) or ""
+            for e in self.events
+            if e.get("log_namespace", "").startswith(namespace_prefix)
+        ]

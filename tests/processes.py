@@ -97,6 +97,15 @@ def spawn_twistd(name: str, *argv: str, twistd_args: tuple[str, ...] = ()) -> Tw
     return process
 
 
+def spawn_client(servers: list[int], identifier_file, local_port: int) -> Twistd:
+    """``twistd tunnel-client`` to our servers on 127.0.0.1 ``servers`` (one
+    ``--server`` each), its identifier read from ``identifier_file``, its
+    local site on 127.0.0.1:``local_port``."""
+    argv = [arg for port in servers for arg in ("--server", f"tcp:127.0.0.1:{port}")]
+    argv += ["--identifier-file", str(identifier_file), "--local", f"tcp:127.0.0.1:{local_port}"]
+    return spawn_twistd("tunnel-client", *argv)
+
+
 def free_port() -> int:
     """A port that was free a moment ago (for children that need a fixed one)."""
     with socket.socket() as s:

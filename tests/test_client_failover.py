@@ -40,7 +40,7 @@ from tunnel.server.site import TunnelSite
 from tunnel.yamux import YamuxConfig
 
 from .memory import ClockRequest, MemoryNetwork, parse_response
-from .processes import Twistd, reap_all, spawn_twistd, until_children
+from .processes import Twistd, reap_all, spawn_client, until_children
 from .test_client_lifecycle import QUIET, REFUSED_CONNECT, Dialler, Recording, results
 from .test_client_waiters import SERVER_ACCEPTS
 from .test_plugins import IDENTIFIER, Origin, public_get, start_server
@@ -618,13 +618,7 @@ async def test_twistd_client_fails_over_when_its_server_is_killed(tmp_path):
         started = [Deferred.fromCoroutine(start_server(processes)) for _ in range(2)]
         (first, first_port), (second, second_port) = await gatherResults(started)
         servers = {first_port: first, second_port: second}
-        client = spawn_twistd(
-            "tunnel-client",
-            "--server", f"tcp:127.0.0.1:{first_port}",
-            "--server", f"tcp:127.0.0.1:{second_port}",
-            "--identifier-file", str(ident_file),
-            "--local", f"tcp:127.0.0.1:{origin_port.getHost().port}",
-        )  # fmt: skip
+        client = spawn_client([first_port, second_port], ident_file, origin_port.getHost().port)
         processes.append(client)
 
         async def served_by_one():

@@ -30,7 +30,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from .live import http_client
-from .processes import REPO_ROOT, Twistd, free_port, reap_all, spawn_twistd, stop, until_children
+from .processes import (
+    REPO_ROOT,
+    Twistd,
+    free_port,
+    reap_all,
+    spawn_client,
+    spawn_twistd,
+    stop,
+    until_children,
+)
 
 IDENTIFIER = "operate-e2e-identifier-6c1f0a9e"
 PASSWORD = "correct horse battery staple"
@@ -152,12 +161,7 @@ async def test_a_server_operated_through_its_admin_api_and_tunnel_admin(tmp_path
             )  # fmt: skip
             assert code == 0, err
 
-        client = spawn_twistd(
-            "tunnel-client",
-            "--server", f"tcp:127.0.0.1:{port}",
-            "--identifier-file", str(ident_file),
-            "--local", f"tcp:127.0.0.1:{origin_port.getHost().port}",
-        )  # fmt: skip
+        client = spawn_client([port], ident_file, origin_port.getHost().port)
         processes.append(client)
 
         async def served():

@@ -51,6 +51,7 @@ from .processes import (
     Twistd,
     free_port,
     reap_all,
+    spawn_client,
     spawn_twistd,
     stop,
     until_children,
@@ -1060,12 +1061,7 @@ async def test_twistd_server_and_client_end_to_end(tmp_path):
     processes: list[Twistd] = []
     try:
         server, port = await start_server(processes)
-        client = spawn_twistd(
-            "tunnel-client",
-            "--server", f"tcp:127.0.0.1:{port}",
-            "--identifier-file", str(ident_file),
-            "--local", f"tcp:127.0.0.1:{origin_port.getHost().port}",
-        )  # fmt: skip
+        client = spawn_client([port], ident_file, origin_port.getHost().port)
         processes.append(client)
 
         async def served():
@@ -1151,12 +1147,7 @@ async def test_twistd_server_with_a_vhost_file_keeps_identifiers_out_of_argv(tmp
         with open(f"/proc/{server.transport.pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         assert b"--vhost-file" in argv and IDENTIFIER.encode() not in b" ".join(argv)
-        client = spawn_twistd(
-            "tunnel-client",
-            "--server", f"tcp:127.0.0.1:{port}",
-            "--identifier-file", str(ident_file),
-            "--local", f"tcp:127.0.0.1:{origin_port.getHost().port}",
-        )  # fmt: skip
+        client = spawn_client([port], ident_file, origin_port.getHost().port)
         processes.append(client)
 
         async def served():

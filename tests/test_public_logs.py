@@ -6,30 +6,12 @@ from __future__ import annotations
 import contextlib
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from tunnel.logs import RateLimitedLog, excerpt
 
+from .helpers import Collect
 from .memory import MemoryTunnel
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def __call__(self, event: dict) -> None:
-        self.events.append(event)
-
-    @property
-    def lines(self) -> list[str]:
-        return [formatEvent(e) for e in self.events]
-
-    def of(self, namespace_prefix: str) -> list[str]:
-        return [
-            formatEvent(e)
-            for e in self.events
-            if e.get("log_namespace", "").startswith(namespace_prefix)
-        ]
 
 
 @contextlib.contextmanager

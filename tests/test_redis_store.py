@@ -51,7 +51,7 @@ from tunnel.server.store import (
 from . import redis_server
 from .admin_env import AdminEnv
 from .live import http_client, until
-from .processes import Twistd, free_port, reap_all, spawn_twistd, stop, until_children
+from .processes import Twistd, free_port, reap_all, spawn_client, spawn_twistd, stop, until_children
 
 IDENTIFIER = "redis-test-identifier-never-stored"
 KEY = TunnelKey.of(IDENTIFIER)
@@ -878,12 +878,7 @@ async def test_two_twistd_nodes_share_the_registry_and_outlive_a_redis_outage(tm
             a = start_node(server, ports["a"], ports["a-admin"], tmp_path)
             b = start_node(server, ports["b"], ports["b-admin"], tmp_path)
             processes += [a, b]
-            client = spawn_twistd(
-                "tunnel-client",
-                "--server", f"tcp:127.0.0.1:{ports['b']}",
-                "--identifier-file", str(tmp_path / "identifier"),
-                "--local", f"tcp:127.0.0.1:{origin.getHost().port}",
-            )  # fmt: skip
+            client = spawn_client([ports["b"]], tmp_path / "identifier", origin.getHost().port)
             processes.append(client)
 
             async def admins_up():
