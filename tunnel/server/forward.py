@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import fail
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -42,6 +43,7 @@ from ..koding.wire import TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
 from .bodies import TOO_LARGE, body_of
+from .errors import NoClientSession
 from .events import ErrorKind, report, tunnel_error_kind
 from .headers import connection_tokens, forwarded_headers
 from .http1 import (
@@ -58,7 +60,7 @@ from .pool import OriginLeg
 from .takeover import CannotTakeOver, take_over
 
 if TYPE_CHECKING:
-    from .registry import TunnelServer
+    from .registry import Tunnel, TunnelServer
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -105,9 +107,11 @@ class Forward:
         key: TunnelKey,
         port: int,
         *,
+        tunnel: Tunnel | None = None,
         public_log: RateLimitedLog | None = None,
     ) -> None:
         """:param key: the tunnel (``route.key``) that serves the request.
+        :param tunnel: how to reach it (``server.route(key)``, looked up if None).
         :param public_log: where what a peer causes is logged, rate limited
         (the resource's, shared by its requests); one of the forwarder's own if None."""
         self.server = server
@@ -117,6 +121,7 @@ class Forward:
         self.request = request
         self.key = key
         self.port = port
+        self.tunnel = tunnel if tunnel is not None else server.route(key)
         connection = request.requestHeaders.getRawHeaders(b"connection")
         #: the public request's Connection tokens: they name its hop-by-hop fields
         self.hop = connection_tokens(connection) if connection else set()
@@ -140,7 +145,7 @@ class Forward:
         self.request.notifyFinish().addErrback(self._public_gone)
         self.upload.claim(self)
         if not self.upgrade:
-            leg = self.server.reuse_stream(self.key, self.port)
+            leg = self.tunnel.reuse(self.port) if self.tunnel is not None else None
             if leg is not None:
                 self._send(leg)
                 return
@@ -148,7 +153,10 @@ class Forward:
 
     def _open(self) -> None:
         kind = TransportProtocol.WS if self.upgrade else TransportProtocol.HTTP
-        d = self._pending = self.server.open_tunnel(self.key, kind, self.port)
+        if self.tunnel is None:
+            d = self._pending = fail(NoClientSession())
+        else:
+            d = self._pending = self.tunnel.open_tunnel(kind, self.port, self.server.tunnel_timeout)
         d.addCallbacks(self._opened, self._open_failed)
 
     # -- the request ----------------------------------------------------------------
@@ -396,7 +404,7 @@ class Forward:
     def _settle(self, *, keep: bool) -> None:
         """The exchange is over: leave the stream for the next request, or close it."""
         leg = self.leg
-        if keep and self.server.keep_stream(self.key, self.port, leg):
+        if keep and self.tunnel is not None and self.tunnel.keep(self.port, leg):
             self.upload.drop()
             self.leg = self.stream = None
             return

@@ -17,6 +17,13 @@ The server never opens streams (a Go client would never accept them).
 Streams that carried an HTTP request may be kept for the next one to the
 same local port (``reuse_stream`` / ``keep_stream``, see ``pool``); a
 graceful stop closes them first.
+
+The front ends reach a tunnel through ``TunnelServer.route``, a ``Tunnel``:
+the ``ClientConnection`` of a client connected here, or, when the server is
+one node of a cluster (``join_cluster``), the way to the node that holds
+the client (``OtherNodes``, built by ``cluster``).  Such a node serves the
+requests other nodes forward with ``serve_remote``, and answers their
+duplicate checks with ``probe_local``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -52,6 +59,40 @@ class _Waiter:
         self.deferred: Deferred | None = None
         self.timer: Any = None
         self.cancelled = False
+
+
+class Tunnel(Protocol):
+    """What carries public requests and connections to one tunnel's client:
+    a ``ClientConnection`` here, or the way to another node that holds it."""
+
+    def dispatched(self) -> None:
+        """A public HTTP request or TCP connection goes this tunnel's way."""
+
+    def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
+        """A new stream to the client's local ``port`` (a ``YamuxStream`` to
+        ``attach``); fails with the errors of ``errors``."""
+
+    def reuse(self, port: int) -> OriginLeg | None:
+        """A stream to ``port`` kept from an earlier HTTP request, or None."""
+
+    def keep(self, port: int, leg: OriginLeg) -> bool:
+        """Keep ``leg`` for the next request to ``port``; False: close it."""
+
+
+class OtherNodes(Protocol):
+    """The rest of a cluster, as one node's registry uses it (``cluster.Cluster``)."""
+
+    def tunnel(self, key: TunnelKey) -> Tunnel:
+        """The way to ``key``'s client on whichever other node holds it
+        (its ``open_tunnel`` fails with ``NoClientSession`` if none does)."""
+
+    def admit(self, key: TunnelKey) -> Deferred[bool]:
+        """Decide a control request for ``key`` cluster-wide: True if a live
+        client on another node holds it (a duplicate); False if this node
+        now holds it (``released`` must follow when it no longer does)."""
+
+    def released(self, key: TunnelKey) -> None:
+        """This node no longer holds ``key`` (its client left, or was never taken)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +217,7 @@ class ClientConnection:
         server = self.server
         if (
             self.closed
+            or leg.transport.session is not self.session
             or not server.accepting
             or server.max_idle_streams <= 0
             or self.session.remote_go_away is not None
@@ -343,6 +385,8 @@ class TunnelServer:
         self._on_disconnect: dict[TunnelKey, list[Callable[[], Any]]] = {}
         self._connected: dict[TunnelKey, OneShot] = {}
         self._accepting = True
+        #: the other nodes of the cluster this server is a node of (None: alone)
+        self.cluster: OtherNodes | None = None
 
     # -- configuration ---------------------------------------------------------
 
@@ -372,6 +416,11 @@ class TunnelServer:
         identifier ``offered`` by a client hashes to, or None."""
         key = self.vhosts.canonical(offered)
         return key if key is not None else self.addrs.canonical(offered)
+
+    def join_cluster(self, cluster: OtherNodes) -> None:
+        """Be one node of ``cluster``: tunnels held by other nodes are reached
+        through it, and duplicates are decided cluster-wide."""
+        self.cluster = cluster
 
     def tcp_factory(self) -> TCPTunnelFactory:
         """A protocol factory that carries accepted connections through TCP tunnels."""
@@ -449,10 +498,24 @@ class TunnelServer:
         return True
 
     def check_duplicate(self, tunnel: str | TunnelKey) -> Deferred:
-        """Fires True if a live client already holds ``tunnel``.
+        """Fires True if a live client already holds ``tunnel``, here or (in
+        a cluster) on another node.
 
-        An incumbent that does not answer a ping in time is closed (False).
+        An incumbent here that does not answer a ping in time is closed
+        (then False).  In a cluster, False means this node now holds the
+        tunnel cluster-wide: attach the newcomer's session, or call
+        ``control_abandoned`` if it is gone meanwhile.
         """
+        key = TunnelKey.coerce(tunnel)
+        d = self.probe_local(key)
+        cluster = self.cluster
+        if cluster is None:
+            return d
+        return d.addCallback(lambda here: True if here else cluster.admit(key))
+
+    def probe_local(self, tunnel: str | TunnelKey) -> Deferred[bool]:
+        """Fires True if a live client holds ``tunnel`` on this node; one that
+        does not answer a ping within ``probe_timeout`` is closed (False)."""
         key = TunnelKey.coerce(tunnel)
         existing = self._clients.get(key)
         if existing is None or existing.closed:
@@ -466,6 +529,13 @@ class TunnelServer:
             return False
 
         return existing.session.ping(self.probe_timeout).addCallbacks(lambda _: True, dead)
+
+    def control_abandoned(self, tunnel: str | TunnelKey) -> None:
+        """A control request that ``check_duplicate`` let in did not attach
+        its session (its connection went first): hold the tunnel no longer."""
+        key = TunnelKey.coerce(tunnel)
+        if key not in self._clients and self.cluster is not None:
+            self.cluster.released(key)
 
     def attach_session(self, tunnel: str | TunnelKey, session: YamuxSession) -> ClientConnection:
         """Register a freshly taken-over control connection for ``tunnel``."""
@@ -494,12 +564,34 @@ class TunnelServer:
             del self._clients[key]
             self.log.info("client {ident} disconnected", ident=key)
             self._set_state(key, ClientState.CLOSED)
+            if self.cluster is not None:
+                self.cluster.released(key)
 
     def control_refused(self, tunnel: str | TunnelKey, error: str) -> None:
         """A control request for ``tunnel`` was refused (Go reports Closed)."""
         key = TunnelKey.coerce(tunnel)
         if key not in self._clients:
             self._set_state(key, ClientState.CLOSED, error)
+
+    def route(self, tunnel: str | TunnelKey) -> Tunnel | None:
+        """How to reach ``tunnel``'s client: its connection here if it is
+        ready, else (in a cluster) the way to the node that holds it, else None."""
+        key = TunnelKey.coerce(tunnel)
+        connection = self._clients.get(key)
+        if connection is not None and connection.ready:
+            return connection
+        if self.cluster is not None and connection is None:
+            return self.cluster.tunnel(key)
+        return None
+
+    def serve_remote(self, key: TunnelKey, protocol: int, port: int) -> Deferred:
+        """A stream to ``key``'s client on this node, for a request another
+        node forwards (never forwarded on: a node serves what it holds)."""
+        connection = self._clients.get(key)
+        if connection is None or not connection.ready:
+            return fail(NoClientSession())
+        connection.dispatched()
+        return connection.open_tunnel(protocol, port, self.tunnel_timeout)
 
     def open_tunnel(
         self,
@@ -526,9 +618,7 @@ class TunnelServer:
         """Keep ``leg`` (its response complete, its framing exact) for the next
         request; False if it may not be kept: then close it."""
         connection = self._clients.get(TunnelKey.coerce(tunnel))
-        if connection is None or connection.session is not leg.transport.session:
-            return False
-        return connection.keep(port, leg)
+        return connection is not None and connection.keep(port, leg)
 
     # -- shutdown ----------------------------------------------------------------
 

@@ -12,7 +12,7 @@ server's ``events``.
 
 from __future__ import annotations
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, fail
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from ..koding.wire import TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
+from .errors import NoClientSession
 from .events import ErrorKind, report
 
 
@@ -50,12 +51,16 @@ class PublicTCP(SpliceProtocol):
             self.transport.abortConnection()
             return
         self.key = key
-        connection = self.server.connection(key)
-        if connection is not None and connection.ready:
-            connection.dispatched()
-        # hold the public side back until the stream exists
-        self.transport.pauseProducing()
-        self._pending = self.server.open_tunnel(key, TransportProtocol.TCP, host.port)
+        tunnel = self.server.route(key)
+        if tunnel is None:
+            self._pending = fail(NoClientSession())
+        else:
+            tunnel.dispatched()
+            # hold the public side back until the stream exists
+            self.transport.pauseProducing()
+            self._pending = tunnel.open_tunnel(
+                TransportProtocol.TCP, host.port, self.server.tunnel_timeout
+            )
         self._pending.addCallbacks(self._opened, self._failed)
 
     def _opened(self, stream) -> None:

@@ -153,6 +153,8 @@ class TunnelResource(Resource):
 
         def decided(duplicate: bool) -> None:
             if request.channel is None or getattr(request, "_disconnected", False):
+                if not duplicate:
+                    self.server.control_abandoned(key)
                 return
             if duplicate:
                 report(self.server.events, ErrorKind.CONTROL_REFUSED)
@@ -274,12 +276,14 @@ class TunnelResource(Resource):
         return body
 
     def _dispatch(self, request, route: Route, port: int):
-        connection = self.server.connection(route.key)
-        if connection is None or not connection.ready:
+        tunnel = self.server.route(route.key)
+        if tunnel is None:
             report(self.server.events, ErrorKind.NO_CLIENT)
             return error_page(request, 502, NO_CLIENT_SESSION)
-        connection.dispatched()
-        Forward(self.server, request, route.key, port, public_log=self.public_log).start()
+        tunnel.dispatched()
+        Forward(
+            self.server, request, route.key, port, tunnel=tunnel, public_log=self.public_log
+        ).start()
         return NOT_DONE_YET
 
 
