@@ -1,0 +1,266 @@
+"""The cluster glue (``tunnel.server.cluster``): how one node's registry uses
+presence and the links, with both replaced by scripted fakes so every
+decision is exact.  The real parts have their own tests
+(``test_presence``, ``test_cluster_link``) and meet in ``test_cluster_nodes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+
+from tunnel.koding.identifiers import TunnelKey
+from tunnel.server import TunnelServer
+from tunnel.server.cluster import Cluster, RemoteTunnel
+from tunnel.server.errors import NoClientSession, TunnelTimeout
+from tunnel.server.pool import OriginLeg
+from tunnel.server.store import StoreError
+
+KEY = TunnelKey.of("cluster-unit-identifier")
+
+
+@dataclass(frozen=True)
+class Member:
+    node: str
+    address: str
+
+
+B = Member("b", "127.0.0.2:7000")
+C = Member("c", "127.0.0.3:7000")
+
+
+class FakePresence:
+    def __init__(self) -> None:
+        self.claims: list = []  # answers of claim(), in order
+        self.located: object = []  # answer of locate(): a list, or an exception
+        self.took_over = False
+        self.calls: list[tuple] = []
+
+    def start(self) -> None:
+        self.calls.append(("start",))
+
+    def stop(self) -> Deferred:
+        self.calls.append(("stop",))
+        return succeed(None)
+
+    def claim(self, key, pooled=False) -> Deferred:
+        self.calls.append(("claim", key))
+        answer = self.claims.pop(0)
+        return fail(answer) if isinstance(answer, Exception) else succeed(answer)
+
+    def take_over(self, key, holder) -> Deferred:
+        self.calls.append(("take_over", key, holder))
+        return succeed(self.took_over)
+
+    def release(self, key) -> Deferred:
+        self.calls.append(("release", key))
+        return succeed(None)
+
+    def locate(self, key) -> Deferred:
+        self.calls.append(("locate", key))
+        if isinstance(self.located, Exception):
+            return fail(self.located)
+        return succeed(list(self.located))
+
+    def forget(self, key) -> None:
+        self.calls.append(("forget", key))
+
+
+class FakeLinks:
+    def __init__(self) -> None:
+        self.alive: object = True  # probe's answer, or an exception
+        self.opened: list[tuple] = []
+        self.answer: object = "stream"  # open_tunnel's answer, or an exception
+        self.closed = False
+
+    def probe(self, node, address, key, timeout) -> Deferred:
+        if isinstance(self.alive, Exception):
+            return fail(self.alive)
+        return succeed(self.alive)
+
+    def open_tunnel(self, node, address, key, protocol, port, timeout) -> Deferred:
+        self.opened.append((node, address, key, protocol, port, timeout))
+        if isinstance(self.answer, Exception):
+            return fail(self.answer)
+        return succeed(self.answer)
+
+    def close(self) -> Deferred:
+        self.closed = True
+        return succeed(None)
+
+
+def node() -> tuple[TunnelServer, Cluster, FakePresence, FakeLinks]:
+    server = TunnelServer(clock=Clock())
+    presence, links = FakePresence(), FakeLinks()
+    return server, Cluster(server, presence, links), presence, links
+
+
+def result(d: Deferred):
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+# -- admission: the koding duplicate rule, cluster-wide ------------------------------------
+
+
+def test_a_tunnel_no_node_holds_is_admitted_and_claimed():
+    server, cluster, presence, links = node()
+    presence.claims = [None]
+    assert result(server.check_duplicate(KEY)) is False
+    assert ("claim", KEY) in presence.calls
+
+
+def test_a_live_client_on_another_node_wins():
+    server, cluster, presence, links = node()
+    presence.claims = [B]
+    links.alive = True
+    assert result(server.check_duplicate(KEY)) is True
+    assert not any(call[0] == "take_over" for call in presence.calls)
+
+
+def test_a_dead_client_on_another_node_is_replaced():
+    server, cluster, presence, links = node()
+    presence.claims = [B]
+    links.alive = False
+    presence.took_over = True
+    assert result(server.check_duplicate(KEY)) is False
+    assert ("take_over", KEY, "b") in presence.calls
+
+
+def test_a_holder_that_let_go_meanwhile_is_claimed_again():
+    server, cluster, presence, links = node()
+    presence.claims = [B, None]
+    links.alive = False
+    presence.took_over = False  # b removed its record when its client's session ended
+    assert result(server.check_duplicate(KEY)) is False
+    presence.claims = [B, C]
+    assert result(server.check_duplicate(KEY)) is True  # c got it first
+
+
+def test_a_holder_that_cannot_be_asked_keeps_the_tunnel_until_its_record_expires():
+    server, cluster, presence, links = node()
+    presence.claims = [B]
+    links.alive = NoClientSession()
+    assert result(server.check_duplicate(KEY)) is True
+
+
+def test_redis_down_admits_on_this_nodes_word():
+    server, cluster, presence, links = node()
+    presence.claims = [StoreError("redis is down")]
+    assert result(server.check_duplicate(KEY)) is False
+
+
+def test_an_unexpected_failure_admits_and_is_logged():
+    server, cluster, presence, links = node()
+    presence.claims = [RuntimeError("bug")]
+    errors = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        assert result(server.check_duplicate(KEY)) is False
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert [e for e in errors if e.get("log_failure") is not None]
+
+
+def test_a_control_request_gone_before_its_session_attached_is_released():
+    server, cluster, presence, links = node()
+    server.control_abandoned(KEY)
+    assert ("release", KEY) in presence.calls
+
+
+# -- routing: a tunnel not held here is reached through its holder -------------------------
+
+
+def test_a_tunnel_not_held_here_routes_to_the_cluster():
+    server, cluster, presence, links = node()
+    tunnel = server.route(KEY)
+    assert isinstance(tunnel, RemoteTunnel) and tunnel.key == KEY
+
+
+def test_without_a_cluster_a_tunnel_not_held_here_has_no_route():
+    assert TunnelServer(clock=Clock()).route(KEY) is None
+
+
+def test_a_remote_open_asks_the_holder_over_its_link():
+    server, cluster, presence, links = node()
+    presence.located = [B]
+    stream = result(server.route(KEY).open_tunnel(1, 8080, 7.0))
+    assert stream == "stream"
+    assert links.opened == [("b", "127.0.0.2:7000", KEY, 1, 8080, 7.0)]
+
+
+def test_several_holders_take_turns():
+    server, cluster, presence, links = node()
+    presence.located = [B, C]
+    for _ in range(4):
+        result(cluster.open_remote(KEY, 1, 80, 1.0))
+    assert [o[0] for o in links.opened] == ["b", "c", "b", "c"]
+
+
+def test_no_holder_is_no_client_session():
+    server, cluster, presence, links = node()
+    presence.located = []
+    failure = result(cluster.open_remote(KEY, 1, 80, 1.0))
+    assert failure.check(NoClientSession)
+    assert links.opened == []
+
+
+def test_a_holder_that_lost_the_client_is_forgotten():
+    server, cluster, presence, links = node()
+    presence.located = [B]
+    links.answer = NoClientSession()
+    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+    assert ("forget", KEY) in presence.calls
+    # and Redis going down now does not bring the forgotten holder back
+    presence.located = StoreError("down")
+    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+    assert len(links.opened) == 1
+
+
+def test_other_failures_pass_through_with_their_own_meaning():
+    server, cluster, presence, links = node()
+    presence.located = [B]
+    links.answer = TunnelTimeout()
+    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(TunnelTimeout)
+    assert ("forget", KEY) not in presence.calls
+
+
+def test_while_redis_is_down_the_last_known_holder_serves():
+    server, cluster, presence, links = node()
+    presence.located = [B]
+    result(cluster.open_remote(KEY, 1, 80, 1.0))
+    presence.located = StoreError("redis is down")
+    assert result(cluster.open_remote(KEY, 1, 80, 1.0)) == "stream"
+    assert [o[0] for o in links.opened] == ["b", "b"]
+    never_seen = TunnelKey.of("never-looked-up")
+    assert result(cluster.open_remote(never_seen, 1, 80, 1.0)).check(NoClientSession)
+
+
+# -- life ----------------------------------------------------------------------------------
+
+
+def test_stop_removes_records_then_closes_links_and_keeps_no_stream():
+    server, cluster, presence, links = node()
+    cluster.start()
+    assert result(cluster.stop()) is None
+    assert [c[0] for c in presence.calls] == ["start", "stop"]
+    assert links.closed
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_streams_are_kept_only_while_serving(stopping):
+    server, cluster, presence, links = node()
+    if stopping:
+        result(server.stop())  # no client: done at once, and nothing is kept from now on
+    leg = OriginLeg()
+    leg.transport = StringTransport()
+    assert cluster.keep(KEY, 80, leg) is not stopping
+    assert cluster.reuse(KEY, 80) is (None if stopping else leg)
+    assert cluster.reuse(KEY, 81) is None

@@ -1,0 +1,267 @@
+"""One server node of a cluster: tunnels held by other nodes, and who holds what.
+
+A ``Cluster`` is the registry's ``OtherNodes`` (``registry.TunnelServer.
+join_cluster``).  It joins two parts:
+
+* ``presence.Presence``: which node holds which tunnel, as records in Redis
+  that the holder refreshes (a node that dies stops refreshing them, so
+  they expire);
+* ``clusterlink.ClusterLinks``: one authenticated yamux connection per pair
+  of nodes, on which a node asks another for a stream to a client it holds.
+
+A public request (HTTP, WebSocket or TCP) for a tunnel whose client is not
+connected here goes to a ``RemoteTunnel``: it looks the holder up (cached
+briefly by ``Presence``), opens a stream to it over the link, and hands that
+stream to the front end as if it were a stream to the client; the holder
+splices it to one.  Streams that carried an HTTP request are kept between
+requests here as they are for local clients (``pool.StreamPool``), which
+on the holder's side is one stream of its client kept open.
+
+Duplicates cluster-wide (``admit``): a control request is let in only if no
+node holds the tunnel, or the node that holds it says (``probe``) its client
+no longer answers; a live incumbent wins, as koding's rule says for one
+server.  A holder that cannot be reached keeps its record until the record
+expires: two nodes never both serve one tunnel.
+
+While Redis cannot be asked, requests go to the holder last looked up
+(the link tells if it no longer holds the tunnel), and a control request is
+let in on this node's word alone (logged): nodes go on serving the clients
+they hold, as the issue asks of an outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..koding.identifiers import TunnelKey
+from ..logs import RateLimitedLog
+from .errors import NoClientSession
+from .pool import OriginLeg, StreamPool
+from .registry import TunnelServer
+from .store import StoreError
+
+
+class RemoteTunnel:
+    """The way to a tunnel whose client another node holds (a ``registry.Tunnel``)."""
+
+    __slots__ = ("cluster", "key")
+
+    def __init__(self, cluster: Cluster, key: TunnelKey) -> None:
+        self.cluster = cluster
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"<RemoteTunnel {self.key}>"
+
+    def dispatched(self) -> None:
+        """Counted by the node that holds the client (its ``serve_remote``)."""
+
+    def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
+        return self.cluster.open_remote(self.key, protocol, port, timeout)
+
+    def reuse(self, port: int) -> OriginLeg | None:
+        return self.cluster.reuse(self.key, port)
+
+    def keep(self, port: int, leg: OriginLeg) -> bool:
+        return self.cluster.keep(self.key, port, leg)
+
+
+class Cluster:
+    """This node's view of the others (see the module docstring).
+
+    :param server: this node's registry; the cluster joins it at once.
+    :param presence: this node's records of the tunnels it holds.
+    :param links: its connections to the other nodes.
+    :param probe_timeout: seconds another node gets to say whether its
+        client of a tunnel is alive.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server: TunnelServer,
+        presence: Any,
+        links: Any,
+        *,
+        probe_timeout: float | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.server = server
+        self.presence = presence
+        self.links = links
+        self.clock = clock if clock is not None else server.clock
+        self.probe_timeout = probe_timeout if probe_timeout is not None else server.probe_timeout
+        self._rated = RateLimitedLog(self.log, clock=self.clock)
+        #: (tunnel, local port) -> streams to other nodes kept between requests
+        self._pools: dict[tuple[TunnelKey, int], StreamPool] = {}
+        #: tunnel -> the next member to try, for tunnels several nodes hold
+        self._turns: dict[TunnelKey, int] = {}
+        #: tunnel -> its holders when last looked up: used while Redis cannot
+        #: be asked (bounded by the registered tunnels: a request reaches here
+        #: only for a host or port that names one)
+        self._known: dict[TunnelKey, list[Any]] = {}
+        self._stopping = False
+        server.join_cluster(self)
+
+    # -- registry.OtherNodes -------------------------------------------------------
+
+    def tunnel(self, key: TunnelKey) -> RemoteTunnel:
+        return RemoteTunnel(self, key)
+
+    def admit(self, key: TunnelKey) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._admit(key)).addErrback(self._admit_failed, key)
+
+    def released(self, key: TunnelKey) -> None:
+        self.presence.release(key).addErrback(
+            lambda f: self._rated.info(
+                "presence-release",
+                "could not remove the record of {ident} from Redis: {why} (it expires on its own)",
+                ident=key,
+                why=f.getErrorMessage(),
+            )
+        )
+
+    # -- the tunnels of other nodes -----------------------------------------------
+
+    def open_remote(self, key: TunnelKey, protocol: int, port: int, timeout: float) -> Deferred:
+        """A stream, through the node that holds ``key``, to its client's
+        local ``port``; fails with ``NoClientSession`` if no node holds it."""
+        return Deferred.fromCoroutine(self._open_remote(key, protocol, port, timeout))
+
+    def reuse(self, key: TunnelKey, port: int) -> OriginLeg | None:
+        pool = self._pools.get((key, port))
+        return pool.take() if pool is not None else None
+
+    def keep(self, key: TunnelKey, port: int, leg: OriginLeg) -> bool:
+        server = self.server
+        if self._stopping or not server.accepting or server.max_idle_streams <= 0:
+            return False
+        pool = self._pools.get((key, port))
+        if pool is None:
+            pool = self._pools[key, port] = StreamPool(
+                self.clock,
+                max_idle=server.max_idle_streams,
+                idle_timeout=server.stream_idle_timeout,
+            )
+        return pool.keep(leg)
+
+    # -- life ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self.presence.start()
+
+    def stop(self) -> Deferred[None]:
+        """Keep no stream, remove this node's records, close the links."""
+        self._stopping = True
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
+
+        def links(_: object) -> Deferred:
+            return self.links.close()
+
+        d = self.presence.stop().addErrback(lambda f: None).addCallback(links)
+        return d.addCallback(lambda _: None)
+
+    # -- underneath -------------------------------------------------------------------
+
+    async def _admit(self, key: TunnelKey) -> bool:
+        presence = self.presence
+        holder = await presence.claim(key)
+        if holder is None:
+            return False
+        try:
+            alive = await self.links.probe(holder.node, holder.address, key, self.probe_timeout)
+        except Exception as e:
+            # unreachable: its record expires unless its node is alive to refresh it
+            self._rated.info(
+                "cluster-probe",
+                "node {node} holds {ident} and could not be asked about it: {why}",
+                node=holder.node,
+                ident=key,
+                why=str(e) or type(e).__name__,
+            )
+            return True
+        if alive:
+            return True
+        if await presence.take_over(key, holder.node):
+            return False
+        # its node let go of it meanwhile (the dead client's session ended there)
+        return await presence.claim(key) is not None
+
+    def _admit_failed(self, failure: Failure, key: TunnelKey) -> bool:
+        """Redis cannot be asked: the client is taken here, as one server
+        would, and is not known to the other nodes until it reconnects."""
+        if not failure.check(StoreError):
+            self.log.failure("deciding the control request of {ident} failed", failure, ident=key)
+        else:
+            self._rated.warn(
+                "presence-claim",
+                "{ident} is taken here without a cluster-wide check: {why}",
+                ident=key,
+                why=failure.getErrorMessage(),
+            )
+        return False
+
+    async def _open_remote(self, key: TunnelKey, protocol: int, port: int, timeout: float) -> Any:
+        try:
+            members = await self.presence.locate(key)
+        except StoreError as e:
+            members = self._known.get(key, [])
+            self._rated.info(
+                "presence-locate",
+                "cannot look {ident} up in Redis ({why}); {n} holder(s) known from before",
+                ident=key,
+                why=str(e),
+                n=len(members),
+            )
+        else:
+            if members:
+                self._known[key] = list(members)
+            else:
+                self._known.pop(key, None)
+        if not members:
+            raise NoClientSession()
+        turn = self._turns.get(key, 0)
+        member = members[turn % len(members)]
+        if len(members) > 1:
+            self._turns[key] = turn + 1
+        else:
+            self._turns.pop(key, None)
+        try:
+            return await self.links.open_tunnel(
+                member.node, member.address, key, protocol, port, timeout
+            )
+        except NoClientSession:
+            self.presence.forget(key)
+            self._known.pop(key, None)
+            raise
+
+
+class ClusterService(Service):
+    """Starts the cluster's presence with the server, and at its stop
+    removes this node's records and closes its links."""
+
+    def __init__(self, cluster: Cluster, *, on_stop: Callable[[], Any] | None = None) -> None:
+        self.cluster = cluster
+        self._on_stop = on_stop
+
+    def startService(self) -> None:
+        super().startService()
+        self.cluster.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        steps = [self.cluster.stop()]
+        if self._on_stop is not None:
+            steps.append(self._on_stop())
+        return gatherResults(steps).addCallback(lambda _: None)
