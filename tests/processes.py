@@ -97,12 +97,13 @@ def spawn_twistd(name: str, *argv: str, twistd_args: tuple[str, ...] = ()) -> Tw
     return process
 
 
-def spawn_client(servers: list[int], identifier_file, local_port: int) -> Twistd:
+def spawn_client(servers: list[int], identifier_file, local_port: int, *extra: str) -> Twistd:
     """``twistd tunnel-client`` to our servers on 127.0.0.1 ``servers`` (one
     ``--server`` each), its identifier read from ``identifier_file``, its
-    local site on 127.0.0.1:``local_port``."""
+    local site on 127.0.0.1:``local_port``, then the ``extra`` arguments."""
     argv = [arg for port in servers for arg in ("--server", f"tcp:127.0.0.1:{port}")]
     argv += ["--identifier-file", str(identifier_file), "--local", f"tcp:127.0.0.1:{local_port}"]
+    argv += extra
     return spawn_twistd("tunnel-client", *argv)
 
 
