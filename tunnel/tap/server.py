@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 
 from twisted.application import service
 from twisted.internet.endpoints import serverFromString
@@ -91,6 +93,20 @@ def _twistd_owner(options: usage.Options) -> tuple[int, int] | None:
     if uid is None and gid is None:
         return None
     return (-1 if uid is None else uid, -1 if gid is None else gid)
+
+
+#: what a node's name may be (it is a Redis key part and a log word)
+NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def parse_advertised(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPV6]:PORT``) as (host, port); ValueError if it is not one."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
 
 
 #: accept queue of the --tcp listeners; Twisted's default (50) makes a burst of
@@ -192,6 +208,41 @@ class Options(usage.Options):
             None,
             "tunnel:",
             "PREFIX: the start of the registry's keys in Redis (one cluster per prefix).",
+        ],
+        [
+            "node-name",
+            None,
+            None,
+            "NAME: this node's name in a cluster (letters, digits, '.', '_', '-';"
+            " unique per cluster). [default: the host name]",
+        ],
+        [
+            "cluster-listen",
+            None,
+            None,
+            "ENDPOINT: be one node of a cluster (with --redis): accept the other nodes'"
+            " links there, e.g. tcp:7000:interface=10.0.0.5. [default: off, one node]",
+        ],
+        [
+            "cluster-advertise",
+            None,
+            None,
+            "HOST:PORT: how the other nodes reach --cluster-listen.",
+        ],
+        [
+            "cluster-secret-file",
+            None,
+            None,
+            "PATH: the secret every node of the cluster shares (one line, 16 characters"
+            " or more); needed with --cluster-listen.",
+        ],
+        [
+            "presence-ttl",
+            None,
+            5.0,
+            "Seconds a node's record of a tunnel it holds outlives the node (it is"
+            " refreshed three times as often); bounds how long a dead node's clients wait.",
+            float,
         ],
         [
             "admin",
@@ -315,6 +366,7 @@ class Options(usage.Options):
             except ValueError as e:  # never shows the token
                 raise usage.UsageError(f"--admin-token-file: {e}")
         self._redis_options()
+        self._cluster_options()
         self["stored-rules"] = {}
         for host, api_rules in self["rules"].items():
             if host not in self["vhosts"]:
@@ -341,6 +393,35 @@ class Options(usage.Options):
         # the password itself is never shown
         path = self["redis-password-file"]
         self["redis-password"] = read_secret_line(path, "--redis-password-file")
+
+    def _cluster_options(self) -> None:
+        flags = ("cluster-advertise", "cluster-secret-file", "node-name")
+        if self["cluster-listen"] is None:
+            for flag in flags:
+                if self[flag] is not None:
+                    raise usage.UsageError(f"--{flag} is for --cluster-listen, which is not given")
+            return
+        if self["redis"] is None:
+            raise usage.UsageError("--cluster-listen needs --redis: the nodes meet there")
+        for flag in ("cluster-advertise", "cluster-secret-file"):
+            if self[flag] is None:
+                raise usage.UsageError(f"--cluster-listen needs --{flag}")
+        if self["node-name"] is None:
+            self["node-name"] = socket.gethostname().split(".")[0] or "node"
+        if not NODE_NAME.fullmatch(self["node-name"]):
+            raise usage.UsageError(
+                f"--node-name {self['node-name']!r}: 1 to 64 letters, digits, '.', '_' or '-'"
+            )
+        try:
+            parse_advertised(self["cluster-advertise"])
+        except ValueError as e:
+            raise usage.UsageError(f"--cluster-advertise: {e}")
+        secret = read_secret_line(self["cluster-secret-file"], "--cluster-secret-file")
+        if len(secret) < 16:
+            raise usage.UsageError("--cluster-secret-file: the secret is under 16 characters")
+        self["cluster-secret"] = secret.encode("utf-8")
+        if self["presence-ttl"] < 1:
+            raise usage.UsageError("--presence-ttl must be 1 second or more")
 
     def routes_required(self) -> bool:
         """Whether the command line must name a host or a port: yes while it
@@ -434,6 +515,8 @@ def makeService(options: Options) -> service.IService:
         body_min_rate=options["body-min-rate"],
         events=metrics,
     )
+    if options["cluster-listen"] is not None:
+        _join_cluster(top, server, options, reactor)
     for description in options["listen"]:
         try:
             endpoint = serverFromString(reactor, description)
@@ -441,3 +524,40 @@ def makeService(options: Options) -> service.IService:
             raise usage.UsageError(f"--listen {description!r}: {e}")
         top.listen(endpoint, site)
     return top
+
+
+def _join_cluster(top: service.MultiService, server, options: Options, reactor) -> None:
+    """Make ``server`` one node of the cluster that meets in ``--redis``."""
+    from twisted.internet.endpoints import clientFromString
+
+    from ..server.cluster import Cluster, ClusterService
+    from ..server.clusterlink import ClusterLinks
+    from ..server.presence import Presence
+    from ..server.redislink import RedisLink
+
+    try:
+        listen = serverFromString(reactor, options["cluster-listen"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"--cluster-listen {options['cluster-listen']!r}: {e}")
+    # presence has a connection of its own: its refreshes never queue behind
+    # the registry's changes
+    link = RedisLink(
+        clientFromString(reactor, options["redis"]),
+        name=f"{options['redis']} (presence)",
+        password=options["redis-password"],
+        clock=reactor,
+    )
+    presence = Presence(
+        link,
+        node=options["node-name"],
+        address=options["cluster-advertise"],
+        prefix=options["redis-prefix"],
+        ttl=options["presence-ttl"],
+        clock=reactor,
+    )
+    links = ClusterLinks(
+        name=options["node-name"], secret=options["cluster-secret"], local=server, reactor=reactor
+    )
+    cluster = Cluster(server, presence, links)
+    ClusterService(cluster, on_stop=link.close).setServiceParent(top)
+    top.listen(listen, links.listening_factory())
