@@ -19,14 +19,18 @@ import uuid
 
 import pytest
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 
 from tunnel.koding.identifiers import TunnelKey
-from tunnel.server.presence import Member, Presence
-from tunnel.server.redislink import Backoff, RedisLink
+from tunnel.server.presence import Member, Presence, parse_members
+from tunnel.server.redislink import Backoff, LinkState, RedisLink
 from tunnel.server.store import StoreClosed, StoreError
 
 from . import redis_server
@@ -108,6 +112,146 @@ async def wait(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
+# -- the logic alone, on a Clock and a link the test answers ---------------------------------
+
+
+class Sent:
+    def __init__(self, what: str, keys: list[str], args: list[str]) -> None:
+        self.what, self.keys, self.args = what, keys, args
+        self.answer: Deferred = Deferred()
+
+
+class FakeLink:
+    """Stands in for ``RedisLink``: each script waits for the test's answer."""
+
+    def __init__(self) -> None:
+        self.state = LinkState.READY
+        self.sent: list[Sent] = []
+        self._what = ""
+
+    def run(self, what, call):
+        self._what = what
+        return call(self)
+
+    def eval(self, script, keys, args):
+        self.sent.append(Sent(self._what, keys, args))
+        return self.sent[-1].answer
+
+
+def fake_node(**options):
+    clock, link = Clock(), FakeLink()
+    presence = Presence(
+        link, node="a", address="127.0.0.1:1", prefix="p:", clock=clock, refresh=1.0, **options
+    )
+    return presence, link, clock
+
+
+def outcome(d):
+    box: list = []
+    d.addBoth(box.append)
+    assert box, "not answered"
+    return box[0].value if isinstance(box[0], Failure) else box[0]
+
+
+def test_ticks_never_overlap_and_wait_while_the_link_is_down():
+    presence, link, clock = fake_node()
+    presence.start()
+    assert [s.what for s in link.sent] == ["presence refresh"]
+    clock.advance(5)
+    assert len(link.sent) == 1  # the first tick is still under way
+    link.sent[0].answer.callback([])
+    clock.advance(0)  # overdue: at once
+    assert len(link.sent) == 2 and presence.ticks == 1
+    link.sent[1].answer.callback([])
+    link.state = LinkState.WAITING
+    clock.advance(1)
+    clock.advance(1)
+    assert len(link.sent) == 2  # the link retries on its own backoff
+    link.state = LinkState.READY
+    clock.advance(1)
+    assert len(link.sent) == 3
+    link.sent[2].answer.errback(StoreError("Redis r is unavailable"))
+    link.state = LinkState.CLOSED  # its owner closed it: the loop ends
+    clock.advance(1)
+    assert len(link.sent) == 3 and not clock.getDelayedCalls()
+
+
+def test_answers_about_released_or_reclaimed_keys_change_nothing():
+    lost: list = []
+    presence, link, clock = fake_node(on_lost=lost.append)
+    claim = presence.claim(K)
+    presence.release(K)
+    claim_sent, release_sent = link.sent
+    assert release_sent.what == "presence release"
+    claim_sent.answer.callback([])
+    assert outcome(claim) is None and presence.held() == 0  # released meanwhile
+
+    for key in (K, K2):
+        d = presence.claim(key)
+        link.sent[-1].answer.callback([])
+        assert outcome(d) is None
+    presence.start()
+    tick = link.sent[-1]
+    assert tick.keys == ["p:node:a", f"p:presence:{K.hex()}", f"p:presence:{K2.hex()}"]
+    assert tick.args == ["a", "127.0.0.1:1", "5000", "p:node:", "s", "s"]
+    presence.release(K)
+    tick.answer.callback([1, 2])  # both taken; K was released meanwhile
+    assert lost == [K2] and presence.held() == 0
+
+
+def test_a_failing_on_lost_is_logged_and_the_loop_goes_on():
+    def on_lost(key):
+        raise RuntimeError("boom")
+
+    presence, link, clock = fake_node(on_lost=on_lost)
+    presence.claim(K)
+    link.sent[-1].answer.callback([])
+    presence.start()
+    with capturedLogs() as events:
+        link.sent[-1].answer.callback([1])
+    assert [e for e in events if e.get("log_failure")]
+    clock.advance(1)
+    assert link.sent[-1].what == "presence refresh" and len(link.sent) == 3
+
+
+@pytest.mark.parametrize(
+    "garbage", [None, "x", [1, 2], ["a"], ["a b", "h:1"], [b"\xff", "h:1"], [["a"], "h"]]
+)
+def test_answers_that_are_not_holders_are_store_errors_and_not_cached(garbage):
+    presence, link, clock = fake_node()
+    claim = presence.claim(K)
+    link.sent[-1].answer.callback(garbage)
+    assert isinstance(outcome(claim), StoreError) and presence.held() == 0
+    first, second = presence.locate(K), presence.locate(K)
+    assert len(link.sent) == 2
+    link.sent[-1].answer.callback(garbage)
+    assert isinstance(outcome(first), StoreError) and isinstance(outcome(second), StoreError)
+    presence.locate(K)
+    assert len(link.sent) == 3  # not cached
+
+
+def test_a_refresh_answer_that_is_not_positions_is_warned_about():
+    presence, link, clock = fake_node()
+    presence.start()
+    with capturedLogs() as events:
+        link.sent[-1].answer.callback(["x"])
+    warned = [e for e in events if e["log_level"] >= LogLevel.warn]
+    assert len(warned) == 1 and presence.ticks == 0
+    clock.advance(1)
+    assert len(link.sent) == 2  # the loop goes on
+
+
+@given(st.lists(st.one_of(st.text(max_size=300), st.binary(max_size=4), st.integers())))
+def test_parse_members_takes_pairs_of_names_or_refuses(reply):
+    try:
+        members = parse_members(reply)
+    except ValueError:
+        return
+    assert len(members) * 2 == len(reply)
+    for m in members:
+        assert 0 < len(m.node) <= 255 and m.node.isprintable()
+
+
 # -- one holder per tunnel -------------------------------------------------------------
 
 
@@ -169,11 +313,11 @@ async def test_take_over_only_while_the_holder_is_unchanged(cluster):
 
 @pytest_twisted.ensureDeferred
 async def test_a_node_that_stops_refreshing_loses_its_records_after_the_ttl(cluster):
-    a, b = cluster.node("a", ttl=0.3), cluster.node("b", ttl=0.3)
+    a, b = cluster.node("a", ttl=0.5, refresh=0.1), cluster.node("b", ttl=0.5)
     a.start()
     try:
         await a.claim(K)
-        await wait(0.9)  # three TTLs: a's refresh keeps it
+        await wait(1.2)  # over two TTLs: a's refresh keeps it
         assert await b.claim(K) == member(a)
         # a's node is killed: its connection goes, nothing refreshes
         await cluster.links[0].close()
@@ -444,15 +588,14 @@ async def measure(count: int = 10_000) -> None:
                 await until(lambda: a.ticks == tick, timeout=30, interval=0.001)  # noqa: B023
                 took = time.perf_counter() - started
                 print(f"refresh tick, {a.held()} held: {took * 1000:.1f} ms; {delta(before)}")
-            usec = server.commandstats()
             text = server.command("INFO", "commandstats").decode()
-            print([line for line in text.splitlines() if "evalsha" in line])
-            del usec
+            print(*[line for line in text.splitlines() if "cmdstat_eval" in line], sep="\n")
         finally:
             await cluster.close()
 
 
 if __name__ == "__main__":
+    from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
 
-    react(lambda r: __import__("twisted.internet.defer").internet.defer.ensureDeferred(measure()))
+    react(lambda _: ensureDeferred(measure()))

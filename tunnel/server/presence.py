@@ -217,9 +217,9 @@ def _check_name(what: str, value: str) -> str:
     return value
 
 
-def _members(reply: object) -> list[Member]:
+def parse_members(reply: object) -> list[Member]:
     """Members from a script's flat {node, address, ...} reply; ValueError if
-    it is not one."""
+    it is not one (Redis's answers are checked like any peer's)."""
     if not isinstance(reply, list) or len(reply) % 2:
         raise ValueError("not a list of holders")
     return [
@@ -342,13 +342,16 @@ class Presence:
         return len(self._held)
 
     def _schedule(self, delay: float) -> None:
-        if self.state is PresenceState.RUNNING:
+        # a link its owner closed will not come back: nothing more to refresh
+        if self.state is PresenceState.RUNNING and self._link.state is not LinkState.CLOSED:
             self._tick = self.clock.callLater(max(0.0, delay), self._run_tick)
 
     def _run_tick(self) -> None:
         self._tick = None
         if self.state is not PresenceState.RUNNING or self._ticking:
             return
+        if self._link.state is LinkState.CLOSED:
+            return  # its owner closed it: it will not come back
         if self._link.state is LinkState.WAITING:
             # the link retries on its own backoff; the first tick after it is
             # back puts every record back
@@ -364,22 +367,24 @@ class Presence:
             kinds.append("p" if record.pooled else "s")
         args = [self.node, self.address, str(self.ttl_ms), self._node_prefix, *kinds]
         d = self._eval("presence refresh", REFRESH, keys, args)
-        d.addCallbacks(lambda reply: self._refreshed(held, reply), self._refresh_failed)
+        d.addCallback(lambda reply: self._refreshed(held, reply))
+        d.addErrback(self._refresh_failed)
         d.addBoth(lambda _: self._tick_done(started))
 
     def _refreshed(self, held: Sequence[tuple[TunnelKey, _Record]], reply: object) -> None:
+        if not isinstance(reply, list) or not all(
+            type(position) is int and 0 < position <= len(held) for position in reply
+        ):
+            raise StoreError("the refresh script answered no list of positions")
         self.ticks += 1
-        if not isinstance(reply, list):
-            raise StoreError("the refresh script answered something else than a list")
         for position in reply:
-            index = int(position) - 1
-            if not 0 <= index < len(held):
-                continue
-            key, record = held[index]
-            if self._held.get(key) is record:
+            key, record = held[position - 1]
+            if self._held.get(key) is record:  # not released (or claimed again) since
                 del self._held[key]
-                self.log.info(
-                    "tunnel {key}: another node holds it now; closing its client here", key=key
+                self._rated.info(
+                    "lost",
+                    "tunnel {key}: another node holds it now; closing its client here",
+                    key=key,
                 )
                 self._tell_lost(key)
 
@@ -392,7 +397,7 @@ class Presence:
             self.log.failure("on_lost failed for tunnel {key}", key=key)
 
     def _refresh_failed(self, failure: Failure) -> None:
-        if self._link.state is LinkState.READY and not failure.check(StoreClosed):
+        if self._link.state is LinkState.READY or not failure.check(StoreError):
             # not an outage (the link logs those): a script or data error
             self._rated.warn(
                 "refresh",
@@ -431,7 +436,7 @@ class Presence:
             if latest:
                 del self._claiming[key]
             try:
-                holders = _members(reply)
+                holders = parse_members(reply)
             except ValueError as e:
                 raise StoreError(f"presence claim: Redis answered no claim ({e})") from None
             if holders:
@@ -542,7 +547,7 @@ class Presence:
 
     def _located(self, key: TunnelKey, lookup: _Lookup, reply: object) -> None:
         try:
-            members = _members(reply)
+            members = parse_members(reply)
         except ValueError as e:
             self._lookup_failed(
                 key,
