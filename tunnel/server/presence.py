@@ -497,7 +497,8 @@ class Presence:
 
     def stop(self) -> Deferred[None]:
         """Stop refreshing and release everything this node holds (one
-        script), its node record included."""
+        script), its node record included.  If Redis cannot be reached it
+        fails with ``StoreError``: the records then expire within the TTL."""
         if self.state is PresenceState.STOPPED:
             return succeed(None)
         self.state = PresenceState.STOPPED
