@@ -35,6 +35,8 @@ C = Member("c", "127.0.0.3:7000")
 
 
 class FakePresence:
+    refresh = 1.0
+
     def __init__(self) -> None:
         self.claims: list = []  # answers of claim(), in order
         self.located: object = []  # answer of locate(): a list, or an exception
@@ -95,7 +97,7 @@ class FakeLinks:
 
 
 def node() -> tuple[TunnelServer, Cluster, FakePresence, FakeLinks]:
-    server = TunnelServer(clock=Clock())
+    server = TunnelServer(clock=Clock())  # the cluster runs on the server's clock
     presence, links = FakePresence(), FakeLinks()
     return server, Cluster(server, presence, links), presence, links
 
@@ -151,10 +153,34 @@ def test_a_holder_that_cannot_be_asked_keeps_the_tunnel_until_its_record_expires
     assert result(server.check_duplicate(KEY)) is True
 
 
-def test_redis_down_admits_on_this_nodes_word():
+def test_redis_down_admits_on_this_nodes_word_and_records_it_once_redis_is_back():
+    server, cluster, presence, links = node()
+    presence.claims = [StoreError("redis is down"), StoreError("still down"), None]
+    assert result(server.check_duplicate(KEY)) is False
+    server.clock.advance(presence.refresh)  # tried again: still down
+    server.clock.advance(presence.refresh)  # recorded
+    assert [c for c in presence.calls if c[0] == "claim"] == [("claim", KEY)] * 3
+    server.clock.advance(presence.refresh * 10)
+    assert len([c for c in presence.calls if c[0] == "claim"]) == 3
+    assert not server.clock.getDelayedCalls()
+
+
+def test_a_tunnel_let_in_unrecorded_and_gone_meanwhile_is_not_recorded():
     server, cluster, presence, links = node()
     presence.claims = [StoreError("redis is down")]
     assert result(server.check_duplicate(KEY)) is False
+    server.control_abandoned(KEY)  # its connection went before attaching
+    assert not server.clock.getDelayedCalls()
+
+
+def test_a_record_another_node_took_closes_the_client_here():
+    server, cluster, presence, links = node()
+    presence.claims = [StoreError("redis is down"), B]
+    result(server.check_duplicate(KEY))
+    closed = []
+    server.disconnect = lambda key: closed.append(key) or True
+    server.clock.advance(presence.refresh)  # b recorded it first: the newest claimant wins
+    assert closed == [KEY]
 
 
 def test_an_unexpected_failure_admits_and_is_logged():

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from ..koding.identifiers import TunnelKey
 from ..logs import RateLimitedLog
+from ..timers import cancel
 from .errors import NoClientSession
 from .pool import OriginLeg, StreamPool
 from .registry import TunnelServer
@@ -108,6 +109,9 @@ class Cluster:
         #: be asked (bounded by the registered tunnels: a request reaches here
         #: only for a host or port that names one)
         self._known: dict[TunnelKey, list[Any]] = {}
+        #: tunnels let in while Redis could not be asked -> the next try at
+        #: recording them (so the other nodes find them once Redis is back)
+        self._unclaimed: dict[TunnelKey, Any] = {}
         self._stopping = False
         server.join_cluster(self)
 
@@ -120,6 +124,7 @@ class Cluster:
         return Deferred.fromCoroutine(self._admit(key)).addErrback(self._admit_failed, key)
 
     def released(self, key: TunnelKey) -> None:
+        cancel(self._unclaimed.pop(key, None))
         self.presence.release(key).addErrback(
             lambda f: self._rated.info(
                 "presence-release",
@@ -128,6 +133,14 @@ class Cluster:
                 why=f.getErrorMessage(),
             )
         )
+
+    def lost(self, key: TunnelKey) -> None:
+        """Another node recorded ``key`` as its own while this node held it
+        (Redis lost the records and that node's client came first): the
+        client here is closed, so one node serves the tunnel (it reconnects
+        and is decided again)."""
+        if self.server.disconnect(key):
+            self.log.info("{ident} is held by another node: its client here is closed", ident=key)
 
     # -- the tunnels of other nodes -----------------------------------------------
 
@@ -162,6 +175,9 @@ class Cluster:
     def stop(self) -> Deferred[None]:
         """Keep no stream, remove this node's records, close the links."""
         self._stopping = True
+        for timer in self._unclaimed.values():
+            cancel(timer)
+        self._unclaimed.clear()
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             pool.close()
@@ -203,14 +219,36 @@ class Cluster:
         would, and is not known to the other nodes until it reconnects."""
         if not failure.check(StoreError):
             self.log.failure("deciding the control request of {ident} failed", failure, ident=key)
-        else:
-            self._rated.warn(
-                "presence-claim",
-                "{ident} is taken here without a cluster-wide check: {why}",
-                ident=key,
-                why=failure.getErrorMessage(),
-            )
+            return False
+        self._rated.warn(
+            "presence-claim",
+            "{ident} is taken here without a cluster-wide check: {why}",
+            ident=key,
+            why=failure.getErrorMessage(),
+        )
+        self._claim_later(key)
         return False
+
+    def _claim_later(self, key: TunnelKey) -> None:
+        if key not in self._unclaimed and not self._stopping:
+            self._unclaimed[key] = self.clock.callLater(
+                self.presence.refresh, self._claim_again, key
+            )
+
+    def _claim_again(self, key: TunnelKey) -> None:
+        del self._unclaimed[key]
+
+        def answered(holder: Any) -> None:
+            if holder is not None:
+                self.lost(key)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(StoreError):
+                self._claim_later(key)
+            else:
+                self.log.failure("recording {ident} failed", failure, ident=key)
+
+        self.presence.claim(key).addCallbacks(answered, failed)
 
     async def _open_remote(self, key: TunnelKey, protocol: int, port: int, timeout: float) -> Any:
         try:

@@ -547,6 +547,7 @@ def _join_cluster(top: service.MultiService, server, options: Options, reactor) 
         password=options["redis-password"],
         clock=reactor,
     )
+    joined: list[Cluster] = []  # the cluster, once made: presence tells it of lost records
     presence = Presence(
         link,
         node=options["node-name"],
@@ -554,10 +555,12 @@ def _join_cluster(top: service.MultiService, server, options: Options, reactor) 
         prefix=options["redis-prefix"],
         ttl=options["presence-ttl"],
         clock=reactor,
+        on_lost=lambda key: joined[0].lost(key),
     )
     links = ClusterLinks(
         name=options["node-name"], secret=options["cluster-secret"], local=server, reactor=reactor
     )
     cluster = Cluster(server, presence, links)
+    joined.append(cluster)
     ClusterService(cluster, on_stop=link.close).setServiceParent(top)
     top.listen(listen, links.listening_factory())
