@@ -8,19 +8,23 @@ import hashlib
 import os
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.koding.states import ClientState
 from tunnel.koding.wire import TransportProtocol
-from tunnel.server.clusterlink import ClusterLinks, LinkState, NodeUnreachable
+from tunnel.server.clusterlink import ClusterLinks, LinkState, NodeUnreachable, default_dial
+from tunnel.server.clusterstreams import STATUS_ERRORS
 from tunnel.server.clusterwire import (
     MAGIC,
     REQUEST_SIZE,
@@ -38,9 +42,10 @@ from tunnel.server.clusterwire import (
     proof,
 )
 from tunnel.server.errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
-from tunnel.yamux import YamuxSession
+from tunnel.yamux import StreamServerEndpoint, YamuxSession
 
 from .helpers import Collect
+from .loopback import BoundedEcho, Sender, SessionPair
 from .memory import HalfClosePeer, MemoryNetwork, MemoryTunnel, Peer
 
 SECRET = b"cluster secret for the tests 0123"
@@ -100,9 +105,9 @@ class Cluster:
             **kw,
         )
         self.nodes[name] = node
-        self.ports.append(self.net.listenTCP(
-            self.port(name), node.listening_factory(), interface="127.0.0.1"
-        ))
+        self.ports.append(
+            self.net.listenTCP(self.port(name), node.listening_factory(), interface="127.0.0.1")
+        )
         return node
 
     def port(self, name: str) -> int:
@@ -610,3 +615,165 @@ def test_random_bytes_at_a_listener_end_in_a_clean_refusal(data):
     assert peer.closed  # refused, or timed out: never linked, never raised
     assert c.nodes["a"].links() == []
     c.stop()
+
+
+# -- shutdown ----------------------------------------------------------------------
+
+
+class Silent(Protocol):
+    """A listener that accepts and never says a word."""
+
+
+def test_close_during_a_dial_fails_it_and_leaves_nothing_behind():
+    c = Cluster()
+    a = c.add("a")
+    silent = c.net.listenTCP(7009, Factory.forProtocol(Silent), interface="127.0.0.1")
+    d = a.probe("b", "127.0.0.1:7009", KEY, 10.0)
+    c.net.flush()  # connected, the HELLO unanswered
+    closed = a.close()
+    assert _error(c, d).check(NodeUnreachable)
+    assert c.net.result(closed) is None
+    silent.stopListening()
+    c.nodes.pop("a")
+    c.stop()
+
+
+def test_close_lets_an_open_request_finish_and_refuses_new_ones():
+    env, c = _two_nodes_with_a_client()
+    a, b = c.nodes["a"], c.nodes["b"]
+    stream = c.net.result(c.open("a", "b"))
+    peer = HalfClosePeer()
+    stream.attach(peer)
+    closing = b.close(grace=30.0)
+    c.net.flush()
+    assert not closing.called
+    assert [i.state for i in a.links()] == [LinkState.DRAINING]
+    peer.send(b"still here")
+    c.net.flush()
+    assert peer.take() == b"still here"
+    # b is shutting down: a new request cannot have it
+    assert _error(c, c.open("a", "b")).check(NodeUnreachable)
+    peer.shutdown()
+    c.net.flush()
+    assert peer.take() == b"bye" and peer.closed
+    assert closing.called and a.links() == []
+    c.stop(env)
+
+
+def test_a_request_read_after_close_began_gets_shutting_down():
+    c = Cluster()
+    a = c.add("a")
+    b = c.add("b")
+    link = c.net.result(a.link_to("b", c.address("b")))
+    stream = link.open_stream()
+    peer = Peer()
+    stream.attach(peer)
+    request = probe_request(KEY).encode()
+    peer.send(request[:10])
+    c.net.flush()
+    b.close(grace=5.0)
+    peer.send(request[10:])
+    c.net.flush()
+    assert peer.received == bytes([Status.SHUTTING_DOWN]) and peer.clean
+    assert link.state is not LinkState.OPEN
+    # and the opener's side maps that status to NodeUnreachable
+    assert STATUS_ERRORS[Status.SHUTTING_DOWN]().__class__ is NodeUnreachable
+    c.stop()
+
+
+def test_a_request_that_never_completes_gets_bad_request_and_a_reset():
+    c = Cluster()
+    a = c.add("a", request_timeout=3.0)
+    c.add("b")
+    link = c.net.result(c.nodes["b"].link_to("a", c.address("a")))
+    stream = link.open_stream()
+    peer = Peer()
+    stream.attach(peer)
+    peer.send(b"\x01" + KEY.digest)  # 33 of 36 bytes
+    c.net.advance(2.999)
+    assert peer.received == b"" and not peer.closed
+    c.net.advance(0.001)
+    assert peer.received == bytes([Status.BAD_REQUEST]) and peer.closed and not peer.clean
+    assert a.local.requests == []
+    c.stop()
+
+
+# -- addresses, and real sockets ------------------------------------------------------
+
+
+def test_the_default_dial_parses_host_port_and_bracketed_ipv6():
+    reactor = MemoryReactorClock()
+    dial = default_dial(reactor, 2.5)
+    dial("10.1.2.3:7946").connect(Factory.forProtocol(Protocol))
+    dial("[::1]:7946").connect(Factory.forProtocol(Protocol))
+    dial("node-b.example:80").connect(Factory.forProtocol(Protocol))
+    assert [(h, p, t) for h, p, _, t, _ in reactor.tcpClients] == [
+        ("10.1.2.3", 7946, 3),
+        ("::1", 7946, 3),
+        ("node-b.example", 80, 3),
+    ]
+    for bad in ("7946", "host:", "host:x", ":80", "host:70000"):
+        with pytest.raises(ValueError):
+            dial(bad)
+
+
+class PairLocal:
+    """Serves OPEN with a stream of a real loopback yamux session (a stand-in
+    for a client session), whose far end echoes."""
+
+    def __init__(self, pair) -> None:
+        self.pair = pair
+
+    def serve_remote(self, key, protocol, port):
+        return succeed(self.pair.client.open_stream())
+
+    def probe_local(self, key):
+        return succeed(True)
+
+
+async def _real_nodes(b_secret: bytes = SECRET):
+    pair = await SessionPair().start()
+    StreamServerEndpoint(pair.server).listen(Factory.forProtocol(BoundedEcho))
+    a = ClusterLinks(name="a", secret=SECRET, local=FakeLocal(), reactor=reactor)
+    b = ClusterLinks(name="b", secret=b_secret, local=PairLocal(pair), reactor=reactor)
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = await endpoint.listen(b.listening_factory())
+    return pair, a, b, port, f"127.0.0.1:{port.getHost().port}"
+
+
+async def _stop_real(pair, a, b, port) -> None:
+    await gatherResults([a.close(grace=2.0), b.close(grace=2.0)])
+    await port.stopListening()
+    await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_streams_echo_intact_over_one_real_link():
+    pair, a, b, port, address = await _real_nodes()
+    try:
+        block = os.urandom(1024 * 1024)
+        sizes = [0, 1, 3 * 1024 * 1024, 200_000]
+        streams = await gatherResults(
+            [a.open_tunnel("b", address, KEY, HTTP, 0, 10.0) for _ in sizes]
+        )
+        senders = [Sender(block, i * 7919, size) for i, size in enumerate(sizes)]
+        for stream, sender in zip(streams, senders, strict=True):
+            stream.attach(sender)
+        results = await gatherResults([s.finished for s in senders])
+        for size, sender, (received, digest, _) in zip(sizes, senders, results, strict=True):
+            assert received == size and digest == sender.sent.result
+        assert [(i.peer, i.state) for i in a.links()] == [("b", LinkState.OPEN)]
+        assert await a.probe("b", address, KEY, 5.0) is True
+    finally:
+        await _stop_real(pair, a, b, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_wrong_secret_is_refused():
+    pair, a, b, port, address = await _real_nodes(b_secret=b"not the same secret")
+    try:
+        with pytest.raises(NodeUnreachable):
+            await a.open_tunnel("b", address, KEY, HTTP, 0, 5.0)
+        assert a.links() == [] and b.links() == []
+    finally:
+        await _stop_real(pair, a, b, port)

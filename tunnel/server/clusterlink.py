@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import enum
 import hmac
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import (
-    CancelledError,
     Deferred,
     fail,
     gatherResults,
-    maybeDeferred,
     succeed,
 )
 from twisted.internet.endpoints import clientFromString
@@ -45,15 +43,20 @@ from twisted.python.failure import Failure
 from ..koding.identifiers import TunnelKey
 from ..logs import RateLimitedLog
 from ..observe import OneShot
-from ..splice import SpliceProtocol
 from ..timers import cancel
 from ..yamux import LARGE_WINDOWS, YamuxConfig, YamuxError, YamuxSession, YamuxStream
+from .clusterstreams import (
+    STATUS_ERRORS,
+    Answer,
+    Exchange,
+    LocalTunnels,
+    NodeUnreachable,
+    NoReply,
+)
 from .clusterwire import (
     MAX_HANDSHAKE,
     NONCE_SIZE,
     PROOF_SIZE,
-    REQUEST_SIZE,
-    BadRequest,
     HandshakeError,
     Op,
     Request,
@@ -63,37 +66,13 @@ from .clusterwire import (
     encode_hello,
     open_request,
     parse_hello,
-    parse_request,
-    parse_status,
     probe_request,
     proof,
 )
-from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
+from .errors import TunnelTimeout
 
 #: cluster links carry bulk data: large windows, and a dead peer noticed in 15 s
 CLUSTER_YAMUX = replace(LARGE_WINDOWS, keepalive_interval=10.0, keepalive_timeout=5.0)
-
-
-class NodeUnreachable(NoClientSession):
-    """The node holding the client cannot be reached (dial failed, handshake
-    refused, link lost, node shutting down): to the public, no client session."""
-
-    def __init__(self, why: str = "the node is unreachable") -> None:
-        Exception.__init__(self, why)
-
-
-class LocalTunnels(TypingProtocol):
-    """What a node offers its peers (``TunnelServer`` implements it)."""
-
-    def serve_remote(self, key: TunnelKey, protocol: int, port: int) -> Deferred:
-        """A Deferred firing with a fresh, unattached tunnel ``YamuxStream`` to
-        the client of ``key``, or failing with NoClientSession, TunnelTimeout
-        or TooManyPendingTunnels.  Cancelling it withdraws the request."""
-        ...
-
-    def probe_local(self, key: TunnelKey) -> Deferred:
-        """A Deferred[bool]: True if this node's client for ``key`` is alive."""
-        ...
 
 
 class LinkState(enum.Enum):
@@ -113,17 +92,10 @@ class LinkInfo:
     address: str | None
 
 
-_STATUS_ERRORS: dict[Status, Callable[[], Exception]] = {
-    Status.NO_CLIENT: NoClientSession,
-    Status.TIMEOUT: TunnelTimeout,
-    Status.TOO_MANY_PENDING: TooManyPendingTunnels,
-    Status.SHUTTING_DOWN: lambda: NodeUnreachable("the node is shutting down"),
-    Status.BAD_REQUEST: lambda: NodeUnreachable("the node refused the request as malformed"),
-}
-
-
 def default_dial(reactor: Any, connect_timeout: float) -> Callable[[str], IStreamClientEndpoint]:
-    """Map "HOST:PORT" (or "[IPv6]:PORT") to a TCP client endpoint."""
+    """Map "HOST:PORT" (or "[IPv6]:PORT") to a TCP client endpoint (an
+    endpoint string, whose timeout is whole seconds)."""
+    timeout = max(1, math.ceil(connect_timeout))
 
     def dial(address: str) -> IStreamClientEndpoint:
         host, sep, port = address.rpartition(":")
@@ -132,7 +104,7 @@ def default_dial(reactor: Any, connect_timeout: float) -> Callable[[str], IStrea
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"a node address is HOST:PORT, not {address!r}")
         escaped = host.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-        spec = f"tcp:host={escaped}:port={int(port)}:timeout={connect_timeout:g}"
+        spec = f"tcp:host={escaped}:port={int(port)}:timeout={timeout}"
         return clientFromString(reactor, spec)
 
     return dial
@@ -294,6 +266,14 @@ class LinkProtocol(Protocol):
         self._result.fail(NodeUnreachable(f"cluster handshake failed: {why}"))
         self.transport.abortConnection()
 
+    def abort_handshake(self) -> None:
+        """Drop the connection if it is still in its handshake (shutdown)."""
+        if self.phase in (_Handshake.HELLO, _Handshake.PROOF) and self.transport is not None:
+            self.phase = _Handshake.REFUSED
+            cancel(self._timer)
+            self._result.fail(NodeUnreachable("this node is shutting down"))
+            self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         cancel(self._timer)
         if self.phase is _Handshake.LINKED:
@@ -302,159 +282,6 @@ class LinkProtocol(Protocol):
         self.phase = _Handshake.REFUSED
         if not self._result.fired:
             self._result.fail(NodeUnreachable("the connection closed during the handshake"))
-
-
-class _Answer(Protocol):
-    """The answering side of one stream: read the REQUEST, serve it, reply."""
-
-    def __init__(self, links: ClusterLinks) -> None:
-        self.links = links
-        self._buf = b""
-        self._timer: Any = None
-        self._pending: Deferred | None = None
-        self._replied = False
-        self.lost = False
-
-    def connectionMade(self) -> None:
-        self._timer = self.links.clock.callLater(
-            self.links.request_timeout, self._bad, "no request in time"
-        )
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._timer is None:  # the request is in: nothing may follow before the reply
-            self._bad("data before the reply")
-            return
-        self._buf += data
-        if len(self._buf) < REQUEST_SIZE:
-            return
-        cancel(self._timer)
-        self._timer = None
-        try:
-            if len(self._buf) > REQUEST_SIZE:
-                raise BadRequest("data before the reply")
-            request = parse_request(self._buf)
-        except BadRequest as e:
-            self._bad(str(e))
-            return
-        if not self.links.accepting:
-            self._reply(Status.SHUTTING_DOWN)
-            return
-        local = self.links.local
-        if request.op is Op.OPEN:
-            d = maybeDeferred(local.serve_remote, request.key, request.protocol, request.port)
-            self._pending = d.addCallbacks(self._served, self._not_served)
-        else:
-            d = maybeDeferred(local.probe_local, request.key)
-            self._pending = d.addCallbacks(
-                lambda alive: self._reply(Status.ALIVE if alive else Status.GONE),
-                lambda f: self._reply(Status.GONE),
-            )
-
-    def _served(self, tunnel: YamuxStream) -> None:
-        self._pending = None
-        if self.lost:
-            tunnel.abortConnection()
-            return
-        cluster = self.transport
-        cluster.write(bytes((Status.OK,)))
-        self._replied = True
-        cluster.detach()
-        near, far = SpliceProtocol(), SpliceProtocol()
-        cluster.attach(near)
-        tunnel.attach(far)
-        if not (cluster.connected and tunnel.connected):
-            cluster.abortConnection()
-            tunnel.abortConnection()
-            return
-        near.join(far)
-
-    def _not_served(self, failure: Failure) -> None:
-        self._pending = None
-        if failure.check(CancelledError) or self.lost:
-            return
-        if failure.check(TunnelTimeout):
-            status = Status.TIMEOUT
-        elif failure.check(TooManyPendingTunnels):
-            status = Status.TOO_MANY_PENDING
-        else:
-            if not failure.check(NoClientSession):
-                self.links.limited_log.warn(
-                    "cluster-serve", "serving a peer's request failed: {why}", why=failure.value
-                )
-            status = Status.NO_CLIENT
-        self._reply(status)
-
-    def _reply(self, status: Status) -> None:
-        self._pending = None
-        if self.lost or self._replied:
-            return
-        self._replied = True
-        self.transport.write(bytes((status,)))
-        self.transport.loseConnection()
-
-    def _bad(self, why: str) -> None:
-        cancel(self._timer)
-        self._timer = None
-        if self._pending is not None:
-            self._pending.cancel()
-        if self.lost:
-            return
-        self.links.limited_log.info("cluster-request", "bad cluster request: {why}", why=why)
-        if not self._replied:
-            self._replied = True
-            self.transport.write(bytes((Status.BAD_REQUEST,)))
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost = True
-        cancel(self._timer)
-        self._timer = None
-        if self._pending is not None:
-            self._pending.cancel()
-
-
-class _Exchange(Protocol):
-    """The opening side of one stream: send the REQUEST, read the status byte,
-    then (OK) let go of the stream for whoever uses it next."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.reply: Deferred = Deferred(self._cancel)
-        self._done = False
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request.encode())
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._done:
-            return
-        self._done = True
-        stream = self.transport
-        try:
-            status = parse_status(data[0], self.request.op)
-        except BadRequest as e:
-            stream.abortConnection()
-            self.reply.errback(NodeUnreachable(f"bad reply from the node: {e}"))
-            return
-        if status is Status.OK:
-            stream.detach(data[1:])
-            self.reply.callback((status, stream))
-            return
-        stream.loseConnection()
-        self.reply.callback((status, None))
-
-    def _cancel(self, d: Deferred) -> None:
-        self._done = True
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self._done:
-            self._done = True
-            self.reply.errback(_NoReply())
-
-
-class _NoReply(Exception):
-    """The stream ended before the status byte."""
 
 
 class _Running(enum.Enum):
@@ -473,9 +300,11 @@ class _ListeningFactory(Factory):
 class _DialFactory(Factory):
     def __init__(self, links: ClusterLinks, node: str, address: str) -> None:
         self.links, self.node, self.address = links, node, address
+        self.protocol_made: LinkProtocol | None = None
 
     def buildProtocol(self, addr: Any) -> LinkProtocol:
-        return LinkProtocol(self.links, Role.DIALER, self.node, self.address)
+        self.protocol_made = LinkProtocol(self.links, Role.DIALER, self.node, self.address)
+        return self.protocol_made
 
 
 class ClusterLinks:
@@ -526,8 +355,8 @@ class ClusterLinks:
         self._current: dict[str, ClusterLink] = {}
         #: every link not closed yet (current, draining)
         self._links: list[ClusterLink] = []
-        #: dials in progress: their result, and the connect to cancel at close
-        self._dials: dict[str, tuple[OneShot, Deferred]] = {}
+        #: dials in progress: their result, the connect and its factory (to stop them)
+        self._dials: dict[str, tuple[OneShot, Deferred, _DialFactory]] = {}
         #: peer -> (until when it fails fast, why)
         self._failed: dict[str, tuple[float, str]] = {}
 
@@ -582,11 +411,11 @@ class ClusterLinks:
                     if attempt == 1 and not link.usable:
                         continue  # it was being retired: take the one that replaces it
                     raise NodeUnreachable(f"cannot open a stream to {node}: {e}")
-                exchange = _Exchange(request)
+                exchange = Exchange(request)
                 stream.attach(exchange)
                 try:
                     status, opened = await exchange.reply
-                except _NoReply:
+                except NoReply:
                     if attempt == 1 and not link.usable:
                         continue  # refused by a link going away (crossed dials)
                     raise NodeUnreachable(f"the link to {node} dropped the request")
@@ -594,7 +423,7 @@ class ClusterLinks:
                     return status
                 if status is Status.OK:
                     return opened
-                raise _STATUS_ERRORS[status]()
+                raise STATUS_ERRORS[status]()
             raise NodeUnreachable(f"the links to {node} kept going away")
 
         def timed_out(result: Any, seconds: float) -> Failure:
@@ -626,23 +455,24 @@ class ClusterLinks:
             dial = self._start_dial(node, address)
         return dial[0].when()
 
-    def _start_dial(self, node: str, address: str) -> tuple[OneShot, Deferred]:
+    def _start_dial(self, node: str, address: str) -> tuple[OneShot, Deferred, _DialFactory]:
         event = OneShot()
+        factory = _DialFactory(self, node, address)
         try:
             check_name(node)
             endpoint = self._dial(address)
         except ValueError as e:
             connecting: Deferred = fail(e)
         else:
-            connecting = endpoint.connect(_DialFactory(self, node, address))
-        dial = (event, connecting)
+            connecting = endpoint.connect(factory)
+        dial = (event, connecting, factory)
         self._dials[node] = dial
         connecting.addCallback(lambda protocol: protocol.when_linked())
         connecting.addCallbacks(self._dialed, self._dial_failed, (node,), None, (node,), None)
         return dial
 
     def _dialed(self, link: ClusterLink, node: str) -> None:
-        event, _ = self._dials.pop(node)
+        event = self._dials.pop(node)[0]
         current = self._current.get(node)
         if current is not None and current.usable:
             event.fire(current)
@@ -650,7 +480,7 @@ class ClusterLinks:
             event.fail(NodeUnreachable(f"the link to {node} closed at once"))
 
     def _dial_failed(self, failure: Failure, node: str) -> None:
-        event, _ = self._dials.pop(node)
+        event = self._dials.pop(node)[0]
         why = failure.getErrorMessage()
         if not failure.check(NodeUnreachable):
             why = f"cannot connect to node {node}: {why}"
@@ -687,7 +517,7 @@ class ClusterLinks:
 
     def answer(self, stream: YamuxStream) -> None:
         """A peer opened ``stream`` (the sessions' stream handler)."""
-        stream.attach(_Answer(self))
+        stream.attach(Answer(self))
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -695,8 +525,10 @@ class ClusterLinks:
         """GoAway on every link, let open requests finish for up to ``grace``
         seconds, then close; fires once every link is closed."""
         self._state = _Running.CLOSING
-        for _, connecting in list(self._dials.values()):
+        for _, connecting, factory in list(self._dials.values()):
             connecting.cancel()
+            if factory.protocol_made is not None:
+                factory.protocol_made.abort_handshake()
         links = list(self._links)
         closed = [link.session.when_closed() for link in links]
         for link in links:
