@@ -403,6 +403,7 @@ class ClusterLinks:
 
         async def run() -> Any:
             for attempt in (1, 2):
+                stage[0] = "connecting"
                 link = await self.link_to(node, address)
                 stage[0] = "waiting"
                 try:
