@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnel.koding.identifiers import TunnelKey
@@ -131,8 +132,7 @@ class Cluster:
         else:
             self.net.flush()
         assert box, "not fired"
-        failure = box[0] if hasattr(box[0], "check") and hasattr(box[0], "value") else None
-        return (failure is None, failure if failure is not None else box[0])
+        return (not isinstance(box[0], Failure), box[0])
 
     def stop(self, env: MemoryTunnel | None = None) -> None:
         """Close every node (and ``env``), then check nothing is left behind."""
@@ -831,3 +831,21 @@ def test_random_bytes_on_a_stream_get_a_clean_refusal_or_a_valid_answer(data):
     if not peer.closed:
         peer.abort()
     c.stop()
+
+
+@pytest.mark.parametrize(
+    "status, error",
+    [
+        (Status.NO_CLIENT, NoClientSession),
+        (Status.TIMEOUT, TunnelTimeout),
+        (Status.TOO_MANY_PENDING, TooManyPendingTunnels),
+        (Status.SHUTTING_DOWN, NodeUnreachable),
+        (Status.BAD_REQUEST, NodeUnreachable),
+    ],
+)
+def test_the_opener_maps_every_refusal_to_the_registry_s_errors(status, error):
+    made = STATUS_ERRORS[status]()
+    assert type(made) is error and isinstance(made, NoClientSession) == (
+        error in (NoClientSession, NodeUnreachable)
+    )
+    assert set(STATUS_ERRORS) == set(Status) - {Status.OK, Status.ALIVE, Status.GONE}
