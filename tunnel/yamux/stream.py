@@ -333,6 +333,38 @@ class YamuxStream:
         if not self._paused:
             self._deliver_buffered()
 
+    def detach(self, unread: bytes = b"") -> None:
+        """Hand the stream over: the current protocol lets go of it, for the
+        next ``attach``.
+
+        For a protocol that reads a prefix (a status byte, say) and then
+        gives the stream to another: ``unread``, the bytes it was given past
+        that prefix, goes back in front of the receive buffer, so the next
+        protocol gets them first and in order; they count as buffered, so no
+        credit is granted for them until it consumes them.  Until ``attach``
+        nothing is delivered (data waits within the window, as on a stream
+        not yet attached) and nobody hears of the stream's end.  May be called
+        from inside ``dataReceived``.  RuntimeError unless a protocol is
+        attached, has not closed, has no producer registered, and the stream
+        is open for reading and writing (or has a FIN not yet told).
+        """
+        if (
+            self.protocol is None
+            or self._phase not in (Phase.OPEN, Phase.READ_CLOSING)
+            or self._closing is not None
+            or self._producer is not None
+            or self._notified
+        ):
+            raise RuntimeError(f"{self!r} cannot be detached now")
+        self.protocol = None
+        self._paused = False  # the old protocol's pause is not the next one's
+        if unread:
+            buf = self._recv_buf
+            if buf is None:
+                buf = self._recv_buf = deque()
+            buf.appendleft(bytes(unread))
+            self._recv_buffered += len(unread)
+
     # -- ITransport ----------------------------------------------------------
 
     def write(self, data: bytes) -> None:
@@ -595,10 +627,12 @@ class YamuxStream:
         if self._delivering or self._phase in _OVER:
             return
         buf = self._recv_buf
-        protocol = self.protocol
         self._delivering = True
         try:
             while buf and not self._paused and self._phase not in _OVER:
+                protocol = self.protocol  # may change in dataReceived (detach, attach)
+                if protocol is None:
+                    break
                 data = buf.popleft()
                 self._recv_buffered -= len(data)
                 protocol.dataReceived(data)
