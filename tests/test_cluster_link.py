@@ -24,7 +24,13 @@ from zope.interface import implementer
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.koding.states import ClientState
 from tunnel.koding.wire import TransportProtocol
-from tunnel.server.clusterlink import ClusterLinks, LinkState, NodeUnreachable, default_dial
+from tunnel.server.clusterlink import (
+    MAX_HANDSHAKES,
+    ClusterLinks,
+    LinkState,
+    NodeUnreachable,
+    default_dial,
+)
 from tunnel.server.clusterstreams import STATUS_ERRORS
 from tunnel.server.clusterwire import (
     MAGIC,
@@ -240,6 +246,22 @@ def test_bad_magic_and_oversized_name_are_refused_at_once(logs):
     assert peer.closed
     text = "\n".join(logs.lines)
     assert "bad magic" in text and "name length 65" in text and "version 2" in text
+    c.stop()
+
+
+def test_handshakes_under_way_are_bounded_and_free_their_place_when_done(logs):
+    c = Cluster()
+    c.add("a")
+    silent = [_raw(c, "a") for _ in range(MAX_HANDSHAKES)]
+    assert all(peer.open for peer in silent)
+    one_too_many = c.net.connect(c.port("a"))
+    c.net.flush()
+    assert one_too_many.failed is not None or one_too_many.closed
+    assert "64 handshakes under way" in "\n".join(logs.lines)
+    silent[0].close()
+    c.net.flush()
+    c.add("b")
+    assert c.outcome(c.probe("b", "a"))[0]  # a place was free again
     c.stop()
 
 

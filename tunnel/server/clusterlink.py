@@ -72,6 +72,10 @@ from .clusterwire import (
 from .errors import TunnelTimeout
 
 #: cluster links carry bulk data: large windows, and a dead peer noticed in 15 s
+#: connections accepted and not through their handshake yet, at most: an
+#: outsider who can reach --cluster-listen holds no more than this many
+MAX_HANDSHAKES = 64
+
 CLUSTER_YAMUX = replace(LARGE_WINDOWS, keepalive_interval=10.0, keepalive_timeout=5.0)
 
 
@@ -293,8 +297,20 @@ class _ListeningFactory(Factory):
     def __init__(self, links: ClusterLinks) -> None:
         self.links = links
 
-    def buildProtocol(self, addr: Any) -> LinkProtocol:
-        return LinkProtocol(self.links, Role.LISTENER, None, None)
+    def buildProtocol(self, addr: Any) -> LinkProtocol | None:
+        links = self.links
+        if not links.accepting or len(links.greeting) >= MAX_HANDSHAKES:
+            links.limited_log.info(
+                "cluster-busy",
+                "cluster connection from {host} refused: {n} handshakes under way",
+                host=getattr(addr, "host", "?"),
+                n=len(links.greeting),
+            )
+            return None  # Twisted closes the connection
+        protocol = LinkProtocol(links, Role.LISTENER, None, None)
+        links.greeting.add(protocol)
+        protocol.when_linked().addBoth(lambda _: links.greeting.discard(protocol))
+        return protocol
 
 
 class _DialFactory(Factory):
@@ -359,6 +375,8 @@ class ClusterLinks:
         self._dials: dict[str, tuple[OneShot, Deferred, _DialFactory]] = {}
         #: peer -> (until when it fails fast, why)
         self._failed: dict[str, tuple[float, str]] = {}
+        #: accepted connections still in their handshake (at most MAX_HANDSHAKES)
+        self.greeting: set[LinkProtocol] = set()
 
     def __repr__(self) -> str:
         return f"<ClusterLinks {self.name} links={len(self._links)}>"
@@ -530,6 +548,8 @@ class ClusterLinks:
             connecting.cancel()
             if factory.protocol_made is not None:
                 factory.protocol_made.abort_handshake()
+        for protocol in list(self.greeting):
+            protocol.abort_handshake()
         links = list(self._links)
         closed = [link.session.when_closed() for link in links]
         for link in links:
