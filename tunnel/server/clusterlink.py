@@ -96,9 +96,18 @@ class LinkInfo:
     address: str | None
 
 
-def default_dial(reactor: Any, connect_timeout: float) -> Callable[[str], IStreamClientEndpoint]:
-    """Map "HOST:PORT" (or "[IPv6]:PORT") to a TCP client endpoint (an
-    endpoint string, whose timeout is whole seconds)."""
+def _escaped(text: str) -> str:
+    """``text`` as one argument of an endpoint string."""
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def default_dial(
+    reactor: Any, connect_timeout: float, trust_roots: str | None = None
+) -> Callable[[str], IStreamClientEndpoint]:
+    """Map "HOST:PORT" (or "[IPv6]:PORT") to a client endpoint (an endpoint
+    string, whose timeout is whole seconds): TCP, or with ``trust_roots`` (a
+    directory of CA certificates in PEM) TLS whose certificate must be
+    issued by one of them for HOST."""
     timeout = max(1, math.ceil(connect_timeout))
 
     def dial(address: str) -> IStreamClientEndpoint:
@@ -107,8 +116,13 @@ def default_dial(reactor: Any, connect_timeout: float) -> Callable[[str], IStrea
             host = host[1:-1]
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"a node address is HOST:PORT, not {address!r}")
-        escaped = host.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-        spec = f"tcp:host={escaped}:port={int(port)}:timeout={timeout}"
+        if trust_roots is None:
+            spec = f"tcp:host={_escaped(host)}:port={int(port)}:timeout={timeout}"
+        else:
+            spec = (
+                f"tls:{_escaped(host)}:{int(port)}:timeout={timeout}"
+                f":trustRoots={_escaped(trust_roots)}"
+            )
         return clientFromString(reactor, spec)
 
     return dial
