@@ -8,6 +8,7 @@ killed with SIGKILL.
 
 from __future__ import annotations
 
+import pytest_twisted
 from twisted.internet.defer import succeed
 from twisted.web.server import Site
 
@@ -279,3 +280,31 @@ def test_a_tunnel_is_pooled_while_any_host_naming_it_has_the_rule():
     server.add_host("b.localhost", "ident", POOL)
     server.delete_host("b.localhost")
     assert not server.pooled("ident")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_pool_rule_reaches_the_server_through_routes(tmp_path):
+    """Routes give the web layer None for rules that are empty, and the
+    registry must still see a host whose one rule is ``pool``; SQLite keeps
+    it, and rules stored before it existed load unpooled."""
+    from tunnel.server.routes import Routes
+    from tunnel.server.sqlite import SQLiteStore
+
+    async def served() -> tuple[TunnelServer, Routes]:
+        server = TunnelServer()
+        routes = Routes(server, await SQLiteStore.open(tmp_path / "registry.db"))
+        await routes.start()
+        return server, routes
+
+    server, routes = await served()
+    await routes.put_host("pool.localhost", "ident", {"pool": True})
+    await routes.put_host("old.localhost", "other", {"rate": {"per_second": 1, "burst": 1}})
+    assert server.pooled("ident") and not server.pooled("other")
+    route, _ = server.vhosts.lookup("pool.localhost")
+    assert route.rules.pool and not route.rules  # no access rule: no gate
+    await routes.stop()
+    server, routes = await served()
+    assert server.pooled("ident") and not server.pooled("other")
+    await routes.put_host("pool.localhost", "ident", {})  # the rule removed
+    assert not server.pooled("ident")
+    await routes.stop()
