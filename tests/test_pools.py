@@ -9,7 +9,10 @@ killed with SIGKILL.
 from __future__ import annotations
 
 import pytest_twisted
+import treq
+from twisted.internet import reactor
 from twisted.internet.defer import succeed
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tunnel.koding.identifiers import TunnelKey
@@ -18,7 +21,17 @@ from tunnel.server.pages import NO_CLIENT_SESSION
 from tunnel.server.registry import PooledTunnel, TunnelServer
 from tunnel.server.rules import HostRules
 
+from .live import http_client
 from .memory import ClockRequest, MemoryTunnel, parse_response
+from .processes import (
+    Twistd,
+    free_port,
+    reap_all,
+    spawn_client,
+    spawn_twistd,
+    stop,
+    until_children,
+)
 from .tunnel_env import Origin
 
 POOL = HostRules(pool=True)
@@ -308,3 +321,69 @@ async def test_a_stored_pool_rule_reaches_the_server_through_routes(tmp_path):
     await routes.put_host("pool.localhost", "ident", {})  # the rule removed
     assert not server.pooled("ident")
     await routes.stop()
+
+
+# -- through real processes -------------------------------------------------------------
+
+
+class Named(Resource):
+    """An origin that says which client's it is."""
+
+    isLeaf = True
+
+    def __init__(self, name: bytes) -> None:
+        super().__init__()
+        self.name = name
+
+    def render_GET(self, request):
+        return self.name
+
+
+async def pooled_get(port: int) -> tuple[int, bytes]:
+    response = await http_client().get(
+        f"http://127.0.0.1:{port}/", headers={"Host": "app.localhost"}, timeout=5
+    )
+    return response.code, await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_pooled_host_survives_the_sigkill_of_one_client(tmp_path):
+    identifier = "pooled-identifier-0123"
+    ident_file = tmp_path / "identifier"
+    ident_file.write_text(identifier + "\n")
+    origins = [
+        reactor.listenTCP(0, Site(Named(name)), interface="127.0.0.1") for name in (b"a", b"b")
+    ]
+    processes: list[Twistd] = []
+    try:
+        port = free_port()
+        server = spawn_twistd(
+            "tunnel-server",
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--pool", "app.localhost",
+            "--vhost", f"app.localhost={identifier}",
+        )  # fmt: skip
+        processes.append(server)
+        clients = [spawn_client([port], ident_file, o.getHost().port) for o in origins]
+        processes.extend(clients)
+        seen: set[bytes] = set()
+
+        async def both_serve():
+            code, body = await pooled_get(port)
+            if code == 200:
+                seen.add(body)
+            return True if seen == {b"a", b"b"} else None
+
+        await until_children("both clients to serve", both_serve, server, *clients)
+        clients[0].signal("KILL")
+        await clients[0].ended()
+        answers = [await pooled_get(port) for _ in range(20)]
+        assert answers == [(200, b"b")] * 20, server.log
+        assert "already exist" not in server.log
+        await stop(clients[1])
+        await stop(server)
+        assert identifier not in server.log
+    finally:
+        await reap_all(processes)
+        for origin in origins:
+            await origin.stopListening()
