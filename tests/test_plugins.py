@@ -761,6 +761,7 @@ SERVER_HELP = {
     "metrics-host-labels": (None, None),
     "allow": ("HOST=CIDR[,CIDR...]", None),
     "basic-auth-file": ("HOST=PATH", None),
+    "pool": ("HOST", None),
     "db": ("PATH", "in memory"),
     "redis": ("ENDPOINT", None),
     "redis-password-file": ("PATH", None),
