@@ -94,8 +94,11 @@ def test_two_clients_of_a_pooled_host_are_both_admitted():
 def test_at_rest_requests_alternate_between_the_clients():
     with TwoClients() as pool:
         assert [pool.served_by() for _ in range(6)] == ["a", "b"] * 3
-        # each kept the stream of its requests: two streams for six requests
         assert [m.stats().requests for m in pool.members] == [3, 3]
+        # each kept the stream of its first request for its next ones: one
+        # stream (and the control stream) each, for six requests
+        assert [len(m.session.streams) for m in pool.members] == [2, 2]
+        assert [m.outstanding for m in pool.members] == [0, 0]
 
 
 def test_the_client_with_fewest_outstanding_streams_wins():
