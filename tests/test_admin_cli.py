@@ -381,3 +381,47 @@ async def test_the_installed_console_script(cli):
     )
     assert (code, out) == (1, b"")
     assert err == b"tunnel-admin: no such host: nowhere.localhost (HTTP 404)\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pooled_host_lists_and_kicks_every_client(cli):
+    rules = cli.tmp / "rules.json"
+    rules.write_text(json.dumps({"rate": {"per_second": 50}}))
+    out = await cli.ok("hosts", "add", HOST, "--identifier-file", str(cli.ident_file), "--pool")
+    assert out == f"added {HOST}: tunnel {FP} (not connected), rules: pool: yes\n"
+    # --pool joins the rules of a file
+    out = await cli.ok(
+        "hosts",
+        "add",
+        HOST,
+        "--identifier-file",
+        str(cli.ident_file),
+        "--rules-file",
+        str(rules),
+        "--pool",
+    )
+    assert out.endswith("rules: rate 50/s, burst 50; pool: yes\n")
+    assert cli.env.routes.host(HOST).rules == {
+        "rate": {"per_second": 50, "burst": 50},
+        "pool": True,
+    }
+    first = await cli.env.connect(IDENT)
+    second = await cli.env.connect(IDENT)  # a duplicate if the host were not pooled
+    server = cli.env.server
+    assert all(c.ready for c in server.connections_of(IDENT)) and len(server.connections()) == 2
+    for _ in range(2):
+        assert (await cli.env.public("/echo?echo=x"))[0] == 200
+
+    tunnels = json.loads(await cli.ok("tunnels", "list", "--json"))["tunnels"]
+    assert [t["fingerprint"] for t in tunnels] == [FP, FP]
+    assert [t["requests"] for t in tunnels] == [1, 1]  # one each, in turn
+    assert len({t["remote"] for t in tunnels}) == 2
+    (host,) = (await cli.env.call("GET", "/api/hosts"))[1]["hosts"]
+    assert host["connected"] and host["rules"]["pool"] is True
+
+    members = server.connections_of(IDENT)
+    out = await cli.ok("tunnels", "kick", FP)  # one tunnel, not "names 2 tunnels"
+    assert out.startswith(f"disconnected tunnel {FP}")
+    await first.when_ready()
+    await second.when_ready()
+    assert all(m.closed for m in members)

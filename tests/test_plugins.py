@@ -400,6 +400,17 @@ def test_server_rule_flags_become_stored_rules_of_their_hosts(tmp_path):
     assert service.seed_rules == options["stored-rules"]
 
 
+def test_server_pool_flags_pool_their_hosts_and_keep_their_other_rules():
+    options = server_options(
+        *("--vhost", "app.test=id", "--vhost", "b.test=id", "--vhost", "c.test=id"),
+        *("--pool", "APP.test.", "--rate", "app.test=3", "--pool", "b.test"),
+    )
+    rules = {h: HostRules.from_stored(r) for h, r in options["stored-rules"].items()}
+    assert rules["app.test"].public() == {"rate": {"per_second": 3.0, "burst": 3}, "pool": True}
+    assert rules["b.test"].pool and not rules["b.test"]  # no access rule
+    assert "c.test" not in rules
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -410,6 +421,8 @@ def test_server_rule_flags_become_stored_rules_of_their_hosts(tmp_path):
         (("--allow", "bad host=10.0.0.0/8"), "--allow"),
         (("--trusted-proxy", "everyone"), "--trusted-proxy"),
         (("--basic-auth-file", "app.test=/nonexistent/auth"), "--basic-auth-file"),
+        (("--pool", "other.test"), "rules for other.test, which no --vhost"),
+        (("--pool", "bad host"), "--pool: malformed host name"),
     ],
 )
 def test_server_bad_rule_flags_are_usage_errors(argv, message):
@@ -748,6 +761,7 @@ SERVER_HELP = {
     "metrics-host-labels": (None, None),
     "allow": ("HOST=CIDR[,CIDR...]", None),
     "basic-auth-file": ("HOST=PATH", None),
+    "pool": ("HOST", None),
     "db": ("PATH", "in memory"),
     "redis": ("ENDPOINT", None),
     "redis-password-file": ("PATH", None),

@@ -105,6 +105,32 @@ def test_the_stored_form_holds_no_password_and_the_public_form_no_hash():
     assert PASSWORD not in repr(rules) and "digest=" not in repr(rules)
 
 
+def test_pool_is_a_rule_of_its_own_and_not_an_access_rule():
+    rules = api({"pool": True})
+    assert rules.pool and not rules and not rules.empty  # the access gate is skipped
+    assert rules.stored() == rules.public() == {"pool": True}
+    assert HostRules.from_stored({"pool": True}) == rules
+    both = api({"pool": True, "rate": {"per_second": 5}})
+    assert (
+        both
+        and both.pool
+        and both.public() == {"rate": {"per_second": 5, "burst": 5}, "pool": True}
+    )
+    # false or null: not pooled, and nothing is stored
+    assert api({"pool": False}) == api({"pool": None}) == NO_RULES
+    assert NO_RULES.empty and not NO_RULES.pool
+    # rules stored before the pool rule existed load unpooled
+    assert not HostRules.from_stored({"rate": {"per_second": 1, "burst": 1}}).pool
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", [], {}])
+def test_pool_must_be_a_boolean(value):
+    with pytest.raises(RulesError, match="pool must be true or false"):
+        api({"pool": value})
+    with pytest.raises(RulesError, match="pool must be true or false"):
+        HostRules.from_stored({"pool": value})
+
+
 def test_networks_are_kept_in_canonical_form_once_each():
     rules = api({"allow": ["::0001/128", "10.0.0.7", "10.0.0.0/08", "10.0.0.7/32", "::1"]})
     assert rules.public()["allow"] == ["::1/128", "10.0.0.7/32", "10.0.0.0/8"]
@@ -281,6 +307,7 @@ api_rules = st.fixed_dictionaries(
         "basic_auth": st.fixed_dictionaries({"user": users, "password": texts}),
         "allow": st.lists(st.one_of(v4_networks, v6_networks), min_size=1, max_size=8),
         "rate": rates,
+        "pool": st.booleans(),
     },
 )
 
@@ -289,7 +316,9 @@ api_rules = st.fixed_dictionaries(
 @given(data=api_rules)
 def test_stored_rules_round_trip_exactly_through_json(data):
     rules = api(data)
-    assert bool(rules) == bool(data)
+    assert bool(rules) == bool(set(data) - {"pool"})  # pool is not an access rule
+    assert rules.pool == data.get("pool", False)
+    assert rules.empty == (not rules and not data.get("pool"))
     stored = json.loads(json.dumps(rules.stored()))
     back = HostRules.from_stored(stored)
     assert back == rules
@@ -312,7 +341,17 @@ json_values = st.recursive(
         st.lists(children, max_size=4)
         | st.dictionaries(
             st.sampled_from(
-                ["basic_auth", "allow", "rate", "user", "password", "per_second", "burst", "x"]
+                [
+                    "basic_auth",
+                    "allow",
+                    "rate",
+                    "pool",
+                    "user",
+                    "password",
+                    "per_second",
+                    "burst",
+                    "x",
+                ]
             ),
             children,
             max_size=4,

@@ -396,16 +396,16 @@ class AdminAPI:
                 " of its key (its fingerprint)",
             )
         prefix = fingerprint.lower()
-        matches = [c for c in self.server.connections() if c.key.hex().startswith(prefix)]
+        # a pooled tunnel's clients share one key: kicking it kicks them all
+        matches = {c.key for c in self.server.connections() if c.key.hex().startswith(prefix)}
         if not matches:
             raise ApiError(404, f"no connected tunnel {prefix}")
         if len(matches) > 1:
-            names = ", ".join(sorted(c.key.fingerprint for c in matches))
+            names = ", ".join(sorted(k.fingerprint for k in matches))
             raise ApiError(
                 409, f"{prefix} names {len(matches)} tunnels ({names}): give more hex digits"
             )
-        (connection,) = matches
-        key = connection.key
+        (key,) = matches
         before = self.tunnels_json()
         shown = next(t for t in before if t["fingerprint"] == key.fingerprint)
         if not self.server.disconnect(key):

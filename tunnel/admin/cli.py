@@ -4,7 +4,7 @@
 
     tunnel-admin [--url URL] [--token-file F] [--json] COMMAND
 
-    hosts add HOST --identifier-file F [--rules-file RULES.json]
+    hosts add HOST --identifier-file F [--rules-file RULES.json] [--pool]
     hosts list | hosts show HOST | hosts rm HOST
     tunnels list | tunnels kick FINGERPRINT
     tcp add PORT --identifier-file F | tcp rm PORT | tcp list
@@ -144,6 +144,11 @@ def build_parser(out: IO[str], err: IO[str]) -> _Parser:
     add.add_argument("host", metavar="HOST")
     add.add_argument("--identifier-file", required=True, metavar="PATH", help="'-': stdin")
     add.add_argument("--rules-file", metavar="PATH", help="the host's rules, a JSON object")
+    add.add_argument(
+        "--pool",
+        action="store_true",
+        help="several clients may hold the tunnel (the rule pool: true)",
+    )
     command(hosts, "list", _hosts_list, "list the hosts")
     command(hosts, "show", _hosts_show, "show one host").add_argument("host", metavar="HOST")
     command(hosts, "rm", _hosts_rm, "stop serving HOST").add_argument("host", metavar="HOST")
@@ -340,6 +345,8 @@ def _connected_note(entry: Mapping[str, Any]) -> str:
 async def _hosts_add(api: Api, args: argparse.Namespace, stdin: IO[str]) -> tuple[Any, str]:
     body: dict[str, Any] = {"identifier": _identifier(args, stdin)}
     rules = _rules(args, stdin)
+    if args.pool:
+        rules = {**(rules or {}), "pool": True}
     if rules is not None:
         body["rules"] = rules
     code, entry = await api.call("PUT", "/api/hosts/" + _segment(args.host), body)

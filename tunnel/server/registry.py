@@ -1,6 +1,8 @@
 """The tunnel server: connected clients, their control streams, and tunnels.
 
-``TunnelServer`` keeps one ``ClientConnection`` per tunnel.  A tunnel is
+``TunnelServer`` keeps one ``ClientConnection`` per tunnel, or several when
+the tunnel is pooled (a host naming its key has the ``pool`` rule): then
+requests are spread over the ready ones (``PooledTunnel``).  A tunnel is
 known by its ``TunnelKey`` (the identifier's SHA-256): the server keeps,
 indexes and logs keys, never identifiers.  Every method that names a tunnel
 takes ``str | TunnelKey``; a ``str`` is an identifier, hashed at once by
@@ -24,6 +26,16 @@ one node of a cluster (``join_cluster``), the way to the node that holds
 the client (``OtherNodes``, built by ``cluster``).  Such a node serves the
 requests other nodes forward with ``serve_remote``, and answers their
 duplicate checks with ``probe_local``.
+
+Pools: while any host routed to a key has ``pool`` (``VirtualHosts.pooled``),
+a control request for it is never a duplicate; each client is one more
+member.  A request goes to the ready member with the fewest outstanding
+streams, ties taken in turn (so at rest requests alternate), and keeps that
+member for its kept streams; if the member's session ends before it gives
+the request a stream, the request is tried once on another member.  The
+tunnel is CLOSED, and released cluster-wide, when its last member leaves.
+A key that stops being pooled keeps the members it has; new clients follow
+the duplicate rule again (any live member makes the newcomer a duplicate).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,10 +98,13 @@ class OtherNodes(Protocol):
         """The way to ``key``'s client on whichever other node holds it
         (its ``open_tunnel`` fails with ``NoClientSession`` if none does)."""
 
-    def admit(self, key: TunnelKey) -> Deferred[bool]:
+    def admit(self, key: TunnelKey, *, pooled: bool) -> Deferred[bool]:
         """Decide a control request for ``key`` cluster-wide: True if a live
         client on another node holds it (a duplicate); False if this node
-        now holds it (``released`` must follow when it no longer does)."""
+        now holds it (``released`` must follow when it no longer does).
+
+        ``pooled``: the tunnel may be held by several clients, on any nodes
+        (never a duplicate; this node joins its holders)."""
 
     def released(self, key: TunnelKey) -> None:
         """This node no longer holds ``key`` (its client left, or was never taken)."""
@@ -149,6 +164,15 @@ class ClientConnection:
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.key} ready={self.ready}>"
+
+    @property
+    def outstanding(self) -> int:
+        """Streams at work for public requests: asked for and not arrived yet,
+        or open and not kept idle (what a pool balances on)."""
+        streams = self.session.streams
+        open_ = len(streams) - (1 if self._control_id in streams else 0)
+        idle = sum(len(pool) for pool in self._pools.values())
+        return len(self._waiters) + open_ - idle
 
     def start(self) -> Deferred:
         """Wait for the control stream and its handshake; fires with self."""
@@ -327,6 +351,56 @@ class ClientConnection:
         self.server.connection_ended(self)
 
 
+class PooledTunnel:
+    """One request's way into a pooled tunnel on this node (a ``Tunnel``).
+
+    It starts with the member ``TunnelServer`` picked, and its streams, kept
+    or new, are that member's.  If the member's session ends before it gives
+    the request a stream (``NoClientSession``), the request is tried once
+    more on another ready member, which serves it from then on: a client
+    that leaves costs its pool no request that it had not begun to answer.
+    """
+
+    __slots__ = ("server", "key", "member", "_moved")
+
+    def __init__(self, server: TunnelServer, key: TunnelKey, member: ClientConnection) -> None:
+        self.server = server
+        self.key = key
+        #: the client that serves this request
+        self.member = member
+        self._moved = False
+
+    def __repr__(self) -> str:
+        return f"<PooledTunnel {self.key} member={self.member!r}>"
+
+    def dispatched(self) -> None:
+        self.member.dispatched()
+
+    def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
+        member = self.member
+        d = member.open_tunnel(protocol, port, timeout)
+        if self._moved:
+            return d
+
+        def gone(failure: Failure) -> Any:
+            failure.trap(NoClientSession)
+            other = self.server.pick_member(self.key, exclude=member)
+            if other is None or self._moved:
+                return failure
+            self._moved = True
+            self.member = other
+            other.dispatched()
+            return other.open_tunnel(protocol, port, timeout)
+
+        return d.addErrback(gone)
+
+    def reuse(self, port: int) -> OriginLeg | None:
+        return self.member.reuse(port)
+
+    def keep(self, port: int, leg: OriginLeg) -> bool:
+        return self.member.keep(port, leg)
+
+
 class TunnelServer:
     """The registry of virtual hosts and connected tunnel clients.
 
@@ -341,7 +415,8 @@ class TunnelServer:
     closed and the newcomer takes its place.  A live session is never torn
     down by a newcomer, so two clients sharing an identifier cannot evict
     each other in a loop, and clean-up of an old session never touches a
-    newer one (entries are removed by identity).
+    newer one (entries are removed by identity).  A pooled tunnel takes
+    every newcomer (see the module docstring).
 
     ``events`` (a ``ServerEvents``, e.g. ``metrics.Metrics``; None: nobody)
     hears of the public requests and connections its front ends (``web``,
@@ -378,7 +453,11 @@ class TunnelServer:
         self.events = events
         self.vhosts = VirtualHosts()
         self.addrs = VirtualAddrs()
-        self._clients: dict[TunnelKey, ClientConnection] = {}
+        #: each tunnel's clients here, in the order they came (one unless pooled)
+        self._clients: dict[TunnelKey, list[ClientConnection]] = {}
+        #: pooled tunnel -> where its next tie is broken (``pick_member``)
+        self._turns: dict[TunnelKey, int] = {}
+        self._members = Observers()
         self._states: dict[TunnelKey, ClientState] = {}
         self._observers = Observers()
         self._on_connect: dict[TunnelKey, list[Callable[[], Any]]] = {}
@@ -436,6 +515,12 @@ class TunnelServer:
         is the tunnel's key); returns a remover."""
         return self._observers.add(callback)
 
+    def observe_members(self, callback: Callable[[ClientConnection], Any]) -> Callable[[], None]:
+        """Call ``callback(connection)`` as each client's handshake is done:
+        every member of a pool, where states change once per tunnel (its
+        first member); returns a remover."""
+        return self._members.add(callback)
+
     def on_connect(self, tunnel: str | TunnelKey, callback: Callable[[], Any]) -> None:
         """Run ``callback()`` once, the next time ``tunnel`` connects."""
         self._on_connect.setdefault(TunnelKey.coerce(tunnel), []).append(callback)
@@ -475,31 +560,53 @@ class TunnelServer:
     def accepting(self) -> bool:
         return self._accepting
 
+    def pooled(self, tunnel: str | TunnelKey) -> bool:
+        """Whether several clients may hold ``tunnel`` (a host naming it has
+        the ``pool`` rule; TCP routes follow their key's hosts)."""
+        return self.vhosts.pooled(TunnelKey.coerce(tunnel))
+
     def connection(self, tunnel: str | TunnelKey) -> ClientConnection | None:
-        return self._clients.get(TunnelKey.coerce(tunnel))
+        """``tunnel``'s client here: its newest ready one when it has several
+        (a pool), else its newest; None if it has none."""
+        members = self._clients.get(TunnelKey.coerce(tunnel))
+        if not members:
+            return None
+        ready = [c for c in members if c.ready]
+        return (ready or members)[-1]
+
+    def connections_of(self, tunnel: str | TunnelKey) -> list[ClientConnection]:
+        """Every client of ``tunnel`` here (taking over or ready), oldest first."""
+        return list(self._clients.get(TunnelKey.coerce(tunnel), ()))
 
     def connections(self) -> list[ClientConnection]:
-        """The clients connected now (or taking over), in no set order."""
-        return list(self._clients.values())
+        """The clients connected now (or taking over), in no set order; a
+        pooled tunnel's members each appear."""
+        return [c for members in self._clients.values() for c in members]
 
     def disconnect(self, tunnel: str | TunnelKey) -> bool:
-        """Close the session of ``tunnel``'s client (GoAway, then close); False
-        if none is connected.
+        """Close the session of every client of ``tunnel`` (GoAway, then
+        close); False if none is connected.
 
         Its open requests fail.  The client will reconnect, as after any
         lost session, and is taken back if its tunnel is still configured (a
         host or a TCP route uses its key); remove those first to keep it out.
         """
-        connection = self._clients.get(TunnelKey.coerce(tunnel))
-        if connection is None or connection.closed:
+        key = TunnelKey.coerce(tunnel)
+        members = [c for c in self._clients.get(key, ()) if not c.closed]
+        if not members:
             return False
-        self.log.info("disconnecting client {ident}", ident=connection.key)
-        connection.close()
+        if len(members) == 1:
+            self.log.info("disconnecting client {ident}", ident=key)
+        else:
+            self.log.info("disconnecting the {n} clients of {ident}", n=len(members), ident=key)
+        for connection in members:
+            connection.close()
         return True
 
     def check_duplicate(self, tunnel: str | TunnelKey) -> Deferred:
         """Fires True if a live client already holds ``tunnel``, here or (in
-        a cluster) on another node.
+        a cluster) on another node; never for a pooled tunnel, which takes
+        every client (no ping is sent).
 
         An incumbent here that does not answer a ping in time is closed
         (then False).  In a cluster, False means this node now holds the
@@ -507,24 +614,31 @@ class TunnelServer:
         ``control_abandoned`` if it is gone meanwhile.
         """
         key = TunnelKey.coerce(tunnel)
-        d = self.probe_local(key)
+        pooled = self.pooled(key)
+        d = succeed(False) if pooled else self.probe_local(key)
         cluster = self.cluster
         if cluster is None:
             return d
-        return d.addCallback(lambda here: True if here else cluster.admit(key))
+        return d.addCallback(lambda here: True if here else cluster.admit(key, pooled=pooled))
 
     def probe_local(self, tunnel: str | TunnelKey) -> Deferred[bool]:
         """Fires True if a live client holds ``tunnel`` on this node; one that
-        does not answer a ping within ``probe_timeout`` is closed (False)."""
+        does not answer a ping within ``probe_timeout`` is closed (False).
+        With several clients (a pool), True if any of them is live."""
         key = TunnelKey.coerce(tunnel)
-        existing = self._clients.get(key)
-        if existing is None or existing.closed:
+        members = [c for c in self._clients.get(key, ()) if not c.closed]
+        if not members:
             return succeed(False)
-        if not existing.ready:
+        if not all(c.ready for c in members):
             return succeed(True)
+        if len(members) == 1:
+            return self._ping(members[0])
+        pings = DeferredList([self._ping(c) for c in members])
+        return pings.addCallback(lambda results: any(alive for _, alive in results))
 
+    def _ping(self, existing: ClientConnection) -> Deferred[bool]:
         def dead(failure: Failure) -> bool:
-            self.log.info("replacing unresponsive session of {ident}", ident=key)
+            self.log.info("replacing unresponsive session of {ident}", ident=existing.key)
             existing.session.abort()
             return False
 
@@ -532,40 +646,61 @@ class TunnelServer:
 
     def control_abandoned(self, tunnel: str | TunnelKey) -> None:
         """A control request that ``check_duplicate`` let in did not attach
-        its session (its connection went first): hold the tunnel no longer."""
+        its session (its connection went first): hold the tunnel no longer
+        (unless other clients of it are here, in a pool)."""
         key = TunnelKey.coerce(tunnel)
         if key not in self._clients and self.cluster is not None:
             self.cluster.released(key)
 
     def attach_session(self, tunnel: str | TunnelKey, session: YamuxSession) -> ClientConnection:
-        """Register a freshly taken-over control connection for ``tunnel``."""
+        """Register a freshly taken-over control connection for ``tunnel``:
+        one more member of a pooled tunnel, else its only client."""
         key = TunnelKey.coerce(tunnel)
-        old = self._clients.pop(key, None)
-        if old is not None:
-            # a dead session not cleaned up yet: it ends here, visibly
-            if not old.closed:
-                old.session.abort()
+        members = self._clients.setdefault(key, [])
+        if members and not self.pooled(key):
+            # dead sessions not cleaned up yet: they end here, visibly
+            old, members[:] = list(members), []
+            for connection in old:
+                if not connection.closed:
+                    connection.session.abort()
             self._set_state(key, ClientState.CLOSED)
         connection = ClientConnection(self, key, session)
-        self._clients[key] = connection
-
-        def connected(conn: ClientConnection) -> None:
-            if self._clients.get(key) is conn:
-                self.log.info("client {ident} connected", ident=key)
-                self._set_state(key, ClientState.CONNECTED)
-
-        connection.start().addCallbacks(connected, lambda f: None)
+        members.append(connection)
+        connection.start().addCallbacks(self._member_ready, lambda f: None)
         return connection
+
+    def _member_ready(self, connection: ClientConnection) -> None:
+        key = connection.key
+        members = self._clients.get(key, [])
+        if not any(c is connection for c in members):
+            return  # replaced meanwhile
+        if self.state(key) != ClientState.CONNECTED:
+            self.log.info("client {ident} connected", ident=key)
+            self._set_state(key, ClientState.CONNECTED)
+        else:
+            self.log.info(
+                "another client of {ident} connected ({n} in all)", ident=key, n=len(members)
+            )
+        self._members.notify(connection)
 
     def connection_ended(self, connection: ClientConnection) -> None:
         """``connection``'s session is over (called by the connection itself)."""
         key = connection.key
-        if self._clients.get(key) is connection:
-            del self._clients[key]
-            self.log.info("client {ident} disconnected", ident=key)
-            self._set_state(key, ClientState.CLOSED)
-            if self.cluster is not None:
-                self.cluster.released(key)
+        members = self._clients.get(key)
+        if members is None or not any(c is connection for c in members):
+            return
+        members[:] = [c for c in members if c is not connection]
+        if members:
+            self.log.info("a client of {ident} disconnected ({n} left)", ident=key, n=len(members))
+            if self.state(key) == ClientState.CONNECTED and not any(c.ready for c in members):
+                self._set_state(key, ClientState.CLOSED)
+            return
+        del self._clients[key]
+        self._turns.pop(key, None)
+        self.log.info("client {ident} disconnected", ident=key)
+        self._set_state(key, ClientState.CLOSED)
+        if self.cluster is not None:
+            self.cluster.released(key)
 
     def control_refused(self, tunnel: str | TunnelKey, error: str) -> None:
         """A control request for ``tunnel`` was refused (Go reports Closed)."""
@@ -573,25 +708,55 @@ class TunnelServer:
         if key not in self._clients:
             self._set_state(key, ClientState.CLOSED, error)
 
-    def route(self, tunnel: str | TunnelKey) -> Tunnel | None:
-        """How to reach ``tunnel``'s client: its connection here if it is
-        ready, else (in a cluster) the way to the node that holds it, else None."""
+    def pick_member(
+        self, tunnel: str | TunnelKey, *, exclude: ClientConnection | None = None
+    ) -> ClientConnection | None:
+        """The ready client of ``tunnel`` here (other than ``exclude``) with
+        the fewest outstanding streams, ties taken in turn; None if none is
+        ready."""
         key = TunnelKey.coerce(tunnel)
-        connection = self._clients.get(key)
-        if connection is not None and connection.ready:
-            return connection
-        if self.cluster is not None and connection is None:
+        members = [c for c in self._clients.get(key, ()) if c.ready and c is not exclude]
+        if len(members) <= 1:
+            return members[0] if members else None
+        turn = self._turns.get(key, 0) % len(members)
+        order = members[turn:] + members[:turn]
+        best = min(order, key=lambda c: c.outstanding)  # the first of the least
+        self._turns[key] = members.index(best) + 1
+        return best
+
+    def _local(self, key: TunnelKey) -> Tunnel | None:
+        """The way to ``key``'s client here: a ``PooledTunnel`` if it is pooled
+        or has several clients, else its ready connection; None if none is ready."""
+        members = self._clients.get(key)
+        if not members:
+            return None
+        if len(members) == 1 and not self.pooled(key):
+            return members[0] if members[0].ready else None
+        member = self.pick_member(key)
+        return PooledTunnel(self, key, member) if member is not None else None
+
+    def route(self, tunnel: str | TunnelKey) -> Tunnel | None:
+        """How to reach ``tunnel``'s client: a ready client here (one picked
+        among a pool's), else (in a cluster) the way to the node that holds
+        it, else None.  A pooled tunnel with no ready client here is looked
+        for on the other nodes; another with a client here taking over is not."""
+        key = TunnelKey.coerce(tunnel)
+        local = self._local(key)
+        if local is not None:
+            return local
+        if self.cluster is not None and (key not in self._clients or self.pooled(key)):
             return self.cluster.tunnel(key)
         return None
 
     def serve_remote(self, key: TunnelKey, protocol: int, port: int) -> Deferred:
         """A stream to ``key``'s client on this node, for a request another
-        node forwards (never forwarded on: a node serves what it holds)."""
-        connection = self._clients.get(key)
-        if connection is None or not connection.ready:
+        node forwards (never forwarded on: a node serves what it holds); a
+        pool's member is picked as for a request of this node's own."""
+        local = self._local(key)
+        if local is None:
             return fail(NoClientSession())
-        connection.dispatched()
-        return connection.open_tunnel(protocol, port, self.tunnel_timeout)
+        local.dispatched()
+        return local.open_tunnel(protocol, port, self.tunnel_timeout)
 
     def open_tunnel(
         self,
@@ -600,25 +765,33 @@ class TunnelServer:
         port: int = 0,
         timeout: float | None = None,
     ) -> Deferred:
-        """Ask ``tunnel``'s client for a stream to its local side."""
-        connection = self._clients.get(TunnelKey.coerce(tunnel))
-        if connection is None:
+        """Ask ``tunnel``'s client (one of a pool's) for a stream to its local side."""
+        key = TunnelKey.coerce(tunnel)
+        members = self._clients.get(key)
+        if not members:
             return fail(NoClientSession())
-        return connection.open_tunnel(
+        local = self._local(key) or members[-1]
+        return local.open_tunnel(
             protocol, port, self.tunnel_timeout if timeout is None else timeout
         )
 
     def reuse_stream(self, tunnel: str | TunnelKey, port: int) -> OriginLeg | None:
         """A stream to ``tunnel``'s local ``port`` kept from an earlier HTTP
         request (see ``pool``), or None: then ask for one with ``open_tunnel``."""
-        connection = self._clients.get(TunnelKey.coerce(tunnel))
-        return connection.reuse(port) if connection is not None else None
+        for connection in self._clients.get(TunnelKey.coerce(tunnel), ()):
+            leg = connection.reuse(port)
+            if leg is not None:
+                return leg
+        return None
 
     def keep_stream(self, tunnel: str | TunnelKey, port: int, leg: OriginLeg) -> bool:
         """Keep ``leg`` (its response complete, its framing exact) for the next
-        request; False if it may not be kept: then close it."""
-        connection = self._clients.get(TunnelKey.coerce(tunnel))
-        return connection is not None and connection.keep(port, leg)
+        request, with the client whose stream it is; False if it may not be
+        kept: then close it."""
+        for connection in self._clients.get(TunnelKey.coerce(tunnel), ()):
+            if leg.transport is not None and leg.transport.session is connection.session:
+                return connection.keep(port, leg)
+        return False
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -629,7 +802,7 @@ class TunnelServer:
         Fires once every session has ended.
         """
         self._accepting = False
-        connections = list(self._clients.values())
+        connections = self.connections()
         closed = [c.session.when_closed() for c in connections]
         timer = self.clock.callLater(grace, lambda: [c.close() for c in connections])
         for c in connections:

@@ -53,10 +53,10 @@ NO_RULES: Mapping[str, Any] = MappingProxyType({})
 
 def default_rules(stored: Mapping[str, Any]) -> HostRules | None:
     """What a ``Route`` carries for stored rules: the ``HostRules`` the web
-    layer enforces, None when there are none (RulesError, a ValueError, if
-    they are not valid)."""
+    layer enforces and the registry reads ``pool`` from, None when there are
+    none (RulesError, a ValueError, if they are not valid)."""
     rules = HostRules.from_stored(stored)
-    return rules if rules else None
+    return None if rules.empty else rules
 
 
 class RoutesStopped(Exception):

@@ -9,7 +9,12 @@ The API form (every key optional; ``{}`` or ``null`` means no rule)::
 
     {"basic_auth": {"user": "u", "password": "p"},
      "allow": ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"],
-     "rate": {"per_second": 5, "burst": 10}}
+     "rate": {"per_second": 5, "burst": 10},
+     "pool": true}
+
+``pool`` is not an access rule: it lets several clients share the host's
+tunnel (``registry.TunnelServer``); ``bool(rules)`` counts the access rules
+only, so a host whose one rule is ``pool`` still skips the access gate.
 
 Parsing is strict: an unknown key, a wrong type, a value out of bounds is a
 ``RulesError`` whose message says what is wrong without repeating a password.
@@ -301,23 +306,36 @@ def _fields(
     return data
 
 
-_RULE_KEYS = {"basic_auth", "allow", "rate"}
+_RULE_KEYS = {"basic_auth", "allow", "rate", "pool"}
+
+
+def _pool(value: object) -> bool:
+    if type(value) is not bool:
+        raise RulesError("pool must be true or false")
+    return value
 
 
 @dataclass(frozen=True)
 class HostRules:
     """What a public request to one host must satisfy; every rule optional.
 
-    ``bool(rules)`` is True when any rule is set (a host with no rule skips
-    the access gate entirely).
+    ``bool(rules)`` is True when any access rule is set (a host with none
+    skips the access gate entirely); ``pool`` is not one of them.
     """
 
     basic_auth: BasicAuth | None = None
     allow: tuple[Network, ...] | None = None
     rate: Rate | None = None
+    #: several clients may hold the host's tunnel at once (requests spread over them)
+    pool: bool = False
 
     def __bool__(self) -> bool:
         return self.basic_auth is not None or self.allow is not None or self.rate is not None
+
+    @property
+    def empty(self) -> bool:
+        """No rule at all, access rule or ``pool``."""
+        return not self and not self.pool
 
     def allows(self, address: Address | None) -> bool:
         """Whether the allow-list lets ``address`` in (an unknown address: only
@@ -342,10 +360,11 @@ class HostRules:
             rate = Rate.parse(fields["rate"])
         if fields.get("allow") is not None:
             allow = _allow(fields["allow"])
+        pool = _pool(fields["pool"]) if fields.get("pool") is not None else False
         if fields.get("basic_auth") is not None:  # last: the slow part, once the rest is good
             auth = _fields(fields["basic_auth"], "basic_auth", required={"user", "password"})
             basic_auth = BasicAuth.create(auth["user"], auth["password"], params)
-        return cls(basic_auth, allow, rate)
+        return cls(basic_auth, allow, rate, pool)
 
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> HostRules:
@@ -362,7 +381,9 @@ class HostRules:
             allow = _allow(fields["allow"])
         if "rate" in fields:
             rate = Rate.parse(fields["rate"])
-        return cls(basic_auth, allow, rate)
+        # rules stored before ``pool`` existed have no such field: not pooled
+        pool = _pool(fields["pool"]) if "pool" in fields else False
+        return cls(basic_auth, allow, rate, pool)
 
     def stored(self) -> dict[str, Any]:
         """JSON-ready, for the registry: the password only as its scrypt hash."""
@@ -380,6 +401,8 @@ class HostRules:
             out["allow"] = [str(network) for network in self.allow]
         if self.rate is not None:
             out["rate"] = self.rate.stored()
+        if self.pool:
+            out["pool"] = True
         return out
 
 

@@ -78,12 +78,18 @@ def host_key(host: str) -> str:
 class Route:
     """Where a public host goes: its tunnel, and the rules its requests pass.
 
-    ``rules`` is opaque here: the web layer checks it (None: no rule).
+    ``rules`` is opaque here: the web layer checks it (None: no rule); only
+    its ``pool`` attribute, if it has one, is read here (``pooled``).
     """
 
     host: str
     key: TunnelKey
     rules: Any = None
+
+    @property
+    def pooled(self) -> bool:
+        """Whether several clients may hold this host's tunnel (its rules' ``pool``)."""
+        return getattr(self.rules, "pool", False) is True
 
 
 _Ref = TypeVar("_Ref")
@@ -122,6 +128,8 @@ class VirtualHosts:
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
         self._index: _KeyIndex[str] = _KeyIndex()
+        #: the pooled hosts (``Route.pooled``) of each key that has any
+        self._pooled: dict[TunnelKey, set[str]] = {}
 
     def add(self, host: str, tunnel: str | TunnelKey, rules: Any = None) -> Route:
         """Route ``host`` (checked and normalised by ``host_key``) to ``tunnel``,
@@ -130,6 +138,8 @@ class VirtualHosts:
         self.delete(route.host)
         self._routes[route.host] = route
         self._index.add(route.key, route.host)
+        if route.pooled:
+            self._pooled.setdefault(route.key, set()).add(route.host)
         return route
 
     def delete(self, host: str) -> bool:
@@ -142,6 +152,11 @@ class VirtualHosts:
         if route is None:
             return False
         self._index.discard(route.key, name)
+        pooled = self._pooled.get(route.key)
+        if pooled is not None:
+            pooled.discard(name)
+            if not pooled:
+                del self._pooled[route.key]
         return True
 
     def get(self, host: str) -> Route | None:
@@ -165,6 +180,11 @@ class VirtualHosts:
     def canonical(self, offered: str) -> TunnelKey | None:
         """The key of a route that ``offered`` (an identifier) hashes to, or None."""
         return self._index.canonical(offered)
+
+    def pooled(self, tunnel: str | TunnelKey) -> bool:
+        """Whether a host routed to ``tunnel`` lets several clients hold it
+        (a lookup in an index kept by ``add`` and ``delete``)."""
+        return TunnelKey.coerce(tunnel) in self._pooled
 
     def hosts_of(self, tunnel: str | TunnelKey) -> list[str]:
         return sorted(self._index.refs(TunnelKey.coerce(tunnel)))

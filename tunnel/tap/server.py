@@ -325,6 +325,14 @@ class Options(usage.Options):
             raise usage.UsageError(f"--rate: {rate!r} is not PER_SECOND[/BURST]")
         self["rules"].setdefault(host, {})["rate"] = spec
 
+    def opt_pool(self, value: str) -> None:
+        """HOST (repeatable): several clients may hold HOST's tunnel; requests spread over them."""
+        try:
+            host = host_key(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--pool: {e}")
+        self["rules"].setdefault(host, {})["pool"] = True
+
     def opt_basic_auth_file(self, value: str) -> None:
         """HOST=PATH (repeatable): ask for the USER:PASSWORD on PATH's first line."""
         host, path = self._host_rule(value, "basic-auth-file")
