@@ -16,9 +16,10 @@ from twisted.logger import globalLogPublisher
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import TunnelServer
-from tunnel.server.cluster import Cluster, RemoteTunnel
+from tunnel.server.cluster import MAX_TRIES, Cluster, RemoteTunnel
 from tunnel.server.errors import NoClientSession, TunnelTimeout
 from tunnel.server.pool import OriginLeg
+from tunnel.server.rules import HostRules
 from tunnel.server.store import StoreError
 
 KEY = TunnelKey.of("cluster-unit-identifier")
@@ -42,6 +43,7 @@ class FakePresence:
         self.located: object = []  # answer of locate(): a list, or an exception
         self.took_over = False
         self.calls: list[tuple] = []
+        self.pooled: list[bool] = []  # claim()'s pooled argument, in order
 
     def start(self) -> None:
         self.calls.append(("start",))
@@ -52,6 +54,7 @@ class FakePresence:
 
     def claim(self, key, pooled=False) -> Deferred:
         self.calls.append(("claim", key))
+        self.pooled.append(pooled)
         answer = self.claims.pop(0)
         return fail(answer) if isinstance(answer, Exception) else succeed(answer)
 
@@ -87,9 +90,10 @@ class FakeLinks:
 
     def open_tunnel(self, node, address, key, protocol, port, timeout) -> Deferred:
         self.opened.append((node, address, key, protocol, port, timeout))
-        if isinstance(self.answer, Exception):
-            return fail(self.answer)
-        return succeed(self.answer)
+        answer = self.answer.get(node) if isinstance(self.answer, dict) else self.answer
+        if isinstance(answer, Exception):
+            return fail(answer)
+        return succeed(answer)
 
     def close(self) -> Deferred:
         self.closed = True
@@ -248,6 +252,32 @@ def test_a_holder_that_lost_the_client_is_forgotten():
     presence.located = StoreError("down")
     assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
     assert len(links.opened) == 1
+
+
+def test_a_holder_that_lost_the_client_passes_the_request_to_the_next():
+    server, cluster, presence, links = node()
+    presence.located = [B, C]
+    links.answer = {"b": NoClientSession(), "c": "stream from c"}
+    assert result(cluster.open_remote(KEY, 1, 80, 1.0)) == "stream from c"
+    assert [o[0] for o in links.opened] == ["b", "c"]
+    links.answer = {"b": NoClientSession(), "c": NoClientSession()}
+    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+
+
+def test_a_request_is_offered_to_a_few_holders_at_most():
+    server, cluster, presence, links = node()
+    presence.located = [Member(f"n{i}", f"127.0.0.1:{7000 + i}") for i in range(10)]
+    links.answer = NoClientSession()
+    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+    assert len(links.opened) == MAX_TRIES
+
+
+def test_a_pooled_tunnel_is_claimed_as_pooled():
+    server, cluster, presence, links = node()
+    server.add_host("pool.test", KEY, HostRules(pool=True))
+    presence.claims = [None]
+    assert result(server.check_duplicate(KEY)) is False
+    assert presence.pooled == [True]
 
 
 def test_other_failures_pass_through_with_their_own_meaning():

@@ -20,13 +20,18 @@ on the holder's side is one stream of its client kept open.
 Duplicates cluster-wide (``admit``): a control request is let in only if no
 node holds the tunnel, or the node that holds it says (``probe``) its client
 no longer answers; a live incumbent wins, as koding's rule says for one
-server.  A holder that cannot be reached keeps its record until the record
-expires: two nodes never both serve one tunnel.
+server.  A pooled tunnel (the host rule ``pool``) is held by every node
+with a client of it: a node serves its requests with its own clients when
+it has a ready one (no hop; a load balancer in front spreads the requests
+over the nodes, hence over their clients), else takes the other holders in
+turn; a holder that lost its client passes the request on to the next.
+A holder that cannot be reached keeps its record until the record expires:
+two nodes never both serve one tunnel that is not pooled.
 
 While Redis cannot be asked, requests go to the holder last looked up
 (the link tells if it no longer holds the tunnel), and a control request is
 let in on this node's word alone (logged): nodes go on serving the clients
-they hold, as the issue asks of an outage.
+they hold.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ from .errors import NoClientSession
 from .pool import OriginLeg, StreamPool
 from .registry import TunnelServer
 from .store import StoreError
+
+#: holders of a pooled tunnel one request is offered to, at most
+MAX_TRIES = 3
 
 
 class RemoteTunnel:
@@ -120,8 +128,9 @@ class Cluster:
     def tunnel(self, key: TunnelKey) -> RemoteTunnel:
         return RemoteTunnel(self, key)
 
-    def admit(self, key: TunnelKey) -> Deferred[bool]:
-        return Deferred.fromCoroutine(self._admit(key)).addErrback(self._admit_failed, key)
+    def admit(self, key: TunnelKey, *, pooled: bool = False) -> Deferred[bool]:
+        d = Deferred.fromCoroutine(self._admit(key, pooled))
+        return d.addErrback(self._admit_failed, key, pooled)
 
     def released(self, key: TunnelKey) -> None:
         cancel(self._unclaimed.pop(key, None))
@@ -190,9 +199,9 @@ class Cluster:
 
     # -- underneath -------------------------------------------------------------------
 
-    async def _admit(self, key: TunnelKey) -> bool:
+    async def _admit(self, key: TunnelKey, pooled: bool) -> bool:
         presence = self.presence
-        holder = await presence.claim(key)
+        holder = await presence.claim(key, pooled=pooled)
         if holder is None:
             return False
         try:
@@ -214,7 +223,7 @@ class Cluster:
         # its node let go of it meanwhile (the dead client's session ended there)
         return await presence.claim(key) is not None
 
-    def _admit_failed(self, failure: Failure, key: TunnelKey) -> bool:
+    def _admit_failed(self, failure: Failure, key: TunnelKey, pooled: bool) -> bool:
         """Redis cannot be asked: the client is taken here, as one server
         would, and is not known to the other nodes until it reconnects."""
         if not failure.check(StoreError):
@@ -226,16 +235,16 @@ class Cluster:
             ident=key,
             why=failure.getErrorMessage(),
         )
-        self._claim_later(key)
+        self._claim_later(key, pooled)
         return False
 
-    def _claim_later(self, key: TunnelKey) -> None:
+    def _claim_later(self, key: TunnelKey, pooled: bool) -> None:
         if key not in self._unclaimed and not self._stopping:
             self._unclaimed[key] = self.clock.callLater(
-                self.presence.refresh, self._claim_again, key
+                self.presence.refresh, self._claim_again, key, pooled
             )
 
-    def _claim_again(self, key: TunnelKey) -> None:
+    def _claim_again(self, key: TunnelKey, pooled: bool) -> None:
         del self._unclaimed[key]
 
         def answered(holder: Any) -> None:
@@ -244,11 +253,11 @@ class Cluster:
 
         def failed(failure: Failure) -> None:
             if failure.check(StoreError):
-                self._claim_later(key)
+                self._claim_later(key, pooled)
             else:
                 self.log.failure("recording {ident} failed", failure, ident=key)
 
-        self.presence.claim(key).addCallbacks(answered, failed)
+        self.presence.claim(key, pooled=pooled).addCallbacks(answered, failed)
 
     async def _open_remote(self, key: TunnelKey, protocol: int, port: int, timeout: float) -> Any:
         try:
@@ -270,19 +279,25 @@ class Cluster:
         if not members:
             raise NoClientSession()
         turn = self._turns.get(key, 0)
-        member = members[turn % len(members)]
         if len(members) > 1:
             self._turns[key] = turn + 1
         else:
             self._turns.pop(key, None)
-        try:
-            return await self.links.open_tunnel(
-                member.node, member.address, key, protocol, port, timeout
-            )
-        except NoClientSession:
-            self.presence.forget(key)
-            self._known.pop(key, None)
-            raise
+        # a holder that no longer has the client (it left since the lookup,
+        # or its node died) passes the request to the next, a few at most
+        tries = min(len(members), MAX_TRIES)
+        for attempt in range(tries):
+            member = members[(turn + attempt) % len(members)]
+            try:
+                return await self.links.open_tunnel(
+                    member.node, member.address, key, protocol, port, timeout
+                )
+            except NoClientSession:
+                self.presence.forget(key)
+                self._known.pop(key, None)
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
 
 
 class ClusterService(Service):
