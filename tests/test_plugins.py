@@ -357,6 +357,67 @@ async def test_server_redis_is_the_registry_with_its_password_and_prefix(tmp_pat
     assert server_options("--redis", "tcp:127.0.0.1:6379")["redis-prefix"] == "tunnel:"
 
 
+def cluster_argv(tmp_path, *extra: str) -> list[str]:
+    secret = tmp_path / "cluster.secret"
+    if not secret.exists():
+        secret.write_text("a cluster secret of some length\n")
+    return [
+        "--redis", "tcp:127.0.0.1:6379", "--cluster-listen", "tcp:7000:interface=127.0.0.1",
+        "--cluster-advertise", "127.0.0.1:7000", "--cluster-secret-file", str(secret), *extra,
+    ]  # fmt: skip
+
+
+def test_server_cluster_flags_make_a_node_that_listens_for_the_others(tmp_path):
+    options = server_options(*cluster_argv(tmp_path, "--node-name", "node-1.eu"))
+    assert options["cluster-secret"] == b"a cluster secret of some length"
+    assert options["node-name"] == "node-1.eu" and options["presence-ttl"] == 5.0
+    service = server_tap.makeService(options)
+    assert sorted(type(s).__name__ for s in service) == [
+        "AccessGate", "ClusterService", "StreamServerEndpointService",
+        "StreamServerEndpointService",
+    ]  # fmt: skip
+    assert service.server.cluster is not None
+    default = server_options(*cluster_argv(tmp_path))["node-name"]
+    assert server_tap.NODE_NAME.fullmatch(default)  # the host name's first label
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--node-name", "n"], "--node-name is for --cluster-listen"),
+        (["--cluster-trust", "/"], "--cluster-trust is for --cluster-listen"),
+        (["--redis", "tcp:h:1", "--cluster-listen", "tcp:7000"], "needs --cluster-advertise"),
+        (["--cluster-listen", "tcp:7000"], "--cluster-listen needs --redis"),
+    ],
+)
+def test_server_cluster_flags_alone_are_usage_errors(argv, message):
+    with pytest.raises(usage.UsageError, match=message):
+        server_options("--vhost", "a.test=id", *argv)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--node-name", "a b"], "--node-name 'a b': 1 to 64 letters"),
+        (["--node-name", "n" * 65], "1 to 64 letters"),
+        (["--cluster-advertise", "nohost"], "--cluster-advertise: 'nohost' is not HOST:PORT"),
+        (["--cluster-advertise", "h:70000"], "is not HOST:PORT"),
+        (["--cluster-trust", "/nonexistent-dir"], "--cluster-trust /nonexistent-dir: not a dir"),
+        (["--presence-ttl", "0.5"], "--presence-ttl must be 1 second or more"),
+    ],
+)
+def test_server_bad_cluster_flags_are_usage_errors(tmp_path, extra, message):
+    with pytest.raises(usage.UsageError, match=message):
+        server_options(*cluster_argv(tmp_path, *extra))
+
+
+def test_server_a_short_cluster_secret_is_refused_unseen(tmp_path):
+    (tmp_path / "cluster.secret").write_text("short-secret\n")
+    with pytest.raises(usage.UsageError, match="under 16 characters") as raised:
+        server_options(*cluster_argv(tmp_path))
+    assert "short-secret" not in str(raised.value)
+
+
 def test_server_redis_option_errors_never_show_the_password(tmp_path):
     with pytest.raises(usage.UsageError, match="--db and --redis exclude each other"):
         server_options("--redis", "tcp:127.0.0.1:6379", "--db", str(tmp_path / "r.db"))
@@ -766,6 +827,12 @@ SERVER_HELP = {
     "redis": ("ENDPOINT", None),
     "redis-password-file": ("PATH", None),
     "redis-prefix": ("PREFIX", "tunnel:"),
+    "node-name": ("NAME", "the host name"),
+    "cluster-listen": ("ENDPOINT", "off, one node"),
+    "cluster-advertise": ("HOST:PORT", None),
+    "cluster-secret-file": ("PATH", None),
+    "cluster-trust": ("DIR", "TCP"),
+    "presence-ttl": ("Seconds", "5.0"),
     "rate": ("HOST=PER_SECOND[/BURST]", None),
     "trusted-proxy": ("CIDR", None),
     "body-min-rate": ("BYTES", "500"),

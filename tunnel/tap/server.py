@@ -227,13 +227,20 @@ class Options(usage.Options):
             "cluster-advertise",
             None,
             None,
-            "HOST:PORT: how the other nodes reach --cluster-listen.",
+            "HOST:PORT: the address of --cluster-listen that the other nodes dial.",
+        ],
+        [
+            "cluster-trust",
+            None,
+            None,
+            "DIR: dial the other nodes with TLS, trusting the CA certificates (PEM) in"
+            " DIR for their HOST (make --cluster-listen an ssl: endpoint). [default: TCP]",
         ],
         [
             "cluster-secret-file",
             None,
             None,
-            "PATH: the secret every node of the cluster shares (one line, 16 characters"
+            "PATH: the secret the nodes of the cluster share (one line of 16 characters"
             " or more); needed with --cluster-listen.",
         ],
         [
@@ -403,7 +410,7 @@ class Options(usage.Options):
         self["redis-password"] = read_secret_line(path, "--redis-password-file")
 
     def _cluster_options(self) -> None:
-        flags = ("cluster-advertise", "cluster-secret-file", "node-name")
+        flags = ("cluster-advertise", "cluster-secret-file", "cluster-trust", "node-name")
         if self["cluster-listen"] is None:
             for flag in flags:
                 if self[flag] is not None:
@@ -428,6 +435,9 @@ class Options(usage.Options):
         if len(secret) < 16:
             raise usage.UsageError("--cluster-secret-file: the secret is under 16 characters")
         self["cluster-secret"] = secret.encode("utf-8")
+        trust = self["cluster-trust"]
+        if trust is not None and not os.path.isdir(trust):
+            raise usage.UsageError(f"--cluster-trust {trust}: not a directory")
         if self["presence-ttl"] < 1:
             raise usage.UsageError("--presence-ttl must be 1 second or more")
 
@@ -539,7 +549,7 @@ def _join_cluster(top: service.MultiService, server, options: Options, reactor) 
     from twisted.internet.endpoints import clientFromString
 
     from ..server.cluster import Cluster, ClusterService
-    from ..server.clusterlink import ClusterLinks
+    from ..server.clusterlink import ClusterLinks, default_dial
     from ..server.presence import Presence
     from ..server.redislink import RedisLink
 
@@ -566,7 +576,11 @@ def _join_cluster(top: service.MultiService, server, options: Options, reactor) 
         on_lost=lambda key: joined[0].lost(key),
     )
     links = ClusterLinks(
-        name=options["node-name"], secret=options["cluster-secret"], local=server, reactor=reactor
+        name=options["node-name"],
+        secret=options["cluster-secret"],
+        local=server,
+        reactor=reactor,
+        dial=default_dial(reactor, 5.0, trust_roots=options["cluster-trust"]),
     )
     cluster = Cluster(server, presence, links)
     joined.append(cluster)
