@@ -17,6 +17,7 @@ from twisted.web.server import Site
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.koding.states import ClientState
+from tunnel.server.metrics import Metrics
 from tunnel.server.pages import NO_CLIENT_SESSION
 from tunnel.server.registry import PooledTunnel, TunnelServer
 from tunnel.server.rules import HostRules
@@ -390,3 +391,32 @@ async def test_twistd_pooled_host_survives_the_sigkill_of_one_client(tmp_path):
         await reap_all(processes)
         for origin in origins:
             await origin.stopListening()
+
+
+def test_metrics_count_each_client_of_a_pool():
+    with TwoClients() as pool:
+        env = pool.env
+        metrics = Metrics(env.server)
+
+        def figures():
+            found = {}
+            for family in metrics.collect():
+                for sample in family.samples:
+                    found[sample.name] = sample.value
+            return [
+                found[name]
+                for name in (
+                    "tunnel_clients_connected",
+                    "tunnel_client_connects_total",
+                    "tunnel_client_disconnects_total",
+                )
+            ]
+
+        assert figures() == [2, 0, 0]  # connected before the metrics were made
+        pool.served_by()
+        pool.served_by()
+        assert env.server.disconnect(KEY)  # both go, both come back
+        env.flush()
+        env.run_until(lambda: len([m for m in pool.members if m.ready]) == 2, limit=5)
+        assert figures() == [2, 2, 2]
+        metrics.close()

@@ -4,7 +4,8 @@
 prometheus-client collector.  What the server already keeps is read when
 Prometheus scrapes (clients connected, open streams, the bytes the yamux
 sessions count); what happens only once is tallied in plain integers on the
-reactor thread (connects and disconnects from the server's state changes,
+reactor thread (connects and disconnects of each client, a pool's members
+each,
 answers by status class, durations in fixed buckets, errors by kind) and
 turned into metric families at scrape time.  Per request that is a few list
 increments and a bisect: no lock, no label lookup, no object made.
@@ -52,12 +53,11 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 from twisted.web.resource import Resource
 
-from ..koding.states import ClientState, StateChange
 from .events import ErrorKind, ServerEvents
 
 if TYPE_CHECKING:
     from ..yamux import YamuxSession
-    from .registry import TunnelServer
+    from .registry import ClientConnection, TunnelServer
 
 #: upper bounds of the request duration buckets, seconds (+Inf follows)
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -92,7 +92,7 @@ class Metrics(ServerEvents):
     Requests and errors are counted once it is the ``events`` of the site and
     of the server (``TunnelSite(..., events=metrics)`` and ``server.events =
     metrics``); clients, streams and bytes need neither.  ``close()`` stops
-    observing the server's state changes.
+    observing the server's clients.
     """
 
     def __init__(
@@ -119,11 +119,12 @@ class Metrics(ServerEvents):
         for connection in server.connections():
             if connection.ready:
                 self._track(connection.session)
-        self._unobserve = server.observe_states(self._state_changed)
+        # each client, a pool's members included (states change once per tunnel)
+        self._unobserve = server.observe_members(self._member_ready)
         self.registry.register(self)
 
     def close(self) -> None:
-        """Stop observing the server's state changes (the tallies stay)."""
+        """Stop observing the server's clients (the tallies stay)."""
         self._unobserve()
 
     def resource(self) -> Resource:
@@ -164,24 +165,21 @@ class Metrics(ServerEvents):
 
     # -- the server's clients ----------------------------------------------------------
 
-    def _state_changed(self, change: StateChange) -> None:
-        if change.current == ClientState.CONNECTED:
+    def _member_ready(self, connection: ClientConnection) -> None:
+        if self._track(connection.session):
             self._connects += 1
-            connection = self.server.connection(change.key)
-            if connection is not None:
-                self._track(connection.session)
-        elif change.current == ClientState.CLOSED and change.previous == ClientState.CONNECTED:
-            self._disconnects += 1
 
-    def _track(self, session: YamuxSession) -> None:
+    def _track(self, session: YamuxSession) -> bool:
         if session in self._live or session.closed:
-            return
+            return False
         self._live.add(session)
         session.when_closed().addCallback(self._session_ended, session)
+        return True
 
     def _session_ended(self, reason: object, session: YamuxSession) -> None:
         if session in self._live:
             self._live.discard(session)
+            self._disconnects += 1
             self._ended_received += session.bytes_received
             self._ended_sent += session.bytes_sent
 
