@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import TunnelServer
-from tunnel.server.cluster import MAX_TRIES, Cluster, RemoteTunnel
+from tunnel.server.cluster import MAX_TRIES, Cluster, ClusterStats, RemoteTunnel
 from tunnel.server.errors import NoClientSession, TunnelTimeout
 from tunnel.server.pool import OriginLeg
 from tunnel.server.rules import HostRules
@@ -37,6 +37,10 @@ C = Member("c", "127.0.0.3:7000")
 
 class FakePresence:
     refresh = 1.0
+    node = "here"
+
+    def held(self) -> int:
+        return 7
 
     def __init__(self) -> None:
         self.claims: list = []  # answers of claim(), in order
@@ -98,6 +102,9 @@ class FakeLinks:
     def close(self) -> Deferred:
         self.closed = True
         return succeed(None)
+
+    def links(self) -> list:
+        return ["a link"]
 
 
 def node() -> tuple[TunnelServer, Cluster, FakePresence, FakeLinks]:
@@ -297,6 +304,13 @@ def test_while_redis_is_down_the_last_known_holder_serves():
     assert [o[0] for o in links.opened] == ["b", "b"]
     never_seen = TunnelKey.of("never-looked-up")
     assert result(cluster.open_remote(never_seen, 1, 80, 1.0)).check(NoClientSession)
+
+
+def test_stats_count_what_is_sent_to_other_nodes():
+    server, cluster, presence, links = node()
+    for _ in range(3):
+        server.route(KEY).dispatched()
+    assert cluster.stats() == ClusterStats("here", 7, 3, ("a link",))
 
 
 # -- life ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ upgrade and echoes, and a TCP echo) and the public client.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.skipif(not redis_server.available(), reason=redis_serve
 
 IDENTIFIER = "cluster-e2e-identifier-61f0a7d2"
 SECRET = "cluster-e2e-shared-secret-3c9b5e"
+TOKEN = "cluster-e2e-admin-token-77d1"
 HOST = "app.localhost"
 KEY = TunnelKey.of(IDENTIFIER)
 #: seconds a node's records outlive it (the least the flag allows is 1)
@@ -77,6 +79,7 @@ class Node:
         self.interface = f"127.0.0.{index}"
         self.public = free_port()
         self.cluster = free_port()
+        self.admin = free_port()
         self.process: Twistd | None = None
 
 
@@ -128,6 +131,8 @@ def start_node(redis, node: Node, tmp_path, tcp_port: int) -> Twistd:
         "--cluster-advertise", f"127.0.0.1:{node.cluster}",
         "--cluster-secret-file", str(tmp_path / "cluster.secret"),
         "--presence-ttl", str(TTL),
+        "--admin", f"tcp:{node.admin}:interface=127.0.0.1",
+        "--admin-token-file", str(tmp_path / "admin.token"),
         "--shutdown-grace", "1",
     )  # fmt: skip
     return node.process
@@ -142,6 +147,7 @@ class Cluster:
         (tmp_path / "vhosts").write_text(f"{HOST}={IDENTIFIER}\n")
         (tmp_path / "cluster.secret").write_text(SECRET + "\n")
         (tmp_path / "identifier").write_text(IDENTIFIER + "\n")
+        (tmp_path / "admin.token").write_text(TOKEN + "\n")
         self.origin = reactor.listenTCP(0, Factory.forProtocol(Origin), interface="127.0.0.1")
         self.echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
         self.tcp_port = free_port()
@@ -173,12 +179,31 @@ class Cluster:
         for process in self.processes:
             log = process.log
             assert "Traceback" not in log and "Unhandled" not in log, f"{process.name}:\n{log}"
-            assert IDENTIFIER not in log and SECRET not in log, f"{process.name}:\n{log}"
+            for secret in (IDENTIFIER, SECRET, TOKEN):
+                assert secret not in log, f"{process.name}:\n{log}"
 
 
 async def served(node: Node, path: str):
     code, body = await get(node, path)
     return body if code == 200 else None
+
+
+async def admin_get(node: Node, path: str) -> bytes:
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    answer = await exchange("127.0.0.1", node.admin, request, lambda b: False)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    return body
+
+
+def metric(text: bytes, name: str) -> float:
+    for line in text.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in the metrics")
 
 
 async def websocket_echo(node: Node, message: bytes) -> bytes:
@@ -217,6 +242,18 @@ async def test_any_node_serves_a_tunnel_held_by_another_http_websocket_tcp(tmp_p
             for node in (a, c):
                 data = b"tcp through %s " % node.name.encode() * 1000
                 assert await tcp_echo(node, cluster.tcp_port, data) == data
+            # what the operator sees: a forwarded, over one link to b, which holds it
+            seen_a = json.loads(await admin_get(a, "/api/cluster"))
+            assert seen_a["node"] == "a" and seen_a["tunnels_held"] == 0
+            assert seen_a["forwarded"] >= 23  # 21 GETs, the upgrade, a TCP connection
+            assert [(link["peer"], link["state"]) for link in seen_a["links"]] == [("b", "open")]
+            seen_b = json.loads(await admin_get(b, "/api/cluster"))
+            assert seen_b["tunnels_held"] == 1 and seen_b["forwarded"] == 0
+            metrics_a = await admin_get(a, "/metrics")
+            assert metric(metrics_a, "tunnel_cluster_forwarded_total") == seen_a["forwarded"]
+            assert metric(metrics_a, 'tunnel_cluster_links{state="open"}') == 1
+            assert metric(metrics_a, "tunnel_clients_connected") == 0
+            assert metric(await admin_get(b, "/metrics"), "tunnel_clients_connected") == 1
             cluster.check_logs()
         finally:
             await cluster.close()

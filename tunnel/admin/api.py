@@ -413,6 +413,35 @@ class AdminAPI:
         self.log.info("admin: tunnel {tunnel} disconnected", tunnel=key.fingerprint)
         return json_answer(request, 200, shown)
 
+    # -- the cluster -------------------------------------------------------------------
+
+    @app.route("/api/cluster", methods=["GET"])
+    def cluster(self, request: IRequest) -> bytes:
+        cluster = self.server.cluster
+        if cluster is None:
+            raise ApiError(404, "this server is not a node of a cluster (--cluster-listen)")
+        stats = cluster.stats()
+        links = [
+            {
+                "peer": link.peer,
+                "state": link.state.value,
+                "streams": link.streams,
+                "dialed_by": link.dialed_by,
+                "address": link.address,
+            }
+            for link in sorted(stats.links, key=lambda link: (link.peer, link.dialed_by))
+        ]
+        return json_answer(
+            request,
+            200,
+            {
+                "node": stats.node,
+                "tunnels_held": stats.tunnels_held,
+                "forwarded": stats.forwarded,
+                "links": links,
+            },
+        )
+
     # -- the status page -------------------------------------------------------------
 
     @app.route("/", methods=["GET"])

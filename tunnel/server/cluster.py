@@ -37,6 +37,7 @@ they hold.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -57,6 +58,20 @@ from .store import StoreError
 MAX_TRIES = 3
 
 
+@dataclass(frozen=True)
+class ClusterStats:
+    """What an operator sees of this node's place in the cluster."""
+
+    #: this node's name (``--node-name``)
+    node: str
+    #: tunnels this node holds records of (its clients, a pool's counted once)
+    tunnels_held: int
+    #: public requests and TCP connections sent to other nodes since start
+    forwarded: int
+    #: its links to other nodes (``clusterlink.LinkInfo``)
+    links: tuple[Any, ...]
+
+
 class RemoteTunnel:
     """The way to a tunnel whose client another node holds (a ``registry.Tunnel``)."""
 
@@ -70,7 +85,9 @@ class RemoteTunnel:
         return f"<RemoteTunnel {self.key}>"
 
     def dispatched(self) -> None:
-        """Counted by the node that holds the client (its ``serve_remote``)."""
+        """One more request sent another node's way (its client's own count
+        is kept by the node that holds it, in ``serve_remote``)."""
+        self.cluster.count_forwarded()
 
     def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
         return self.cluster.open_remote(self.key, protocol, port, timeout)
@@ -121,6 +138,7 @@ class Cluster:
         #: recording them (so the other nodes find them once Redis is back)
         self._unclaimed: dict[TunnelKey, Any] = {}
         self._stopping = False
+        self._forwarded = 0
         server.join_cluster(self)
 
     # -- registry.OtherNodes -------------------------------------------------------
@@ -150,6 +168,18 @@ class Cluster:
         and is decided again)."""
         if self.server.disconnect(key):
             self.log.info("{ident} is held by another node: its client here is closed", ident=key)
+
+    def count_forwarded(self) -> None:
+        """A public request or TCP connection is sent to another node."""
+        self._forwarded += 1
+
+    def stats(self) -> ClusterStats:
+        return ClusterStats(
+            node=self.presence.node,
+            tunnels_held=self.presence.held(),
+            forwarded=self._forwarded,
+            links=tuple(self.links.links()),
+        )
 
     # -- the tunnels of other nodes -----------------------------------------------
 
@@ -289,7 +319,7 @@ class Cluster:
         for attempt in range(tries):
             member = members[(turn + attempt) % len(members)]
             try:
-                return await self.links.open_tunnel(
+                stream = await self.links.open_tunnel(
                     member.node, member.address, key, protocol, port, timeout
                 )
             except NoClientSession:
@@ -297,6 +327,8 @@ class Cluster:
                 self._known.pop(key, None)
                 if attempt == tries - 1:
                     raise
+            else:
+                return stream
         raise AssertionError("unreachable")
 
 

@@ -22,6 +22,12 @@ Metrics (``host`` only with ``host_labels``)::
     tunnel_request_duration_seconds        histogram  from the end of the head [, host]
     tunnel_errors_total                    counter  kind = an ErrorKind
 
+and for a node of a cluster (``server.cluster``)::
+
+    tunnel_cluster_links                   gauge    links to other nodes, state = open | draining
+    tunnel_cluster_forwarded_total         counter  requests and TCP connections sent to other nodes
+    tunnel_cluster_tunnels_held            gauge    tunnels this node holds records of
+
 ``host_labels`` labels requests by the virtual host they were routed to,
 only for hosts the server has a route for (``server.vhosts``); every other
 Host is counted as ``other``, so an outsider cannot make a series.  A host's
@@ -243,6 +249,26 @@ class Metrics(ServerEvents):
                 errors.add_metric([kind.value], count)
         yield from (clients, connects, disconnects, streams, received, sent)
         yield from (requests, duration, errors)
+        if server.cluster is not None:
+            yield from self._cluster_families(samples)
+
+    def _cluster_families(self, samples: bool) -> Iterator[Metric]:
+        links = GaugeMetricFamily(
+            "tunnel_cluster_links", "Links to other nodes of the cluster.", labels=["state"]
+        )
+        forwarded = CounterMetricFamily(
+            "tunnel_cluster_forwarded", "Requests and TCP connections sent to other nodes."
+        )
+        held = GaugeMetricFamily(
+            "tunnel_cluster_tunnels_held", "Tunnels this node holds records of in Redis."
+        )
+        if samples:
+            stats = self.server.cluster.stats()
+            for state in ("open", "draining"):
+                links.add_metric([state], sum(1 for i in stats.links if i.state.value == state))
+            forwarded.add_metric([], stats.forwarded)
+            held.add_metric([], stats.tunnels_held)
+        yield from (links, forwarded, held)
 
 
 class MetricsResource(Resource):

@@ -109,6 +109,9 @@ class OtherNodes(Protocol):
     def released(self, key: TunnelKey) -> None:
         """This node no longer holds ``key`` (its client left, or was never taken)."""
 
+    def stats(self) -> Any:
+        """What an operator sees of the cluster (``cluster.ClusterStats``)."""
+
 
 @dataclass(frozen=True)
 class TunnelStats:
