@@ -37,6 +37,7 @@ C = Member("c", "127.0.0.3:7000")
 
 class FakePresence:
     refresh = 1.0
+    cache = 1.0
     node = "here"
 
     def held(self) -> int:
@@ -215,6 +216,11 @@ def test_a_control_request_gone_before_its_session_attached_is_released():
 # -- routing: a tunnel not held here is reached through its holder -------------------------
 
 
+def open_remote(cluster: Cluster, key: TunnelKey) -> Deferred:
+    """What a request does: a RemoteTunnel's open (the holders taken in turn)."""
+    return cluster.tunnel(key).open_tunnel(1, 80, 1.0)
+
+
 def test_a_tunnel_not_held_here_routes_to_the_cluster():
     server, cluster, presence, links = node()
     tunnel = server.route(KEY)
@@ -237,14 +243,37 @@ def test_several_holders_take_turns():
     server, cluster, presence, links = node()
     presence.located = [B, C]
     for _ in range(4):
-        result(cluster.open_remote(KEY, 1, 80, 1.0))
+        result(open_remote(cluster, KEY))
     assert [o[0] for o in links.opened] == ["b", "c", "b", "c"]
+
+
+def test_holders_take_turns_over_kept_streams_too():
+    server, cluster, presence, links = node()
+    presence.located = [B, C]
+    presence.cache = 1.0
+    served = []
+    for _ in range(6):
+        tunnel = server.route(KEY)
+        leg = tunnel.reuse(80)
+        if leg is None:
+            result(tunnel.open_tunnel(1, 80, 1.0))
+            leg = OriginLeg()
+            leg.transport = StringTransport()
+        served.append(tunnel.member.node)
+        assert tunnel.keep(80, leg)  # the response was complete: kept for its holder
+    assert served == ["b", "c"] * 3
+    assert [o[0] for o in links.opened] == ["b", "c"]  # then each holder's kept stream
+    server.clock.advance(1.5)  # the lookup is older than the presence cache: look again
+    tunnel = server.route(KEY)
+    assert tunnel.reuse(80) is None
+    result(tunnel.open_tunnel(1, 80, 1.0))
+    assert len(links.opened) == 3
 
 
 def test_no_holder_is_no_client_session():
     server, cluster, presence, links = node()
     presence.located = []
-    failure = result(cluster.open_remote(KEY, 1, 80, 1.0))
+    failure = result(open_remote(cluster, KEY))
     assert failure.check(NoClientSession)
     assert links.opened == []
 
@@ -253,11 +282,11 @@ def test_a_holder_that_lost_the_client_is_forgotten():
     server, cluster, presence, links = node()
     presence.located = [B]
     links.answer = NoClientSession()
-    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+    assert result(open_remote(cluster, KEY)).check(NoClientSession)
     assert ("forget", KEY) in presence.calls
     # and Redis going down now does not bring the forgotten holder back
     presence.located = StoreError("down")
-    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+    assert result(open_remote(cluster, KEY)).check(NoClientSession)
     assert len(links.opened) == 1
 
 
@@ -265,17 +294,17 @@ def test_a_holder_that_lost_the_client_passes_the_request_to_the_next():
     server, cluster, presence, links = node()
     presence.located = [B, C]
     links.answer = {"b": NoClientSession(), "c": "stream from c"}
-    assert result(cluster.open_remote(KEY, 1, 80, 1.0)) == "stream from c"
+    assert result(open_remote(cluster, KEY)) == "stream from c"
     assert [o[0] for o in links.opened] == ["b", "c"]
     links.answer = {"b": NoClientSession(), "c": NoClientSession()}
-    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+    assert result(open_remote(cluster, KEY)).check(NoClientSession)
 
 
 def test_a_request_is_offered_to_a_few_holders_at_most():
     server, cluster, presence, links = node()
     presence.located = [Member(f"n{i}", f"127.0.0.1:{7000 + i}") for i in range(10)]
     links.answer = NoClientSession()
-    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(NoClientSession)
+    assert result(open_remote(cluster, KEY)).check(NoClientSession)
     assert len(links.opened) == MAX_TRIES
 
 
@@ -291,19 +320,19 @@ def test_other_failures_pass_through_with_their_own_meaning():
     server, cluster, presence, links = node()
     presence.located = [B]
     links.answer = TunnelTimeout()
-    assert result(cluster.open_remote(KEY, 1, 80, 1.0)).check(TunnelTimeout)
+    assert result(open_remote(cluster, KEY)).check(TunnelTimeout)
     assert ("forget", KEY) not in presence.calls
 
 
 def test_while_redis_is_down_the_last_known_holder_serves():
     server, cluster, presence, links = node()
     presence.located = [B]
-    result(cluster.open_remote(KEY, 1, 80, 1.0))
+    result(open_remote(cluster, KEY))
     presence.located = StoreError("redis is down")
-    assert result(cluster.open_remote(KEY, 1, 80, 1.0)) == "stream"
+    assert result(open_remote(cluster, KEY)) == "stream"
     assert [o[0] for o in links.opened] == ["b", "b"]
     never_seen = TunnelKey.of("never-looked-up")
-    assert result(cluster.open_remote(never_seen, 1, 80, 1.0)).check(NoClientSession)
+    assert result(open_remote(cluster, never_seen)).check(NoClientSession)
 
 
 def test_stats_count_what_is_sent_to_other_nodes():
@@ -331,6 +360,6 @@ def test_streams_are_kept_only_while_serving(stopping):
         result(server.stop())  # no client: done at once, and nothing is kept from now on
     leg = OriginLeg()
     leg.transport = StringTransport()
-    assert cluster.keep(KEY, 80, leg) is not stopping
-    assert cluster.reuse(KEY, 80) is (None if stopping else leg)
-    assert cluster.reuse(KEY, 81) is None
+    assert cluster.keep(KEY, 80, "b", leg) is not stopping
+    assert cluster.reuse(KEY, 80, "b") is (None if stopping else leg)
+    assert cluster.reuse(KEY, 81, "b") is None

@@ -37,8 +37,11 @@ TTL = 2.0
 
 
 class Origin(Protocol):
-    """HTTP/1.1 with keep-alive: ``GET /path`` answers ``origin: /path``; an
-    upgrade answers 101 and then echoes every byte."""
+    """HTTP/1.1 with keep-alive: ``GET /path`` answers ``NAME: /path`` (NAME
+    is ``origin`` unless the factory says); an upgrade answers 101 and then
+    echoes every byte."""
+
+    name = b"origin"
 
     def connectionMade(self) -> None:
         self.buf = b""
@@ -62,7 +65,7 @@ class Origin(Protocol):
                     self.transport.write(self.buf)
                     self.buf = b""
                 return
-            body = b"origin: " + path
+            body = self.name + b": " + path
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
             )
@@ -117,7 +120,7 @@ async def get(node: Node, path: str) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
-def start_node(redis, node: Node, tmp_path, tcp_port: int) -> Twistd:
+def start_node(redis, node: Node, tmp_path, tcp_port: int, *extra: str) -> Twistd:
     node.process = spawn_twistd(
         "tunnel-server",
         "--listen", f"tcp:{node.public}:interface=127.0.0.1",
@@ -134,6 +137,7 @@ def start_node(redis, node: Node, tmp_path, tcp_port: int) -> Twistd:
         "--admin", f"tcp:{node.admin}:interface=127.0.0.1",
         "--admin-token-file", str(tmp_path / "admin.token"),
         "--shutdown-grace", "1",
+        *extra,
     )  # fmt: skip
     return node.process
 
@@ -141,7 +145,7 @@ def start_node(redis, node: Node, tmp_path, tcp_port: int) -> Twistd:
 class Cluster:
     """The nodes, their clients, the origin and Redis of one test."""
 
-    def __init__(self, redis, tmp_path) -> None:
+    def __init__(self, redis, tmp_path, *node_argv: str) -> None:
         self.redis = redis
         self.tmp_path = tmp_path
         (tmp_path / "vhosts").write_text(f"{HOST}={IDENTIFIER}\n")
@@ -154,13 +158,21 @@ class Cluster:
         self.nodes = [Node(name, i) for i, name in enumerate("abc", 1)]
         self.processes: list[Twistd] = []
         for node in self.nodes:
-            self.processes.append(start_node(redis, node, tmp_path, self.tcp_port))
+            self.processes.append(start_node(redis, node, tmp_path, self.tcp_port, *node_argv))
+        self.origins = [self.origin]
 
-    def client(self, *servers: Node) -> Twistd:
+    def named_origin(self, name: bytes):
+        """One more origin, answering ``NAME: /path``, for a client of its own."""
+        factory = Factory.forProtocol(type("Named", (Origin,), {"name": name}))
+        origin = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.origins.append(origin)
+        return origin
+
+    def client(self, *servers: Node, origin=None) -> Twistd:
         process = spawn_client(
             [node.public for node in servers],
             self.tmp_path / "identifier",
-            self.origin.getHost().port,
+            (origin or self.origin).getHost().port,
             "--tcp-local",
             f"{self.tcp_port}=tcp:127.0.0.1:{self.echo.getHost().port}",
         )
@@ -172,7 +184,8 @@ class Cluster:
 
     async def close(self) -> None:
         await reap_all(self.processes)
-        await self.origin.stopListening()
+        for origin in self.origins:
+            await origin.stopListening()
         await self.echo.stopListening()
 
     def check_logs(self) -> None:
@@ -359,6 +372,43 @@ async def test_nodes_serve_on_while_redis_is_down_and_meet_again_after(tmp_path)
 
             body = await until_children("c to find b's client", c_finds_it, *cluster.running())
             assert body == b"origin: /again"
+            cluster.check_logs()
+        finally:
+            await cluster.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pooled_host_with_clients_on_two_nodes_loses_no_request_to_a_killed_one(tmp_path):
+    with redis_server.running() as redis:
+        cluster = Cluster(redis, tmp_path, "--pool", HOST)
+        a, b, c = cluster.nodes
+        try:
+            one = cluster.client(a, origin=cluster.named_origin(b"one"))
+            cluster.client(b, origin=cluster.named_origin(b"two"))
+            seen: set[bytes] = set()
+
+            async def both_serve():
+                code, body = await get(c, "/which")
+                if code == 200:
+                    seen.add(body.split(b":")[0])
+                return True if seen == {b"one", b"two"} else None
+
+            # c holds no client: it takes the pool's two nodes in turn
+            await until_children("both clients to serve", both_serve, *cluster.running())
+            answers = [await get(c, f"/turn{n}") for n in range(4)]
+            assert sorted(body.split(b":")[0] for _, body in answers) == [
+                b"one",
+                b"one",
+                b"two",
+                b"two",
+            ]
+
+            one.signal("KILL")
+            await one.ended()
+            # from now on every request is answered, by the client that is left
+            for n in range(10):
+                for node in (c, a, b):
+                    assert await get(node, f"/after{n}") == (200, b"two: /after%d" % n)
             cluster.check_logs()
         finally:
             await cluster.close()

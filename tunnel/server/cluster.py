@@ -73,16 +73,21 @@ class ClusterStats:
 
 
 class RemoteTunnel:
-    """The way to a tunnel whose client another node holds (a ``registry.Tunnel``)."""
+    """One request's way to a tunnel whose client another node holds (a
+    ``registry.Tunnel``).  It takes the tunnel's holders in turn: the
+    holder is chosen first, then a stream kept to that holder is reused, so
+    the requests of a pooled tunnel alternate even over kept streams."""
 
-    __slots__ = ("cluster", "key")
+    __slots__ = ("cluster", "key", "member")
 
     def __init__(self, cluster: Cluster, key: TunnelKey) -> None:
         self.cluster = cluster
         self.key = key
+        #: the holder that serves (or is to serve) the request; None: not chosen yet
+        self.member: Any = None
 
     def __repr__(self) -> str:
-        return f"<RemoteTunnel {self.key}>"
+        return f"<RemoteTunnel {self.key} via {getattr(self.member, 'node', None)}>"
 
     def dispatched(self) -> None:
         """One more request sent another node's way (its client's own count
@@ -90,13 +95,24 @@ class RemoteTunnel:
         self.cluster.count_forwarded()
 
     def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
-        return self.cluster.open_remote(self.key, protocol, port, timeout)
+        d = self.cluster.open_remote(self.key, protocol, port, timeout, prefer=self.member)
+
+        def opened(result: tuple[Any, Any]) -> Any:
+            self.member, stream = result
+            return stream
+
+        return d.addCallback(opened)
 
     def reuse(self, port: int) -> OriginLeg | None:
-        return self.cluster.reuse(self.key, port)
+        self.member = self.cluster.next_holder(self.key)
+        if self.member is None:
+            return None
+        return self.cluster.reuse(self.key, port, self.member.node)
 
     def keep(self, port: int, leg: OriginLeg) -> bool:
-        return self.cluster.keep(self.key, port, leg)
+        if self.member is None:
+            return False
+        return self.cluster.keep(self.key, port, self.member.node, leg)
 
 
 class Cluster:
@@ -126,14 +142,15 @@ class Cluster:
         self.clock = clock if clock is not None else server.clock
         self.probe_timeout = probe_timeout if probe_timeout is not None else server.probe_timeout
         self._rated = RateLimitedLog(self.log, clock=self.clock)
-        #: (tunnel, local port) -> streams to other nodes kept between requests
-        self._pools: dict[tuple[TunnelKey, int], StreamPool] = {}
+        #: (tunnel, local port, holder) -> streams kept between requests
+        self._pools: dict[tuple[TunnelKey, int, str], StreamPool] = {}
         #: tunnel -> the next member to try, for tunnels several nodes hold
         self._turns: dict[TunnelKey, int] = {}
-        #: tunnel -> its holders when last looked up: used while Redis cannot
-        #: be asked (bounded by the registered tunnels: a request reaches here
-        #: only for a host or port that names one)
-        self._known: dict[TunnelKey, list[Any]] = {}
+        #: tunnel -> (its holders when last looked up, when): the turn of the
+        #: next request, and who serves while Redis cannot be asked (bounded
+        #: by the registered tunnels: a request reaches here only for a host
+        #: or port that names one)
+        self._known: dict[TunnelKey, tuple[list[Any], float]] = {}
         #: tunnels let in while Redis could not be asked -> the next try at
         #: recording them (so the other nodes find them once Redis is back)
         self._unclaimed: dict[TunnelKey, Any] = {}
@@ -183,22 +200,37 @@ class Cluster:
 
     # -- the tunnels of other nodes -----------------------------------------------
 
-    def open_remote(self, key: TunnelKey, protocol: int, port: int, timeout: float) -> Deferred:
-        """A stream, through the node that holds ``key``, to its client's
-        local ``port``; fails with ``NoClientSession`` if no node holds it."""
-        return Deferred.fromCoroutine(self._open_remote(key, protocol, port, timeout))
+    def open_remote(
+        self, key: TunnelKey, protocol: int, port: int, timeout: float, *, prefer: Any = None
+    ) -> Deferred:
+        """(the holder, a stream through it to its client's local ``port``):
+        the ``prefer``red holder first if it still is one, else the holders
+        in turn; fails with ``NoClientSession`` if no node holds ``key``."""
+        return Deferred.fromCoroutine(self._open_remote(key, protocol, port, timeout, prefer))
 
-    def reuse(self, key: TunnelKey, port: int) -> OriginLeg | None:
-        pool = self._pools.get((key, port))
+    def next_holder(self, key: TunnelKey) -> Any:
+        """The holder whose turn it is, from a lookup younger than the
+        presence cache; None if there is none (then ``open_remote`` looks)."""
+        known = self._known.get(key)
+        if known is None or self.clock.seconds() - known[1] > self.presence.cache:
+            return None
+        members = known[0]
+        turn = self._turns.get(key, 0)
+        if len(members) > 1:
+            self._turns[key] = turn + 1
+        return members[turn % len(members)]
+
+    def reuse(self, key: TunnelKey, port: int, node: str) -> OriginLeg | None:
+        pool = self._pools.get((key, port, node))
         return pool.take() if pool is not None else None
 
-    def keep(self, key: TunnelKey, port: int, leg: OriginLeg) -> bool:
+    def keep(self, key: TunnelKey, port: int, node: str, leg: OriginLeg) -> bool:
         server = self.server
         if self._stopping or not server.accepting or server.max_idle_streams <= 0:
             return False
-        pool = self._pools.get((key, port))
+        pool = self._pools.get((key, port, node))
         if pool is None:
-            pool = self._pools[key, port] = StreamPool(
+            pool = self._pools[key, port, node] = StreamPool(
                 self.clock,
                 max_idle=server.max_idle_streams,
                 idle_timeout=server.stream_idle_timeout,
@@ -289,11 +321,14 @@ class Cluster:
 
         self.presence.claim(key, pooled=pooled).addCallbacks(answered, failed)
 
-    async def _open_remote(self, key: TunnelKey, protocol: int, port: int, timeout: float) -> Any:
+    async def _open_remote(
+        self, key: TunnelKey, protocol: int, port: int, timeout: float, prefer: Any
+    ) -> tuple[Any, Any]:
         try:
             members = await self.presence.locate(key)
         except StoreError as e:
-            members = self._known.get(key, [])
+            known = self._known.get(key)
+            members = known[0] if known is not None else []
             self._rated.info(
                 "presence-locate",
                 "cannot look {ident} up in Redis ({why}); {n} holder(s) known from before",
@@ -303,15 +338,18 @@ class Cluster:
             )
         else:
             if members:
-                self._known[key] = list(members)
+                self._known[key] = (list(members), self.clock.seconds())
             else:
                 self._known.pop(key, None)
         if not members:
             raise NoClientSession()
-        turn = self._turns.get(key, 0)
-        if len(members) > 1:
-            self._turns[key] = turn + 1
+        if prefer in members:
+            turn = members.index(prefer)
         else:
+            turn = self._turns.get(key, 0)
+            if len(members) > 1:
+                self._turns[key] = turn + 1
+        if len(members) == 1:
             self._turns.pop(key, None)
         # a holder that no longer has the client (it left since the lookup,
         # or its node died) passes the request to the next, a few at most
@@ -328,7 +366,7 @@ class Cluster:
                 if attempt == tries - 1:
                     raise
             else:
-                return stream
+                return member, stream
         raise AssertionError("unreachable")
 
 

@@ -360,17 +360,18 @@ class PooledTunnel:
     It starts with the member ``TunnelServer`` picked, and its streams, kept
     or new, are that member's.  If the member's session ends before it gives
     the request a stream (``NoClientSession``), the request is tried once
-    more on another ready member, which serves it from then on: a client
-    that leaves costs its pool no request that it had not begun to answer.
+    more: on another ready member here, else (in a cluster) on the pool's
+    members on other nodes, which serve it from then on.  A client that
+    leaves costs its pool no request that it had not begun to answer.
     """
 
     __slots__ = ("server", "key", "member", "_moved")
 
-    def __init__(self, server: TunnelServer, key: TunnelKey, member: ClientConnection) -> None:
+    def __init__(self, server: TunnelServer, key: TunnelKey, member: Tunnel) -> None:
         self.server = server
         self.key = key
-        #: the client that serves this request
-        self.member = member
+        #: what serves this request: a client here, or (moved) the other nodes
+        self.member: Tunnel = member
         self._moved = False
 
     def __repr__(self) -> str:
@@ -387,8 +388,12 @@ class PooledTunnel:
 
         def gone(failure: Failure) -> Any:
             failure.trap(NoClientSession)
-            other = self.server.pick_member(self.key, exclude=member)
-            if other is None or self._moved:
+            if self._moved:
+                return failure
+            other: Tunnel | None = self.server.pick_member(self.key, exclude=member)
+            if other is None and self.server.cluster is not None:
+                other = self.server.cluster.tunnel(self.key)
+            if other is None:
                 return failure
             self._moved = True
             self.member = other
