@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from tunnel.koding.identifiers import TunnelKey
 
 from . import redis_server
+from .pki import make_pki, ssl_listen
 from .processes import Twistd, free_port, reap_all, spawn_client, spawn_twistd, until_children
 from .tunnel_env import RawClient
 
@@ -120,7 +121,16 @@ async def get(node: Node, path: str) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
-def start_node(redis, node: Node, tmp_path, tcp_port: int, *extra: str) -> Twistd:
+def start_node(redis, node: Node, tmp_path, tcp_port: int, *extra: str, pki=None) -> Twistd:
+    """``node`` as ``twistd tunnel-server``; with ``pki`` its cluster link is
+    TLS (an ssl: listener, nodes dialled as localhost, trusting the CA)."""
+    if pki is None:
+        listen = f"tcp:{node.cluster}:interface=127.0.0.1"
+        advertise = f"127.0.0.1:{node.cluster}"
+    else:
+        listen = ssl_listen(pki, node.cluster)
+        advertise = f"localhost:{node.cluster}"
+        extra = (*extra, "--cluster-trust", str(pki.ca_dir))
     node.process = spawn_twistd(
         "tunnel-server",
         "--listen", f"tcp:{node.public}:interface=127.0.0.1",
@@ -130,8 +140,8 @@ def start_node(redis, node: Node, tmp_path, tcp_port: int, *extra: str) -> Twist
         "--redis", redis.endpoint,
         "--redis-prefix", "cluster-e2e:",
         "--node-name", node.name,
-        "--cluster-listen", f"tcp:{node.cluster}:interface=127.0.0.1",
-        "--cluster-advertise", f"127.0.0.1:{node.cluster}",
+        "--cluster-listen", listen,
+        "--cluster-advertise", advertise,
         "--cluster-secret-file", str(tmp_path / "cluster.secret"),
         "--presence-ttl", str(TTL),
         "--admin", f"tcp:{node.admin}:interface=127.0.0.1",
@@ -145,7 +155,7 @@ def start_node(redis, node: Node, tmp_path, tcp_port: int, *extra: str) -> Twist
 class Cluster:
     """The nodes, their clients, the origin and Redis of one test."""
 
-    def __init__(self, redis, tmp_path, *node_argv: str) -> None:
+    def __init__(self, redis, tmp_path, *node_argv: str, pki=None) -> None:
         self.redis = redis
         self.tmp_path = tmp_path
         (tmp_path / "vhosts").write_text(f"{HOST}={IDENTIFIER}\n")
@@ -158,7 +168,8 @@ class Cluster:
         self.nodes = [Node(name, i) for i, name in enumerate("abc", 1)]
         self.processes: list[Twistd] = []
         for node in self.nodes:
-            self.processes.append(start_node(redis, node, tmp_path, self.tcp_port, *node_argv))
+            process = start_node(redis, node, tmp_path, self.tcp_port, *node_argv, pki=pki)
+            self.processes.append(process)
         self.origins = [self.origin]
 
     def named_origin(self, name: bytes):
@@ -409,6 +420,27 @@ async def test_a_pooled_host_with_clients_on_two_nodes_loses_no_request_to_a_kil
             for n in range(10):
                 for node in (c, a, b):
                     assert await get(node, f"/after{n}") == (200, b"two: /after%d" % n)
+            cluster.check_logs()
+        finally:
+            await cluster.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_link_over_tls_when_told_whom_to_trust(tmp_path):
+    pki = make_pki(tmp_path)
+    with redis_server.running() as redis:
+        cluster = Cluster(redis, tmp_path, pki=pki)
+        a, b, c = cluster.nodes
+        try:
+            cluster.client(b)
+            body = await until_children(
+                "a to serve b's client over TLS", lambda: served(a, "/tls"), *cluster.running()
+            )
+            assert body == b"origin: /tls"
+            links = json.loads(await admin_get(a, "/api/cluster"))["links"]
+            assert [(link["peer"], link["address"]) for link in links] == [
+                ("b", f"localhost:{b.cluster}")
+            ]
             cluster.check_logs()
         finally:
             await cluster.close()
