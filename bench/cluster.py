@@ -27,7 +27,11 @@ Cases, interleaved over ``--rounds`` rounds (medians reported):
   what the two nodes ask of Redis per second: round trips (scripts and
   PINGs), commands run (Redis counts those a script runs too) and the
   microseconds Redis is busy with them (``INFO commandstats``), next to the
-  same window with one tunnel: the cost of keeping N tunnels' records alive.
+  same window with one tunnel: the cost of keeping N tunnels' records alive;
+  and node ``b``'s VmRSS per tunnel;
+* **connections**: ``--idle-connections`` public keep-alive connections to
+  ``a``, each after one forwarded request, left idle: node ``a``'s VmRSS per
+  connection.
 
 Run it from the repository root::
 
@@ -67,6 +71,7 @@ from harness import (  # noqa: E402
     find_wrk,
     free_port,
     http_get,
+    proc_status,
     run_python_load,
     run_wrk,
     wait_http,
@@ -242,6 +247,7 @@ class Bench:
         quiet_before = commandstats(self.redis_port)
         time.sleep(window)  # measuring an idle period: the wait is the measurement
         sent0, run0, usec0 = counted(quiet_before, commandstats(self.redis_port))
+        rss_before = proc_status(self.procs["b"].pid)["VmRSS"]
         argv = [sys.executable, "-c", IDLE_CLIENTS, str(self.ports["b"]), str(self.origin_port)]
         argv += [str(count), str(IDLE_BATCH)]
         self.children.start("idle-clients", argv)
@@ -256,19 +262,46 @@ class Bench:
                 raise BenchFailed("idle clients did not connect:\n" + text[-2000:])
             self.children.check_alive()
             time.sleep(0.1)
+        rss_after = proc_status(self.procs["b"].pid)["VmRSS"]
         connected = commandstats(self.redis_port)
         time.sleep(window)
         sent1, run1, usec1 = counted(connected, commandstats(self.redis_port))
         return {
             "tunnels": count + 1,
+            "rss_per_tunnel_kib": (rss_after - rss_before) / count,
             "window": window,
             "before": {"sent": sent0 / window, "run": run0 / window, "usec": usec0 / window},
             "after": {"sent": sent1 / window, "run": run1 / window, "usec": usec1 / window},
         }
 
+    def connections_case(self) -> dict:
+        """VmRSS of node a before and after N public keep-alive connections,
+        each of which made one forwarded request, sit idle on it."""
+        count = self.args.idle_connections
+        proc = self.procs["a"]
+        before = proc_status(proc.pid)["VmRSS"]
+        request = f"GET /hello HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+        socks = []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", self.ports["a"]), timeout=10)
+                sock.sendall(request)
+                answer = b""
+                while not answer.endswith(b"hello"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise BenchFailed(f"a closed an idle connection: {answer[:200]!r}")
+                    answer += chunk
+                socks.append(sock)
+            after = proc_status(proc.pid)["VmRSS"]
+        finally:
+            for sock in socks:
+                sock.close()
+        return {"connections": count, "rss_per_connection_kib": (after - before) / count}
+
     # -- report ---------------------------------------------------------------------
 
-    def report(self, presence: dict | None) -> None:
+    def report(self, presence: dict | None, connections: dict | None) -> None:
         print(
             f"\n{'case':<16} {'req/s':>8} {'p50 ms':>7} {'CPU/req µs a':>13} {'b':>6}"
             f" {'client':>7} {'Redis trips/req':>16}"
@@ -308,6 +341,13 @@ class Bench:
                     f"  {label:<16} {figures['sent']:>8.1f} {figures['run']:>10.1f}"
                     f" {figures['usec']:>8.0f}"
                 )
+            print(f"node b VmRSS per tunnel: {presence['rss_per_tunnel_kib']:.1f} KiB")
+        if connections:
+            per = connections["rss_per_connection_kib"]
+            print(
+                f"node a VmRSS per idle public connection ({connections['connections']:,},"
+                f" each after one forwarded request): {per:.1f} KiB"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -317,12 +357,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download-mib", type=int, default=100)
     p.add_argument("--idle-tunnels", type=int, default=1000)
     p.add_argument("--idle-window", type=float, default=10.0)
+    p.add_argument("--idle-connections", type=int, default=1000)
     p.add_argument("--quick", action="store_true", help="1 round of 1 s cases, 100 idle tunnels")
     p.add_argument("--loadgen", choices=("wrk", "python"), default="wrk")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.download_mib = 1, 1, 16
-        args.idle_tunnels, args.idle_window = 100, 3.0
+        args.idle_tunnels, args.idle_window, args.idle_connections = 100, 3.0, 100
     args.concurrency = (1, 10, 50)
     return args
 
@@ -353,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             for via in ("b", "a"):
                 bench.download_case(via)
         presence = bench.presence_case() if args.idle_tunnels else None
-        bench.report(presence)
+        connections = bench.connections_case() if args.idle_connections else None
+        bench.report(presence, connections)
         for failure in bench.failures:
             print(f"FAILED: {failure}")
         ok = not bench.failures
