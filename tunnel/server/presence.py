@@ -36,8 +36,8 @@ Cluster, a prefix with a hash tag (``{tunnel}:``) keeps every key in one
 slot, as the registry's own keys are.
 
 While Redis cannot be reached, claims and lookups fail at once (or within
-the link's timeout) with ``StoreError``, so a control request is refused
-rather than held; the refresh skips its ticks quietly (the ``RedisLink``
+the link's timeout) with ``StoreError``, so a control request is decided
+at once rather than held (``cluster`` then takes it on the node's word); the refresh skips its ticks quietly (the ``RedisLink``
 logs one line per outage) and puts everything back on the first tick after
 Redis returns.
 """
