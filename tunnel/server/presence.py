@@ -37,9 +37,9 @@ slot, as the registry's own keys are.
 
 While Redis cannot be reached, claims and lookups fail at once (or within
 the link's timeout) with ``StoreError``, so a control request is decided
-at once rather than held (``cluster`` then takes it on the node's word); the refresh skips its ticks quietly (the ``RedisLink``
-logs one line per outage) and puts everything back on the first tick after
-Redis returns.
+at once rather than held (``cluster`` then takes it on the node's word);
+the refresh skips its ticks quietly (the ``RedisLink`` logs one line per
+outage) and puts everything back on the first tick after Redis returns.
 """
 
 from __future__ import annotations
