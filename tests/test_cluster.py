@@ -10,17 +10,27 @@ from dataclasses import dataclass
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from tunnel.koding.identifiers import TunnelKey
 from tunnel.server import TunnelServer
-from tunnel.server.cluster import MAX_TRIES, Cluster, ClusterStats, RemoteTunnel
+from tunnel.server.cluster import (
+    MAX_TRIES,
+    PROBE_ALLOWANCE,
+    Cluster,
+    ClusterStats,
+    RemoteTunnel,
+)
+from tunnel.server.clusterstreams import NodeUnreachable
 from tunnel.server.errors import NoClientSession, TunnelTimeout
 from tunnel.server.pool import OriginLeg
 from tunnel.server.rules import HostRules
 from tunnel.server.store import StoreError
+from tunnel.yamux import YamuxSession
 
 KEY = TunnelKey.of("cluster-unit-identifier")
 
@@ -61,6 +71,8 @@ class FakePresence:
         self.calls.append(("claim", key))
         self.pooled.append(pooled)
         answer = self.claims.pop(0)
+        if isinstance(answer, Deferred):
+            return answer  # Redis has not answered yet
         return fail(answer) if isinstance(answer, Exception) else succeed(answer)
 
     def take_over(self, key, holder) -> Deferred:
@@ -87,6 +99,8 @@ class FakeLinks:
         self.opened: list[tuple] = []
         self.answer: object = "stream"  # open_tunnel's answer, or an exception
         self.closed = False
+        self.clock = None
+        self.takes = 0.0
 
     def probe(self, node, address, key, timeout) -> Deferred:
         if isinstance(self.alive, Exception):
@@ -95,6 +109,8 @@ class FakeLinks:
 
     def open_tunnel(self, node, address, key, protocol, port, timeout) -> Deferred:
         self.opened.append((node, address, key, protocol, port, timeout))
+        if self.clock is not None:
+            self.clock.advance(self.takes)  # each try takes this long to fail or succeed
         answer = self.answer.get(node) if isinstance(self.answer, dict) else self.answer
         if isinstance(answer, Exception):
             return fail(answer)
@@ -363,3 +379,132 @@ def test_streams_are_kept_only_while_serving(stopping):
     assert cluster.keep(KEY, 80, "b", leg) is not stopping
     assert cluster.reuse(KEY, 80, "b") is (None if stopping else leg)
     assert cluster.reuse(KEY, 81, "b") is None
+
+
+# -- what the review of the cluster found ------------------------------------------------
+
+
+def session(clock: Clock) -> YamuxSession:
+    """A client session on a StringTransport."""
+    s = YamuxSession(False, clock=clock)
+    s.makeConnection(StringTransport())
+    return s
+
+
+def attach_ready(server: TunnelServer, key=KEY):
+    connection = server.attach_session(key, session(server.clock))
+    connection.ready = True  # stands for a finished control handshake
+    return connection
+
+
+def test_a_session_ending_while_a_newcomers_claim_is_under_way_releases_nothing():
+    server, cluster, presence, links = node()
+    server.add_host("pool.test", KEY, HostRules(pool=True))
+    answer: Deferred = Deferred()
+    presence.claims = [None, answer]
+    result(server.check_duplicate(KEY))
+    first = attach_ready(server)
+    pending = server.check_duplicate(KEY)
+    first.session.connectionLost(Failure(ConnectionDone()))
+    answer.callback(None)
+    assert result(pending) is False
+    second = attach_ready(server)  # the newcomer attaches: still held, not released
+    assert ("release", KEY) not in presence.calls
+    second.session.connectionLost(Failure(ConnectionDone()))
+    assert presence.calls.count(("release", KEY)) == 1
+
+
+def test_a_second_newcomer_waits_behind_the_first_on_one_node():
+    server, cluster, presence, links = node()
+    answer: Deferred = Deferred()
+    presence.claims = [answer]
+    first = server.check_duplicate(KEY)
+    # a peer's PROBE meanwhile hears that the tunnel is held here
+    assert result(server.probe_local(KEY)) is True
+    second = server.check_duplicate(KEY)  # the same identifier a moment later
+    assert result(second) is True  # a duplicate: the first is being admitted
+    assert presence.calls.count(("claim", KEY)) == 1
+    answer.callback(None)
+    assert result(first) is False
+    attach_ready(server)
+    assert ("release", KEY) not in presence.calls
+
+
+def test_a_refused_or_abandoned_newcomer_releases_what_it_claimed():
+    server, cluster, presence, links = node()
+    presence.claims = [None]
+    assert result(server.check_duplicate(KEY)) is False
+    server.control_abandoned(KEY)  # its connection went before attaching
+    assert presence.calls.count(("release", KEY)) == 1
+    presence.claims = [B]
+    links.alive = True
+    assert result(server.check_duplicate(KEY)) is True  # refused: b's client is alive
+    assert presence.calls.count(("release", KEY)) == 2  # nothing held here: released
+
+
+def test_a_withdrawn_probe_closes_no_live_client():
+    server, cluster, presence, links = node()
+    connection = attach_ready(server)
+    d = server.probe_local(KEY)  # what a peer's PROBE does
+    d.addErrback(lambda f: None)
+    d.cancel()  # the peer's stream went away before the pong
+    assert not connection.session.closed and not connection.session.transport.disconnecting
+    server.clock.advance(server.probe_timeout)
+    assert not connection.session.closed
+
+
+def test_an_unanswered_probe_closes_the_client_that_does_not_answer():
+    server, cluster, presence, links = node()
+    connection = attach_ready(server)
+    d = server.probe_local(KEY)
+    server.clock.advance(server.probe_timeout)
+    assert result(d) is False
+    assert connection.session.transport.disconnecting  # aborted
+
+
+def test_a_probe_outlasts_the_holders_own_ping():
+    server, cluster, presence, links = node()
+    assert cluster.probe_timeout == server.probe_timeout + PROBE_ALLOWANCE > server.probe_timeout
+
+
+def test_a_draining_client_gets_no_new_request():
+    server, cluster, presence, links = node()
+    connection = attach_ready(server)
+    connection.session.go_away()
+    assert result(connection.open_tunnel(1, 80, 5.0)).check(NoClientSession)
+    assert server.pick_member(KEY) is None
+
+
+def test_the_tries_of_one_request_share_its_timeout():
+    server, cluster, presence, links = node()
+    presence.located = [B, C, Member("d", "127.0.0.4:7000")]
+    links.clock, links.takes = server.clock, 2.0
+    links.answer = NodeUnreachable("refused")
+    assert result(cluster.open_remote(KEY, 1, 80, 5.0)).check(TunnelTimeout, NodeUnreachable)
+    assert [o[5] for o in links.opened] == [5.0, 3.0, 1.0]
+
+
+def test_an_unreachable_holder_stays_known_while_redis_cannot_be_asked():
+    server, cluster, presence, links = node()
+    presence.located = [B]
+    result(open_remote(cluster, KEY))
+    presence.located = StoreError("redis is down")
+    links.answer = NodeUnreachable("b's link is being re-dialled")
+    assert result(open_remote(cluster, KEY)).check(NoClientSession)
+    links.answer = "stream"
+    assert result(open_remote(cluster, KEY)) == "stream"  # b still served, from memory
+
+
+def test_empty_kept_stream_pools_do_not_pile_up():
+    server, cluster, presence, links = node()
+    for n in range(50):
+        leg = OriginLeg()
+        leg.transport = StringTransport()
+        assert cluster.keep(KEY, 80, f"node{n}", leg)
+        assert cluster.reuse(KEY, 80, f"node{n}") is leg  # used: that pool is empty
+    leg = OriginLeg()
+    leg.transport = StringTransport()
+    cluster.keep(KEY, 80, "last", leg)
+    assert cluster.reuse(KEY, 80, "node0") is None
+    assert len([n for n in range(50) if cluster.reuse(KEY, 80, f"node{n}")]) == 0
+    assert cluster.stats().links == ("a link",)

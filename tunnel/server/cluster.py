@@ -49,13 +49,17 @@ from twisted.python.failure import Failure
 from ..koding.identifiers import TunnelKey
 from ..logs import RateLimitedLog
 from ..timers import cancel
-from .errors import NoClientSession
+from .clusterstreams import NodeUnreachable
+from .errors import NoClientSession, TunnelTimeout
 from .pool import OriginLeg, StreamPool
 from .registry import TunnelServer
 from .store import StoreError
 
 #: holders of a pooled tunnel one request is offered to, at most
 MAX_TRIES = 3
+#: seconds a PROBE gets beyond the holder's own ping: the dial, the handshake
+#: and the round trips
+PROBE_ALLOWANCE = 5.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,11 @@ class Cluster:
         self.presence = presence
         self.links = links
         self.clock = clock if clock is not None else server.clock
-        self.probe_timeout = probe_timeout if probe_timeout is not None else server.probe_timeout
+        if probe_timeout is None:
+            # longer than the holder's own ping of its client, so that a client
+            # that does not answer is reported GONE before the asker gives up
+            probe_timeout = server.probe_timeout + PROBE_ALLOWANCE
+        self.probe_timeout = probe_timeout
         self._rated = RateLimitedLog(self.log, clock=self.clock)
         #: (tunnel, local port, holder) -> streams kept between requests
         self._pools: dict[tuple[TunnelKey, int, str], StreamPool] = {}
@@ -230,6 +238,10 @@ class Cluster:
             return False
         pool = self._pools.get((key, port, node))
         if pool is None:
+            # pools left empty (their streams used, expired or lost) go now:
+            # the map holds no more than the pools that keep streams
+            for empty in [where for where, p in self._pools.items() if not len(p)]:
+                del self._pools[empty]
             pool = self._pools[key, port, node] = StreamPool(
                 self.clock,
                 max_idle=server.max_idle_streams,
@@ -290,6 +302,7 @@ class Cluster:
         would, and is not known to the other nodes until it reconnects."""
         if not failure.check(StoreError):
             self.log.failure("deciding the control request of {ident} failed", failure, ident=key)
+            self._claim_later(key, pooled)
             return False
         self._rated.warn(
             "presence-claim",
@@ -352,14 +365,25 @@ class Cluster:
         if len(members) == 1:
             self._turns.pop(key, None)
         # a holder that no longer has the client (it left since the lookup,
-        # or its node died) passes the request to the next, a few at most
+        # or its node died) passes the request to the next, a few at most,
+        # all within the one request's ``timeout``
+        deadline = self.clock.seconds() + timeout
         tries = min(len(members), MAX_TRIES)
         for attempt in range(tries):
             member = members[(turn + attempt) % len(members)]
+            left = deadline - self.clock.seconds()
+            if left <= 0:
+                raise TunnelTimeout()
             try:
                 stream = await self.links.open_tunnel(
-                    member.node, member.address, key, protocol, port, timeout
+                    member.node, member.address, key, protocol, port, left
                 )
+            except NodeUnreachable:
+                # its node may still hold the client (while Redis cannot say,
+                # it stays the one known): ask Redis again next time
+                self.presence.forget(key)
+                if attempt == tries - 1:
+                    raise
             except NoClientSession:
                 self.presence.forget(key)
                 self._known.pop(key, None)

@@ -57,6 +57,7 @@ from ..koding.wire import ControlMessage, TransportProtocol
 from ..observe import Observers, OneShot
 from ..timers import cancel
 from ..yamux import LARGE_WINDOWS, YamuxConfig, YamuxSession, YamuxStream
+from ..yamux.errors import PingTimeout, SessionClosed, TooManyStreams
 from .errors import NoClientSession, TooManyPendingTunnels, TunnelTimeout
 from .events import ServerEvents
 from .pool import OriginLeg, StreamPool
@@ -212,8 +213,13 @@ class ClientConnection:
             bytes_out=session.bytes_sent,
         )
 
+    @property
+    def usable(self) -> bool:
+        """Ready, and not draining: a session told GoAway opens no new stream."""
+        return self.ready and not self.closed and not self.session.local_go_away
+
     def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
-        if not self.ready or self.closed:
+        if not self.usable:
             return fail(NoClientSession())
         if len(self._waiters) >= self.server.max_pending_tunnels:
             return fail(TooManyPendingTunnels())
@@ -365,13 +371,18 @@ class PooledTunnel:
     leaves costs its pool no request that it had not begun to answer.
     """
 
-    __slots__ = ("server", "key", "member", "_moved")
+    __slots__ = ("server", "key", "member", "forward", "_moved")
 
-    def __init__(self, server: TunnelServer, key: TunnelKey, member: Tunnel) -> None:
+    def __init__(
+        self, server: TunnelServer, key: TunnelKey, member: Tunnel, *, forward: bool = True
+    ) -> None:
         self.server = server
         self.key = key
         #: what serves this request: a client here, or (moved) the other nodes
         self.member: Tunnel = member
+        #: whether it may move to the other nodes (not for a request one of
+        #: them forwarded: a node serves what it holds)
+        self.forward = forward
         self._moved = False
 
     def __repr__(self) -> str:
@@ -391,7 +402,7 @@ class PooledTunnel:
             if self._moved:
                 return failure
             other: Tunnel | None = self.server.pick_member(self.key, exclude=member)
-            if other is None and self.server.cluster is not None:
+            if other is None and self.forward and self.server.cluster is not None:
                 other = self.server.cluster.tunnel(self.key)
             if other is None:
                 return failure
@@ -474,6 +485,9 @@ class TunnelServer:
         self._accepting = True
         #: the other nodes of the cluster this server is a node of (None: alone)
         self.cluster: OtherNodes | None = None
+        #: tunnel -> control requests let in by ``check_duplicate`` in a
+        #: cluster and not attached or given up yet
+        self._admitting: dict[TunnelKey, int] = {}
 
     # -- configuration ---------------------------------------------------------
 
@@ -627,13 +641,41 @@ class TunnelServer:
         cluster = self.cluster
         if cluster is None:
             return d
-        return d.addCallback(lambda here: True if here else cluster.admit(key, pooled=pooled))
+
+        def here_or_cluster(here: bool) -> Any:
+            if here:
+                return True
+            # from now until it attaches (or is given up) the newcomer counts:
+            # a second one waits behind it (probe_local), and the tunnel is
+            # not released when an old session ends meanwhile
+            self._admitting[key] = self._admitting.get(key, 0) + 1
+            return cluster.admit(key, pooled=pooled).addCallback(decided)
+
+        def decided(duplicate: bool) -> bool:
+            if duplicate:
+                self._admitted(key, attached=False)
+            return duplicate
+
+        return d.addCallback(here_or_cluster)
+
+    def _admitted(self, key: TunnelKey, *, attached: bool) -> None:
+        """An admission ``check_duplicate`` began is over: attached, refused or
+        given up; the tunnel is released if nothing else holds it here."""
+        left = self._admitting.get(key, 0) - 1
+        if left > 0:
+            self._admitting[key] = left
+        else:
+            self._admitting.pop(key, None)
+        if not attached and left <= 0 and key not in self._clients and self.cluster is not None:
+            self.cluster.released(key)
 
     def probe_local(self, tunnel: str | TunnelKey) -> Deferred[bool]:
         """Fires True if a live client holds ``tunnel`` on this node; one that
         does not answer a ping within ``probe_timeout`` is closed (False).
         With several clients (a pool), True if any of them is live."""
         key = TunnelKey.coerce(tunnel)
+        if self._admitting.get(key) and not self.pooled(key):
+            return succeed(True)  # a newcomer is being admitted here: it comes first
         members = [c for c in self._clients.get(key, ()) if not c.closed]
         if not members:
             return succeed(False)
@@ -645,20 +687,28 @@ class TunnelServer:
         return pings.addCallback(lambda results: any(alive for _, alive in results))
 
     def _ping(self, existing: ClientConnection) -> Deferred[bool]:
-        def dead(failure: Failure) -> bool:
+        """True if ``existing`` answers a ping; one that does not in time is
+        closed (False).  A ping withdrawn (the one who asked is gone) fails
+        with CancelledError and closes nothing; one that could not be sent
+        because many are outstanding counts as alive."""
+
+        def answered_not(failure: Failure) -> bool:
+            if failure.check(TooManyStreams):
+                return True
+            failure.trap(PingTimeout, SessionClosed)
             self.log.info("replacing unresponsive session of {ident}", ident=existing.key)
             existing.session.abort()
             return False
 
-        return existing.session.ping(self.probe_timeout).addCallbacks(lambda _: True, dead)
+        return existing.session.ping(self.probe_timeout).addCallbacks(lambda _: True, answered_not)
 
     def control_abandoned(self, tunnel: str | TunnelKey) -> None:
         """A control request that ``check_duplicate`` let in did not attach
         its session (its connection went first): hold the tunnel no longer
         (unless other clients of it are here, in a pool)."""
         key = TunnelKey.coerce(tunnel)
-        if key not in self._clients and self.cluster is not None:
-            self.cluster.released(key)
+        if self.cluster is not None:
+            self._admitted(key, attached=False)
 
     def attach_session(self, tunnel: str | TunnelKey, session: YamuxSession) -> ClientConnection:
         """Register a freshly taken-over control connection for ``tunnel``:
@@ -674,6 +724,8 @@ class TunnelServer:
             self._set_state(key, ClientState.CLOSED)
         connection = ClientConnection(self, key, session)
         members.append(connection)
+        if self.cluster is not None:
+            self._admitted(key, attached=True)
         connection.start().addCallbacks(self._member_ready, lambda f: None)
         return connection
 
@@ -707,8 +759,8 @@ class TunnelServer:
         self._turns.pop(key, None)
         self.log.info("client {ident} disconnected", ident=key)
         self._set_state(key, ClientState.CLOSED)
-        if self.cluster is not None:
-            self.cluster.released(key)
+        if self.cluster is not None and not self._admitting.get(key):
+            self.cluster.released(key)  # unless a newcomer's claim is under way
 
     def control_refused(self, tunnel: str | TunnelKey, error: str) -> None:
         """A control request for ``tunnel`` was refused (Go reports Closed)."""
@@ -723,7 +775,7 @@ class TunnelServer:
         the fewest outstanding streams, ties taken in turn; None if none is
         ready."""
         key = TunnelKey.coerce(tunnel)
-        members = [c for c in self._clients.get(key, ()) if c.ready and c is not exclude]
+        members = [c for c in self._clients.get(key, ()) if c.usable and c is not exclude]
         if len(members) <= 1:
             return members[0] if members else None
         turn = self._turns.get(key, 0) % len(members)
@@ -732,7 +784,7 @@ class TunnelServer:
         self._turns[key] = members.index(best) + 1
         return best
 
-    def _local(self, key: TunnelKey) -> Tunnel | None:
+    def _local(self, key: TunnelKey, *, forward: bool = True) -> Tunnel | None:
         """The way to ``key``'s client here: a ``PooledTunnel`` if it is pooled
         or has several clients, else its ready connection; None if none is ready."""
         members = self._clients.get(key)
@@ -741,7 +793,7 @@ class TunnelServer:
         if len(members) == 1 and not self.pooled(key):
             return members[0] if members[0].ready else None
         member = self.pick_member(key)
-        return PooledTunnel(self, key, member) if member is not None else None
+        return PooledTunnel(self, key, member, forward=forward) if member is not None else None
 
     def route(self, tunnel: str | TunnelKey) -> Tunnel | None:
         """How to reach ``tunnel``'s client: a ready client here (one picked
@@ -760,7 +812,7 @@ class TunnelServer:
         """A stream to ``key``'s client on this node, for a request another
         node forwards (never forwarded on: a node serves what it holds); a
         pool's member is picked as for a request of this node's own."""
-        local = self._local(key)
+        local = self._local(key, forward=False)
         if local is None:
             return fail(NoClientSession())
         local.dispatched()
