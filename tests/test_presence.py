@@ -176,6 +176,24 @@ def test_ticks_never_overlap_and_wait_while_the_link_is_down():
     assert len(link.sent) == 3 and not clock.getDelayedCalls()
 
 
+def test_while_the_link_waits_to_retry_nothing_asks_redis():
+    presence, link, clock = fake_node()
+    link.state = LinkState.WAITING  # Redis known down: the link waits out its backoff
+    key = TunnelKey.of("waiting")
+    for asked in (
+        presence.claim(key),
+        presence.claim(key, pooled=True),
+        presence.take_over(key, "b"),
+        presence.locate(key),
+        presence.release(key),
+    ):
+        assert isinstance(outcome(asked), StoreError)
+    assert link.sent == []  # no attempt started by a request
+    link.state = LinkState.READY
+    presence.locate(key)
+    assert [s.what for s in link.sent] == ["presence locate"]
+
+
 def test_answers_about_released_or_reclaimed_keys_change_nothing():
     lost: list = []
     presence, link, clock = fake_node(on_lost=lost.append)

@@ -328,6 +328,16 @@ class Presence:
     def _closed(self, what: str) -> Deferred[Any]:
         return fail(StoreClosed(f"{what}: the presence of node {self.node} is stopped"))
 
+    def _refused(self, what: str) -> Deferred[Any] | None:
+        """A failure to answer at once instead of asking Redis: stopped, or
+        Redis known to be down (the link waits out its backoff: asking now
+        would start an attempt per request); None: ask."""
+        if self.state is PresenceState.STOPPED:
+            return self._closed(what)
+        if self._link.state is LinkState.WAITING:
+            return fail(StoreError(f"{what}: Redis is unavailable (the link waits to retry)"))
+        return None
+
     # -- the refresh loop ------------------------------------------------------------
 
     def start(self) -> None:
@@ -417,8 +427,9 @@ class Presence:
         from now on); a ``Member``: another node's live record holds it (it
         is not pooled), and nothing changed.  ``StoreError`` if Redis
         cannot say (a ``StoreOutcomeUnknown`` record, if made, expires)."""
-        if self.state is PresenceState.STOPPED:
-            return self._closed("claim")
+        refused = self._refused("claim")
+        if refused is not None:
+            return refused
         record = _Record(pooled)
         self._claiming[key] = record
         keys = [self._presence_key(key), self._pool_key(key), self._node_key]
@@ -458,8 +469,9 @@ class Presence:
         """Make ``key``'s record ours if ``holder`` still holds it (or nobody
         does): True.  False if a third node took it meanwhile (claim again
         to learn which).  Used once the holder said its client is gone."""
-        if self.state is PresenceState.STOPPED:
-            return self._closed("take_over")
+        refused = self._refused("take_over")
+        if refused is not None:
+            return refused
         record = _Record(False)
         self._claiming[key] = record
         keys = [self._presence_key(key), self._node_key]
@@ -491,6 +503,8 @@ class Presence:
         self._cached.pop(key, None)
         if self.state is PresenceState.STOPPED:
             return succeed(None)
+        if self._link.state is LinkState.WAITING:  # the record expires on its own
+            return fail(StoreError("release: Redis is unavailable (the record expires)"))
         keys = [self._node_key, self._presence_key(key), self._pool_key(key)]
         d = self._eval("presence release", RELEASE, keys, [self.node, self.address, "0"])
         return d.addCallback(lambda _: None)
@@ -522,8 +536,9 @@ class Presence:
         up to ``MAX_MEMBERS``; else none or one).  Answers are cached for
         ``cache`` seconds; concurrent lookups of one key share one round
         trip; a failed lookup is not cached."""
-        if self.state is PresenceState.STOPPED:
-            return self._closed("locate")
+        refused = self._refused("locate")
+        if refused is not None:
+            return refused
         cached = self._cached.get(key)
         if cached is not None:
             if cached[0] > self.clock.seconds():
