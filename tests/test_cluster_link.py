@@ -26,6 +26,7 @@ from tunnel.koding.states import ClientState
 from tunnel.koding.wire import TransportProtocol
 from tunnel.server.clusterlink import (
     MAX_HANDSHAKES,
+    MAX_HANDSHAKES_PER_ADDRESS,
     ClusterLinks,
     LinkState,
     NodeUnreachable,
@@ -249,19 +250,42 @@ def test_bad_magic_and_oversized_name_are_refused_at_once(logs):
     c.stop()
 
 
+def _raw_from(c: Cluster, name: str, source: str) -> Peer:
+    c.net.client_ip = source
+    try:
+        peer = c.net.connect(c.port(name))
+    finally:
+        c.net.client_ip = "127.0.0.1"
+    c.net.flush()
+    return peer
+
+
 def test_handshakes_under_way_are_bounded_and_free_their_place_when_done(logs):
     c = Cluster()
     c.add("a")
-    silent = [_raw(c, "a") for _ in range(MAX_HANDSHAKES)]
-    assert all(peer.open for peer in silent)
-    one_too_many = c.net.connect(c.port("a"))
-    c.net.flush()
-    assert one_too_many.failed is not None or one_too_many.closed
+    sources = [f"127.0.1.{n}" for n in range(MAX_HANDSHAKES // MAX_HANDSHAKES_PER_ADDRESS)]
+    silent = [_raw_from(c, "a", src) for src in sources for _ in range(MAX_HANDSHAKES_PER_ADDRESS)]
+    assert len(silent) == MAX_HANDSHAKES and all(peer.open for peer in silent)
+    one_too_many = _raw_from(c, "a", "127.0.2.1")  # a new address: the places are all taken
+    assert one_too_many.closed
     assert "64 handshakes under way" in "\n".join(logs.lines)
     silent[0].close()
     c.net.flush()
+    fifth = _raw_from(c, "a", sources[1])  # a place is free, but not for a fifth from there
+    assert fifth.closed
     c.add("b")
-    assert c.outcome(c.probe("b", "a"))[0]  # a place was free again
+    assert c.outcome(c.probe("b", "a"))[0]  # another address gets the free place
+    c.stop()
+
+
+def test_a_wrong_proof_gets_no_proof_back():
+    c = Cluster()
+    c.add("a")
+    peer = _raw(c, "a")
+    hello, _ = parse_hello(peer.take())
+    peer.send(encode_hello(os.urandom(32), "z") + os.urandom(32))  # a guessed proof
+    c.net.flush()
+    assert peer.take() == b"" and peer.closed  # nothing to test a guess on offline
     c.stop()
 
 
@@ -287,15 +311,17 @@ def test_bytes_right_after_the_proof_reach_the_session():
     nonce = os.urandom(32)
     peer.send(encode_hello(nonce, "z"))
     c.net.flush()
-    their_proof = peer.take()
-    assert their_proof == proof(SECRET, Role.LISTENER, hello.nonce, nonce, "a", "z")
+    assert peer.take() == b""  # the dialer proves first: the listener says nothing yet
     mine = proof(SECRET, Role.DIALER, nonce, hello.nonce, "z", "a")
     # the yamux SYN+data for stream 1, carrying a PROBE
     request = probe_request(KEY).encode()
     syn = bytes([0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, len(request)])  # Data, SYN, sid 1
     peer.send(mine + syn + request)
     c.net.flush()
-    assert bytes([Status.ALIVE]) in peer.take()
+    answer = peer.take()
+    their_proof = proof(SECRET, Role.LISTENER, hello.nonce, nonce, "a", "z")
+    assert answer.startswith(their_proof)  # the listener's proof, once ours was good
+    assert bytes([Status.ALIVE]) in answer[len(their_proof) :]
     assert [i.peer for i in a.links()] == ["z"]
     peer.abort()
     c.stop()

@@ -75,6 +75,9 @@ from .errors import TunnelTimeout
 #: connections accepted and not through their handshake yet, at most: an
 #: outsider who can reach --cluster-listen holds no more than this many
 MAX_HANDSHAKES = 64
+#: ... and from one address (a node dials each peer once; crossed dials and a
+#: redial make a few): one outsider cannot take every place
+MAX_HANDSHAKES_PER_ADDRESS = 4
 
 CLUSTER_YAMUX = replace(LARGE_WINDOWS, keepalive_interval=10.0, keepalive_timeout=5.0)
 
@@ -191,6 +194,8 @@ class LinkProtocol(Protocol):
         self.expected = expected
         self.address = address
         self.phase = _Handshake.HELLO
+        #: the peer's IP address, for the listener's per-address bound
+        self.peer_host: str | None = None
         self.session: YamuxSession | None = None
         self._nonce = os.urandom(NONCE_SIZE)
         self._peer_nonce = b""
@@ -236,8 +241,14 @@ class LinkProtocol(Protocol):
             raise HandshakeError(f"expected node {self.expected}, the peer is {hello.name}")
         self._peer, self._peer_nonce = hello.name, hello.nonce
         self.phase = _Handshake.PROOF
+        if self.role is Role.DIALER:
+            # the dialer proves first; the listener answers only a valid
+            # proof, so whoever connects learns no MAC to test guesses on
+            self._send_proof()
+
+    def _send_proof(self) -> None:
         mine = proof(
-            self.links.secret, self.role, self._nonce, hello.nonce, self.links.name, hello.name
+            self.links.secret, self.role, self._nonce, self._peer_nonce, self.links.name, self._peer
         )
         self.transport.write(mine)
 
@@ -254,6 +265,8 @@ class LinkProtocol(Protocol):
         )
         if not hmac.compare_digest(offered, expected):
             raise HandshakeError("wrong proof (a different cluster secret?)")
+        if self.role is Role.LISTENER:
+            self._send_proof()
         cancel(self._timer)
         self.phase = _Handshake.LINKED
         dialer = self.links.name if self.role is Role.DIALER else self._peer
@@ -313,15 +326,24 @@ class _ListeningFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> LinkProtocol | None:
         links = self.links
-        if not links.accepting or len(links.greeting) >= MAX_HANDSHAKES:
+        host = getattr(addr, "host", "?")
+        from_there = sum(1 for p in links.greeting if p.peer_host == host)
+        if (
+            not links.accepting
+            or len(links.greeting) >= MAX_HANDSHAKES
+            or from_there >= MAX_HANDSHAKES_PER_ADDRESS
+        ):
             links.limited_log.info(
                 "cluster-busy",
-                "cluster connection from {host} refused: {n} handshakes under way",
-                host=getattr(addr, "host", "?"),
+                "cluster connection from {host} refused: {n} handshakes under way"
+                " ({there} from there)",
+                host=host,
                 n=len(links.greeting),
+                there=from_there,
             )
             return None  # Twisted closes the connection
         protocol = LinkProtocol(links, Role.LISTENER, None, None)
+        protocol.peer_host = host
         links.greeting.add(protocol)
         protocol.when_linked().addBoth(lambda _: links.greeting.discard(protocol))
         return protocol

@@ -11,8 +11,10 @@ Both sides send a HELLO at once, without waiting for the other's::
     HELLO = MAGIC (8 bytes: b"TNLCLSTR") || VERSION (1 byte: 1)
             || NONCE (32 random bytes) || NAME_LEN (1 byte, 1..64) || NAME
 
-NAME is the node's name, ``[A-Za-z0-9._-]{1,64}`` in ASCII.  Once a side
-has the peer's HELLO it sends its PROOF, 32 bytes::
+NAME is the node's name, ``[A-Za-z0-9._-]{1,64}`` in ASCII.  Once the
+dialer has the listener's HELLO it sends its PROOF, 32 bytes; the listener
+sends its own only after it has checked the dialer's (so whoever connects
+gets no MAC over values it knows, to test guesses of the secret on)::
 
     PROOF = HMAC-SHA256(secret, DOMAIN || ROLE || own NONCE || peer NONCE
                         || own NAME_LEN || own NAME || peer NAME_LEN || peer NAME)
@@ -21,8 +23,9 @@ with DOMAIN = b"tunnel cluster link v1\\0" and ROLE = b"D" from the side that
 dialed, b"L" from the side that listened, so a proof reflected back at its
 sender never verifies.  Each side checks the peer's PROOF (as computed with
 the peer's role) with ``hmac.compare_digest``; the secret never crosses the
-wire.  A side that has verified the PROOF starts yamux at once: the bytes
-after the PROOF are yamux frames (the dialer is the yamux client).  Wrong
+wire.  A side that has verified the PROOF (the listener: and sent its own)
+starts yamux at once: the bytes after the PROOF are yamux frames (the
+dialer is the yamux client).  Wrong
 magic, version, name or proof: the connection is closed, nothing is said.
 
 Requests (one per yamux stream; either node may open streams)
