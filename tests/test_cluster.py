@@ -32,6 +32,8 @@ from tunnel.server.rules import HostRules
 from tunnel.server.store import StoreError
 from tunnel.yamux import YamuxSession
 
+from .memory import MemoryTunnel
+
 KEY = TunnelKey.of("cluster-unit-identifier")
 
 
@@ -508,3 +510,24 @@ def test_empty_kept_stream_pools_do_not_pile_up():
     assert cluster.reuse(KEY, 80, "node0") is None
     assert len([n for n in range(50) if cluster.reuse(KEY, 80, f"node{n}")]) == 0
     assert cluster.stats().links == ("a link",)
+
+
+def test_a_client_let_in_after_the_server_began_to_stop_is_turned_away():
+    with MemoryTunnel().start(connect=False) as env:
+        presence, links = FakePresence(), FakeLinks()
+        Cluster(env.server, presence, links)
+        answer: Deferred = Deferred()
+        presence.claims = [answer]
+        client = env.make_client()
+        client.startService()
+        env.flush()
+        assert presence.calls == [("claim", TunnelKey.of(env.IDENT))]  # under way
+        stopping = env.server.stop(grace=1.0)
+        answer.callback(None)  # Redis: ours; but the server is stopping now
+        env.flush()
+        assert env.server.connections() == []
+        assert ("release", TunnelKey.of(env.IDENT)) in presence.calls
+        assert "shutting down" in str(client.last_error)
+        assert result(stopping) is None
+        client.stopService()
+        env.flush()

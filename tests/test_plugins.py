@@ -404,6 +404,8 @@ def test_server_cluster_flags_alone_are_usage_errors(argv, message):
         (["--cluster-advertise", "h:70000"], "is not HOST:PORT"),
         (["--cluster-trust", "/nonexistent-dir"], "--cluster-trust /nonexistent-dir: not a dir"),
         (["--presence-ttl", "0.5"], "--presence-ttl must be 1 second or more"),
+        (["--presence-ttl", "nan"], "--presence-ttl must be 1 second or more"),
+        (["--presence-ttl", "inf"], "--presence-ttl must be 1 second or more"),
     ],
 )
 def test_server_bad_cluster_flags_are_usage_errors(tmp_path, extra, message):

@@ -156,6 +156,14 @@ class TunnelResource(Resource):
                 if not duplicate:
                     self.server.control_abandoned(key)
                 return
+            if not duplicate and not self.server.accepting:
+                # the server began to stop while this was decided: the client
+                # would not be drained with the others
+                self.server.control_abandoned(key)
+                report(self.server.events, ErrorKind.CONTROL_REFUSED)
+                request.write(error_page(request, 503, "the tunnel server is shutting down"))
+                request.finish()
+                return
             if duplicate:
                 report(self.server.events, ErrorKind.CONTROL_REFUSED)
                 self.public_log.info(

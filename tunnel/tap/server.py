@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -438,7 +439,7 @@ class Options(usage.Options):
         trust = self["cluster-trust"]
         if trust is not None and not os.path.isdir(trust):
             raise usage.UsageError(f"--cluster-trust {trust}: not a directory")
-        if self["presence-ttl"] < 1:
+        if not math.isfinite(self["presence-ttl"]) or self["presence-ttl"] < 1:
             raise usage.UsageError("--presence-ttl must be 1 second or more")
 
     def routes_required(self) -> bool:
