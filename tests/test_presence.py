@@ -25,7 +25,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
 from twisted.python.failure import Failure
 
 from tunnel.koding.identifiers import TunnelKey
@@ -34,6 +34,7 @@ from tunnel.server.redislink import Backoff, LinkState, RedisLink
 from tunnel.server.store import StoreClosed, StoreError
 
 from . import redis_server
+from .helpers import Collect
 from .live import until
 
 K = TunnelKey.of("presence-test-identifier-never-stored")
@@ -502,6 +503,25 @@ async def test_on_lost_fires_when_another_node_took_a_record(cluster):
         assert cluster.get("presence", K) == b"b"  # a's refresh did not take it back
         assert cluster.get("presence", K2) == b"a"
     finally:
+        await cluster.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_of_one_name_are_told_loudly(cluster):
+    collect = Collect()
+    globalLogPublisher.addObserver(collect)
+    clock_a, clock_b = Clock(), Clock()
+    a = cluster.node("same", clock=clock_a, refresh=1.0)
+    b = cluster.node("same", clock=clock_b, refresh=1.0)  # another address, the same name
+    try:
+        a.start()
+        await until(lambda: a.ticks == 1, timeout=5, what="a's first tick")
+        b.start()
+        await until(lambda: b.ticks == 1, timeout=5, what="b's first tick")
+        clashes = [line for line in collect.lines if "another node named same" in line]
+        assert len(clashes) == 1 and "--node-name" in clashes[0]
+    finally:
+        globalLogPublisher.removeObserver(collect)
         await cluster.close()
 
 

@@ -51,7 +51,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ..koding.identifiers import TunnelKey
@@ -139,7 +139,8 @@ return removed
 #: KEYS: our node record, then one record per held tunnel (presence, or pool
 #: if pooled); ARGV: node, address, ttl ms, node-record prefix, then one kind
 #: per record ('s' single, 'p' pooled).  The positions (1-based, among the
-#: records) of those another live node holds now.
+#: records) of those another live node holds now, and 0 if our node record
+#: had another address (another node of our name).
 REFRESH = (
     _LUA_COMMON
     + """
@@ -161,6 +162,10 @@ for i = 2, #KEYS do
             lost[#lost + 1] = i - 1
         end
     end
+end
+local recorded = redis.call('GET', KEYS[1])
+if recorded and recorded ~= ARGV[2] then
+    lost[#lost + 1] = 0  -- another node of the same name, elsewhere
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 return lost
@@ -383,11 +388,21 @@ class Presence:
 
     def _refreshed(self, held: Sequence[tuple[TunnelKey, _Record]], reply: object) -> None:
         if not isinstance(reply, list) or not all(
-            type(position) is int and 0 < position <= len(held) for position in reply
+            type(position) is int and 0 <= position <= len(held) for position in reply
         ):
             raise StoreError("the refresh script answered no list of positions")
         self.ticks += 1
         for position in reply:
+            if position == 0:
+                self._rated.emit(
+                    LogLevel.error,
+                    "name-clash",
+                    "another node named {node} uses this Redis (its record had another"
+                    " address than {address}): give each node its own --node-name",
+                    node=self.node,
+                    address=self.address,
+                )
+                continue
             key, record = held[position - 1]
             if self._held.get(key) is record:  # not released (or claimed again) since
                 del self._held[key]
