@@ -540,7 +540,11 @@ class ClusterLinks:
         if not failure.check(NodeUnreachable):
             why = f"cannot connect to node {node}: {why}"
         if self.accepting:
-            self._failed[node] = (self.clock.seconds() + self.retry_after, why)
+            now = self.clock.seconds()
+            # nodes that failed long ago go (names of nodes gone for good)
+            for gone in [name for name, (until, _) in self._failed.items() if until <= now]:
+                del self._failed[gone]
+            self._failed[node] = (now + self.retry_after, why)
             self.limited_log.info("cluster-dial", "{why}", why=why)
         event.fail(NodeUnreachable(why))
 
