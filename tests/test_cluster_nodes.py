@@ -23,7 +23,15 @@ from tunnel.koding.identifiers import TunnelKey
 
 from . import redis_server
 from .pki import make_pki, ssl_listen
-from .processes import Twistd, free_port, reap_all, spawn_client, spawn_twistd, until_children
+from .processes import (
+    Twistd,
+    free_port,
+    reap_all,
+    spawn_client,
+    spawn_twistd,
+    stop,
+    until_children,
+)
 from .tunnel_env import RawClient
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason=redis_server.SKIP_REASON)
@@ -278,6 +286,13 @@ async def test_any_node_serves_a_tunnel_held_by_another_http_websocket_tcp(tmp_p
             assert metric(metrics_a, 'tunnel_cluster_links{state="open"}') == 1
             assert metric(metrics_a, "tunnel_clients_connected") == 0
             assert metric(await admin_get(b, "/metrics"), "tunnel_clients_connected") == 1
+            # a node stopped gracefully takes its records with it, at once
+            started = time.monotonic()
+            await stop(b.process)
+            assert time.monotonic() - started < 5
+            assert redis.command("KEYS", "cluster-e2e:presence:*") == []
+            assert redis.command("EXISTS", "cluster-e2e:node:b") == 0
+            assert await get(a, "/after") == (502, b"no client session established\n")
             cluster.check_logs()
         finally:
             await cluster.close()
