@@ -355,8 +355,18 @@ def test_while_redis_is_down_the_last_known_holder_serves():
 
 def test_stats_count_what_is_sent_to_other_nodes():
     server, cluster, presence, links = node()
-    for _ in range(3):
-        server.route(KEY).dispatched()
+    presence.located = []
+    assert result(open_remote(cluster, KEY)).check(NoClientSession)  # no holder: not sent
+    presence.located = [B]
+    for _ in range(2):
+        tunnel = server.route(KEY)
+        assert tunnel.reuse(80) is None
+        result(tunnel.open_tunnel(1, 80, 1.0))
+    leg = OriginLeg()
+    leg.transport = StringTransport()
+    assert tunnel.keep(80, leg)
+    tunnel = server.route(KEY)
+    assert tunnel.reuse(80) is leg  # a kept stream: sent too
     assert cluster.stats() == ClusterStats("here", 7, 3, ("a link",))
 
 

@@ -187,6 +187,17 @@ class Cluster:
         self.origins.append(origin)
         return origin
 
+    async def up(self) -> None:
+        """Wait until every node answers on its public and admin ports."""
+
+        async def answering():
+            for node in self.nodes:
+                await get(node, "/up")  # any answer (a 502 before a client comes)
+                await admin_get(node, "/api/cluster")
+            return True
+
+        await until_children("the nodes to listen", answering, *self.running())
+
     def client(self, *servers: Node, origin=None) -> Twistd:
         process = spawn_client(
             [node.public for node in servers],
@@ -260,6 +271,7 @@ async def test_any_node_serves_a_tunnel_held_by_another_http_websocket_tcp(tmp_p
         cluster = Cluster(redis, tmp_path)
         a, b, c = cluster.nodes
         try:
+            await cluster.up()
             cluster.client(b)
             body = await until_children(
                 "a to serve b's client", lambda: served(a, "/one"), *cluster.running()
@@ -304,6 +316,7 @@ async def test_one_identifier_is_held_by_one_node_until_its_client_dies(tmp_path
         cluster = Cluster(redis, tmp_path)
         a, b, c = cluster.nodes
         try:
+            await cluster.up()
             first = cluster.client(b)
             await until_children("b's client", lambda: served(a, "/first"), *cluster.running())
             second = cluster.client(c)  # the same identifier, on another node
@@ -338,6 +351,7 @@ async def test_a_killed_nodes_client_is_served_again_within_backoff_and_ttl(tmp_
         cluster = Cluster(redis, tmp_path)
         a, b, c = cluster.nodes
         try:
+            await cluster.up()
             client = cluster.client(b, c)
             await until_children(
                 "the client on b or c", lambda: served(a, "/up"), *cluster.running()
@@ -383,6 +397,7 @@ async def test_nodes_serve_on_while_redis_is_down_and_meet_again_after(tmp_path)
         cluster = Cluster(redis, tmp_path)
         a, b, c = cluster.nodes
         try:
+            await cluster.up()
             cluster.client(b)
             await until_children(
                 "a to serve b's client", lambda: served(a, "/up"), *cluster.running()
@@ -409,6 +424,7 @@ async def test_a_pooled_host_with_clients_on_two_nodes_loses_no_request_to_a_kil
         cluster = Cluster(redis, tmp_path, "--pool", HOST)
         a, b, c = cluster.nodes
         try:
+            await cluster.up()
             one = cluster.client(a, origin=cluster.named_origin(b"one"))
             cluster.client(b, origin=cluster.named_origin(b"two"))
             seen: set[bytes] = set()
@@ -447,6 +463,7 @@ async def test_nodes_link_over_tls_when_told_whom_to_trust(tmp_path):
         cluster = Cluster(redis, tmp_path, pki=pki)
         a, b, c = cluster.nodes
         try:
+            await cluster.up()
             cluster.client(b)
             body = await until_children(
                 "a to serve b's client over TLS", lambda: served(a, "/tls"), *cluster.running()

@@ -94,15 +94,15 @@ class RemoteTunnel:
         return f"<RemoteTunnel {self.key} via {getattr(self.member, 'node', None)}>"
 
     def dispatched(self) -> None:
-        """One more request sent another node's way (its client's own count
-        is kept by the node that holds it, in ``serve_remote``)."""
-        self.cluster.count_forwarded()
+        """Counted once a holder takes it (a stream opened or reused): the
+        client's own count is kept by the node that holds it."""
 
     def open_tunnel(self, protocol: int, port: int, timeout: float) -> Deferred:
         d = self.cluster.open_remote(self.key, protocol, port, timeout, prefer=self.member)
 
         def opened(result: tuple[Any, Any]) -> Any:
             self.member, stream = result
+            self.cluster.count_forwarded()
             return stream
 
         return d.addCallback(opened)
@@ -111,7 +111,10 @@ class RemoteTunnel:
         self.member = self.cluster.next_holder(self.key)
         if self.member is None:
             return None
-        return self.cluster.reuse(self.key, port, self.member.node)
+        leg = self.cluster.reuse(self.key, port, self.member.node)
+        if leg is not None:
+            self.cluster.count_forwarded()
+        return leg
 
     def keep(self, port: int, leg: OriginLeg) -> bool:
         if self.member is None:
@@ -195,7 +198,8 @@ class Cluster:
             self.log.info("{ident} is held by another node: its client here is closed", ident=key)
 
     def count_forwarded(self) -> None:
-        """A public request or TCP connection is sent to another node."""
+        """A public request or TCP connection went to another node (a stream
+        to its holder was opened or reused for it)."""
         self._forwarded += 1
 
     def stats(self) -> ClusterStats:
