@@ -13,7 +13,8 @@ writability) only what the kernel did not take, exactly as before.  Order
 is kept (nothing is sent past buffered bytes), producers are paused on the
 same rule (the buffer's size), and a connection that is closing, half
 closed, under ``startTLS``, or feeding a pull producer keeps Twisted's
-path.  A send that fails leaves the bytes buffered, so the reactor meets
+path.  Under TLS the TCP connection below the TLS layer writes through.
+A send that fails leaves the bytes buffered, so the reactor meets
 the error on its next turn and closes the connection as it always does.
 
 Small writes that leave at once must not wait for Nagle's algorithm, so
@@ -32,6 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 #: a sequence up to this size is joined and sent in one piece; a larger one
 #: (a frame header and its payload) is gathered by sendmsg without a copy
@@ -118,9 +120,13 @@ def _write_through_class(base: type) -> type:
 def write_through(transport: Any) -> bool:
     """Let a Twisted TCP transport send its writes at once (and set TCP_NODELAY).
 
-    Anything else (TLS, in-memory test transports, a yamux stream) is left
-    alone.  Returns whether the transport now writes through.
+    Under TLS (an endpoint's ``TLSMemoryBIOProtocol``) the TCP connection
+    below carries the records; anything else (in-memory test transports, a
+    yamux stream) is left alone.  Returns whether the transport now writes
+    through.
     """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return write_through(transport.transport)
     base = type(transport)
     if issubclass(base, WriteThroughMixin):
         return True
