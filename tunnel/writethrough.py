@@ -11,8 +11,8 @@ crossing, and most of the latency of a small request.
 given while nothing waits in its buffer, and buffer (and wait for
 writability) only what the kernel did not take, exactly as before.  Order
 is kept (nothing is sent past buffered bytes), producers are paused on the
-same rule (the buffer's size), and a connection that is closing, half
-closed, under ``startTLS``, or feeding a pull producer keeps Twisted's
+same rule (the buffer's size), and a connection that is closing, aborted,
+half closed, under ``startTLS``, or feeding a pull producer keeps Twisted's
 path.  Under TLS the TCP connection below the TLS layer writes through.
 A send that fails leaves the bytes buffered, so the reactor meets
 the error on its next turn and closes the connection as it always does.
@@ -23,7 +23,8 @@ connection).
 
 This subclasses Twisted's own TCP classes and reads the buffer state
 ``abstract.FileDescriptor`` keeps (``dataBuffer``, ``offset``,
-``_tempDataLen``, ``_writeDisconnecting``); tests/test_writethrough.py
+``_tempDataLen``, ``_writeDisconnecting``, and ``tcp.Connection``'s
+``_aborting``); tests/test_writethrough.py
 fails loudly if a Twisted release renames them.
 """
 
@@ -71,7 +72,7 @@ class WriteThroughMixin:
         this: Any = self
         if not this.connected or this.disconnecting or this.TLS:
             return False
-        if this._writeDisconnecting or this._writeDisconnected:
+        if this._writeDisconnecting or this._writeDisconnected or this._aborting:
             return False
         if this.producer is not None and not this.streamingProducer:
             # a pull producer is asked for more when the buffer drains
