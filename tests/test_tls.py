@@ -52,6 +52,7 @@ from tunnel.client import TunnelClientService
 from tunnel.client.local import LocalForwarder, LocalTargets
 from tunnel.koding.states import ClientState, StateChange
 from tunnel.server import TunnelResource, TunnelServer
+from tunnel.writethrough import WriteThroughMixin
 from tunnel.yamux import YamuxConfig
 
 from .live import http_client
@@ -221,6 +222,9 @@ async def test_tunnel_over_tls_end_to_end(pki):
         client_transport = client.protocol.transport
         assert isinstance(client_transport, TLSMemoryBIOProtocol)
         assert client_transport.getHandle().get_protocol_version_name().startswith("TLSv1.")
+        # and the TCP connections below the TLS layer write through
+        for transport in (server_transport, client_transport):
+            assert isinstance(transport.transport, WriteThroughMixin)
         peer = client_transport.getPeerCertificate().to_cryptography()
         assert peer.public_bytes(serialization.Encoding.PEM) == pki.cert.read_bytes()
 

@@ -15,6 +15,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .writethrough import write_through
+
 
 def _half_close(transport) -> None:
     lose_write = getattr(transport, "loseWriteConnection", None)
@@ -41,6 +43,8 @@ class SpliceProtocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        # and in the reactor turn that relayed them
+        write_through(self.transport)
 
     def join(self, peer: SpliceProtocol) -> None:
         """Pair with ``peer`` once both are connected."""

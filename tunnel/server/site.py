@@ -38,6 +38,7 @@ from twisted.web.server import Site
 
 from ..logs import RateLimitedLog
 from ..timers import cancel
+from ..writethrough import write_through
 from ..yamux.sizing import size_transport
 from .bodies import StreamingChannel, streaming_request
 from .events import ErrorKind, ServerEvents, report
@@ -91,6 +92,8 @@ class HeadDeadlineChannel(HTTPChannel):
         # bulk bodies move in the pieces the tunnel's streams use (not
         # Twisted's 64 KiB reads and 128 KiB sends)
         size_transport(self.transport, PUBLIC_READ_SIZE, PUBLIC_SEND_SIZE)
+        # responses leave in the turn that wrote them (and without Nagle)
+        write_through(self.transport)
         self._arm()
 
     def getHost(self):

@@ -76,6 +76,7 @@ from zope.interface import implementer
 from ..logs import RateLimitedLog
 from ..observe import OneShot
 from ..timers import Deadlines, cancel
+from ..writethrough import write_through
 from .config import YamuxConfig
 from .errors import (
     DuplicateStream,
@@ -473,6 +474,8 @@ class YamuxSession(Protocol):
         if set_no_delay is not None:
             set_no_delay(True)
         size_transport(transport, self.config.read_size, self.config.send_size)
+        # frames leave in the turn that wrote them, not on the next one
+        write_through(transport)
         self.host_address = transport.getHost()
         transport.registerProducer(self, True)
         if not self._quiet:
