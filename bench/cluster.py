@@ -29,9 +29,10 @@ Cases, interleaved over ``--rounds`` rounds (medians reported):
   microseconds Redis is busy with them (``INFO commandstats``), next to the
   same window with one tunnel: the cost of keeping N tunnels' records alive;
   and node ``b``'s VmRSS per tunnel;
-* **connections**: ``--idle-connections`` public keep-alive connections to
-  ``a``, each after one forwarded request, left idle: node ``a``'s VmRSS per
-  connection.
+* **connections** (first, while node ``a`` is fresh: after the load its
+  heap has room that was freed): ``--idle-connections`` public keep-alive
+  connections to ``a``, each after one forwarded request, left idle: node
+  ``a``'s VmRSS per connection.
 
 Run it from the repository root::
 
@@ -387,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         bench.start()
+        # first, on a fresh node: later the heap has room freed by the load
+        connections = bench.connections_case() if args.idle_connections else None
         for _ in range(args.rounds):
             for conns in args.concurrency:
                 for via in ("b", "a"):
@@ -394,7 +397,6 @@ def main(argv: list[str] | None = None) -> int:
             for via in ("b", "a"):
                 bench.download_case(via)
         presence = bench.presence_case() if args.idle_tunnels else None
-        connections = bench.connections_case() if args.idle_connections else None
         bench.report(presence, connections)
         for failure in bench.failures:
             print(f"FAILED: {failure}")
