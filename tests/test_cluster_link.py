@@ -533,15 +533,31 @@ def _session_pair(net: MemoryNetwork):
     return client, server, port
 
 
+class OneStream:
+    """Two sessions on a MemoryNetwork and one stream between them: ``out``
+    (the client's, its reader a Peer) and ``inbound`` (the server's, no
+    protocol attached yet)."""
+
+    def __init__(self) -> None:
+        self.net = MemoryNetwork()
+        self.client, self.server, self.port = _session_pair(self.net)
+        streams: list = []
+        self.server.set_stream_handler(streams.append)
+        self.out = self.client.open_stream()
+        self.out.attach(Peer())
+        self.net.flush()
+        (self.inbound,) = streams
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+        self.port.stopListening()
+        self.net.flush()
+
+
 def test_detach_hands_unread_bytes_on_in_order_with_credit_right():
-    net = MemoryNetwork()
-    client, server, port = _session_pair(net)
-    streams = []
-    server.set_stream_handler(streams.append)
-    out = client.open_stream()
-    out.attach(Peer())
-    net.flush()
-    (inbound,) = streams
+    pair = OneStream()
+    net, out, inbound = pair.net, pair.out, pair.inbound
     reader = Peer()
     inbound.attach(Prefix(reader))
     body = _pattern(300 * 1024)  # more than one window: credit must flow after the swap
@@ -553,21 +569,12 @@ def test_detach_hands_unread_bytes_on_in_order_with_credit_right():
     owed = inbound.window_size - inbound.receive_window
     assert 0 <= owed < inbound.window_size // 2
     assert out.send_window == inbound.receive_window
-    client.close()
-    server.close()
-    port.stopListening()
-    net.flush()
+    pair.close()
 
 
 def test_detach_inside_a_delivery_of_buffered_data_hands_the_rest_on():
-    net = MemoryNetwork()
-    client, server, port = _session_pair(net)
-    streams = []
-    server.set_stream_handler(streams.append)
-    out = client.open_stream()
-    out.attach(Peer())
-    net.flush()
-    (inbound,) = streams
+    pair = OneStream()
+    net, out, inbound = pair.net, pair.out, pair.inbound
     inbound.pauseProducing()  # data piles up: it is delivered from the buffer later
     reader = Peer()
     inbound.attach(Prefix(reader))
@@ -578,21 +585,12 @@ def test_detach_inside_a_delivery_of_buffered_data_hands_the_rest_on():
     inbound.resumeProducing()
     assert reader.received == b"abcde" and reader.transport is inbound
     assert inbound.buffered == (0, 0)
-    client.close()
-    server.close()
-    port.stopListening()
-    net.flush()
+    pair.close()
 
 
 def test_detach_pauses_delivery_until_the_next_attach():
-    net = MemoryNetwork()
-    client, server, port = _session_pair(net)
-    streams = []
-    server.set_stream_handler(streams.append)
-    out = client.open_stream()
-    out.attach(Peer())
-    net.flush()
-    (inbound,) = streams
+    pair = OneStream()
+    net, out, inbound = pair.net, pair.out, pair.inbound
     first = Peer()
     inbound.attach(first)
     out.write(b"one")
@@ -608,10 +606,7 @@ def test_detach_pauses_delivery_until_the_next_attach():
     assert second.received == b"netwo" and second.eof
     with pytest.raises(RuntimeError):
         inbound.attach(Peer())  # one protocol at a time still
-    client.close()
-    server.close()
-    port.stopListening()
-    net.flush()
+    pair.close()
 
 
 def test_detach_is_refused_after_a_close():
