@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 import pytest_twisted
@@ -160,6 +161,18 @@ def start_node(redis, node: Node, tmp_path, tcp_port: int, *extra: str, pki=None
     return node.process
 
 
+@asynccontextmanager
+async def three_nodes(tmp_path, *node_argv: str, pki=None, persistent: bool = False):
+    """A redis-server and three twistd nodes on it, listening; all ended after."""
+    with redis_server.running(persistent=persistent) as redis:
+        cluster = Cluster(redis, tmp_path, *node_argv, pki=pki)
+        try:
+            await cluster.up()
+            yield cluster
+        finally:
+            await cluster.close()
+
+
 class Cluster:
     """The nodes, their clients, the origin and Redis of one test."""
 
@@ -267,216 +280,182 @@ async def tcp_echo(node: Node, port: int, message: bytes) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_any_node_serves_a_tunnel_held_by_another_http_websocket_tcp(tmp_path):
-    with redis_server.running() as redis:
-        cluster = Cluster(redis, tmp_path)
+    async with three_nodes(tmp_path) as cluster:
+        redis = cluster.redis
         a, b, c = cluster.nodes
-        try:
-            await cluster.up()
-            cluster.client(b)
-            body = await until_children(
-                "a to serve b's client", lambda: served(a, "/one"), *cluster.running()
-            )
-            assert body == b"origin: /one"
-            # c looked it up before the client came: its answer is cached (1 s)
-            body = await until_children(
-                "c to serve it", lambda: served(c, "/two"), *cluster.running()
-            )
-            assert body == b"origin: /two"
-            # kept streams across nodes: many requests, each answered right
-            for n in range(20):
-                assert await get(a, f"/n{n}") == (200, f"origin: /n{n}".encode())
-            message = b"a websocket frame's bytes, carried through a and b" * 100
-            assert await websocket_echo(a, message) == message
-            for node in (a, c):
-                data = b"tcp through %s " % node.name.encode() * 1000
-                assert await tcp_echo(node, cluster.tcp_port, data) == data
-            # what the operator sees: a forwarded, over one link to b, which holds it
-            seen_a = json.loads(await admin_get(a, "/api/cluster"))
-            assert seen_a["node"] == "a" and seen_a["tunnels_held"] == 0
-            assert seen_a["forwarded"] >= 23  # 21 GETs, the upgrade, a TCP connection
-            assert [(link["peer"], link["state"]) for link in seen_a["links"]] == [("b", "open")]
-            seen_b = json.loads(await admin_get(b, "/api/cluster"))
-            assert seen_b["tunnels_held"] == 1 and seen_b["forwarded"] == 0
-            metrics_a = await admin_get(a, "/metrics")
-            assert metric(metrics_a, "tunnel_cluster_forwarded_total") == seen_a["forwarded"]
-            assert metric(metrics_a, 'tunnel_cluster_links{state="open"}') == 1
-            assert metric(metrics_a, "tunnel_clients_connected") == 0
-            assert metric(await admin_get(b, "/metrics"), "tunnel_clients_connected") == 1
-            # a node stopped gracefully takes its records with it, at once
-            started = time.monotonic()
-            await stop(b.process)
-            assert time.monotonic() - started < 5
-            assert redis.command("KEYS", "cluster-e2e:presence:*") == []
-            assert redis.command("EXISTS", "cluster-e2e:node:b") == 0
-            assert await get(a, "/after") == (502, b"no client session established\n")
-            cluster.check_logs()
-        finally:
-            await cluster.close()
+        cluster.client(b)
+        body = await until_children(
+            "a to serve b's client", lambda: served(a, "/one"), *cluster.running()
+        )
+        assert body == b"origin: /one"
+        # c looked it up before the client came: its answer is cached (1 s)
+        body = await until_children("c to serve it", lambda: served(c, "/two"), *cluster.running())
+        assert body == b"origin: /two"
+        # kept streams across nodes: many requests, each answered right
+        for n in range(20):
+            assert await get(a, f"/n{n}") == (200, f"origin: /n{n}".encode())
+        message = b"a websocket frame's bytes, carried through a and b" * 100
+        assert await websocket_echo(a, message) == message
+        for node in (a, c):
+            data = b"tcp through %s " % node.name.encode() * 1000
+            assert await tcp_echo(node, cluster.tcp_port, data) == data
+        # what the operator sees: a forwarded, over one link to b, which holds it
+        seen_a = json.loads(await admin_get(a, "/api/cluster"))
+        assert seen_a["node"] == "a" and seen_a["tunnels_held"] == 0
+        assert seen_a["forwarded"] >= 23  # 21 GETs, the upgrade, a TCP connection
+        assert [(link["peer"], link["state"]) for link in seen_a["links"]] == [("b", "open")]
+        seen_b = json.loads(await admin_get(b, "/api/cluster"))
+        assert seen_b["tunnels_held"] == 1 and seen_b["forwarded"] == 0
+        metrics_a = await admin_get(a, "/metrics")
+        assert metric(metrics_a, "tunnel_cluster_forwarded_total") == seen_a["forwarded"]
+        assert metric(metrics_a, 'tunnel_cluster_links{state="open"}') == 1
+        assert metric(metrics_a, "tunnel_clients_connected") == 0
+        assert metric(await admin_get(b, "/metrics"), "tunnel_clients_connected") == 1
+        # a node stopped gracefully takes its records with it, at once
+        started = time.monotonic()
+        await stop(b.process)
+        assert time.monotonic() - started < 5
+        assert redis.command("KEYS", "cluster-e2e:presence:*") == []
+        assert redis.command("EXISTS", "cluster-e2e:node:b") == 0
+        assert await get(a, "/after") == (502, b"no client session established\n")
+        cluster.check_logs()
 
 
 @pytest_twisted.ensureDeferred
 async def test_one_identifier_is_held_by_one_node_until_its_client_dies(tmp_path):
-    with redis_server.running() as redis:
-        cluster = Cluster(redis, tmp_path)
+    async with three_nodes(tmp_path) as cluster:
         a, b, c = cluster.nodes
-        try:
-            await cluster.up()
-            first = cluster.client(b)
-            await until_children("b's client", lambda: served(a, "/first"), *cluster.running())
-            second = cluster.client(c)  # the same identifier, on another node
+        first = cluster.client(b)
+        await until_children("b's client", lambda: served(a, "/first"), *cluster.running())
+        second = cluster.client(c)  # the same identifier, on another node
 
-            async def refused():
-                return True if f"{KEY} is connected already" in c.process.log else None
+        async def refused():
+            return True if f"{KEY} is connected already" in c.process.log else None
 
-            await until_children("c to refuse the duplicate", refused, *cluster.running())
-            assert f"client {KEY} connected" not in c.process.log
-            assert await get(a, "/still") == (200, b"origin: /still")
+        await until_children("c to refuse the duplicate", refused, *cluster.running())
+        assert f"client {KEY} connected" not in c.process.log
+        assert await get(a, "/still") == (200, b"origin: /still")
 
-            first.signal("KILL")  # b sees the session end, and lets the tunnel go
-            await first.ended()
+        first.signal("KILL")  # b sees the session end, and lets the tunnel go
+        await first.ended()
 
-            async def c_holds_it():
-                return True if f"client {KEY} connected" in c.process.log else None
+        async def c_holds_it():
+            return True if f"client {KEY} connected" in c.process.log else None
 
-            await until_children("c to take the newcomer", c_holds_it, *cluster.running())
-            body = await until_children(
-                "a to serve c's client", lambda: served(a, "/second"), *cluster.running()
-            )
-            assert body == b"origin: /second"
-            assert second.running
-            cluster.check_logs()
-        finally:
-            await cluster.close()
+        await until_children("c to take the newcomer", c_holds_it, *cluster.running())
+        body = await until_children(
+            "a to serve c's client", lambda: served(a, "/second"), *cluster.running()
+        )
+        assert body == b"origin: /second"
+        assert second.running
+        cluster.check_logs()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_killed_nodes_client_is_served_again_within_backoff_and_ttl(tmp_path):
-    with redis_server.running() as redis:
-        cluster = Cluster(redis, tmp_path)
+    async with three_nodes(tmp_path) as cluster:
         a, b, c = cluster.nodes
-        try:
-            await cluster.up()
-            client = cluster.client(b, c)
-            await until_children(
-                "the client on b or c", lambda: served(a, "/up"), *cluster.running()
-            )
-            held = b if f"up at tcp:127.0.0.1:{b.public} (" in client.log else c
-            other = c if held is b else b
-            held.process.signal("KILL")
-            await held.process.ended()
-            killed = time.monotonic()
+        client = cluster.client(b, c)
+        await until_children("the client on b or c", lambda: served(a, "/up"), *cluster.running())
+        held = b if f"up at tcp:127.0.0.1:{b.public} (" in client.log else c
+        other = c if held is b else b
+        held.process.signal("KILL")
+        await held.process.ended()
+        killed = time.monotonic()
 
-            # during the gap every request gets an answer (a 502), never a hang
-            gap: list[int] = []
+        # during the gap every request gets an answer (a 502), never a hang
+        gap: list[int] = []
 
-            async def back():
-                started = time.monotonic()
-                code, body = await get(a, "/back")
-                assert time.monotonic() - started < 8, "a request hung"
-                if code == 200:
-                    return body
-                assert code == 502, (code, body)
-                gap.append(code)
-                return None
+        async def back():
+            started = time.monotonic()
+            code, body = await get(a, "/back")
+            assert time.monotonic() - started < 8, "a request hung"
+            if code == 200:
+                return body
+            assert code == 502, (code, body)
+            gap.append(code)
+            return None
 
-            alive = [p for p in cluster.running() if p is not held.process]
-            body = await until_children("a to serve the client again", back, *alive, timeout=25)
-            assert body == b"origin: /back"
-            assert gap, "the client was back before a request could see it gone"
-            took = time.monotonic() - killed
-            assert took < TTL + 10, took  # the TTL plus a few of the client's backoff delays
-            assert f"up at tcp:127.0.0.1:{other.public} (" in client.log
-            assert await get(other, "/there") == (200, b"origin: /there")
-            for process in alive:
-                assert "Traceback" not in process.log, process.log
-        finally:
-            await cluster.close()
+        alive = [p for p in cluster.running() if p is not held.process]
+        body = await until_children("a to serve the client again", back, *alive, timeout=25)
+        assert body == b"origin: /back"
+        assert gap, "the client was back before a request could see it gone"
+        took = time.monotonic() - killed
+        assert took < TTL + 10, took  # the TTL plus a few of the client's backoff delays
+        assert f"up at tcp:127.0.0.1:{other.public} (" in client.log
+        assert await get(other, "/there") == (200, b"origin: /there")
+        for process in alive:
+            assert "Traceback" not in process.log, process.log
 
 
 @pytest_twisted.ensureDeferred
 async def test_nodes_serve_on_while_redis_is_down_and_meet_again_after(tmp_path):
     # persistent: the hosts survive the restart (what an empty one does is
     # test_redis_store's); the presence records may have expired meanwhile
-    with redis_server.running(persistent=True) as redis:
-        cluster = Cluster(redis, tmp_path)
+    async with three_nodes(tmp_path, persistent=True) as cluster:
+        redis = cluster.redis
         a, b, c = cluster.nodes
-        try:
-            await cluster.up()
-            cluster.client(b)
-            await until_children(
-                "a to serve b's client", lambda: served(a, "/up"), *cluster.running()
-            )
-            redis.stop()
-            # b serves its client; a forwards to the holder it knew
-            for node in (b, a, a):
-                assert await get(node, "/down") == (200, b"origin: /down")
-            redis.start()
+        cluster.client(b)
+        await until_children("a to serve b's client", lambda: served(a, "/up"), *cluster.running())
+        redis.stop()
+        # b serves its client; a forwards to the holder it knew
+        for node in (b, a, a):
+            assert await get(node, "/down") == (200, b"origin: /down")
+        redis.start()
 
-            async def c_finds_it():
-                return await served(c, "/again")
+        async def c_finds_it():
+            return await served(c, "/again")
 
-            body = await until_children("c to find b's client", c_finds_it, *cluster.running())
-            assert body == b"origin: /again"
-            cluster.check_logs()
-        finally:
-            await cluster.close()
+        body = await until_children("c to find b's client", c_finds_it, *cluster.running())
+        assert body == b"origin: /again"
+        cluster.check_logs()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_pooled_host_with_clients_on_two_nodes_loses_no_request_to_a_killed_one(tmp_path):
-    with redis_server.running() as redis:
-        cluster = Cluster(redis, tmp_path, "--pool", HOST)
+    async with three_nodes(tmp_path, "--pool", HOST) as cluster:
         a, b, c = cluster.nodes
-        try:
-            await cluster.up()
-            one = cluster.client(a, origin=cluster.named_origin(b"one"))
-            cluster.client(b, origin=cluster.named_origin(b"two"))
-            seen: set[bytes] = set()
+        one = cluster.client(a, origin=cluster.named_origin(b"one"))
+        cluster.client(b, origin=cluster.named_origin(b"two"))
+        seen: set[bytes] = set()
 
-            async def both_serve():
-                code, body = await get(c, "/which")
-                if code == 200:
-                    seen.add(body.split(b":")[0])
-                return True if seen == {b"one", b"two"} else None
+        async def both_serve():
+            code, body = await get(c, "/which")
+            if code == 200:
+                seen.add(body.split(b":")[0])
+            return True if seen == {b"one", b"two"} else None
 
-            # c holds no client: it takes the pool's two nodes in turn
-            await until_children("both clients to serve", both_serve, *cluster.running())
-            answers = [await get(c, f"/turn{n}") for n in range(4)]
-            assert sorted(body.split(b":")[0] for _, body in answers) == [
-                b"one",
-                b"one",
-                b"two",
-                b"two",
-            ]
+        # c holds no client: it takes the pool's two nodes in turn
+        await until_children("both clients to serve", both_serve, *cluster.running())
+        answers = [await get(c, f"/turn{n}") for n in range(4)]
+        assert sorted(body.split(b":")[0] for _, body in answers) == [
+            b"one",
+            b"one",
+            b"two",
+            b"two",
+        ]
 
-            one.signal("KILL")
-            await one.ended()
-            # from now on every request is answered, by the client that is left
-            for n in range(10):
-                for node in (c, a, b):
-                    assert await get(node, f"/after{n}") == (200, b"two: /after%d" % n)
-            cluster.check_logs()
-        finally:
-            await cluster.close()
+        one.signal("KILL")
+        await one.ended()
+        # from now on every request is answered, by the client that is left
+        for n in range(10):
+            for node in (c, a, b):
+                assert await get(node, f"/after{n}") == (200, b"two: /after%d" % n)
+        cluster.check_logs()
 
 
 @pytest_twisted.ensureDeferred
 async def test_nodes_link_over_tls_when_told_whom_to_trust(tmp_path):
     pki = make_pki(tmp_path)
-    with redis_server.running() as redis:
-        cluster = Cluster(redis, tmp_path, pki=pki)
+    async with three_nodes(tmp_path, pki=pki) as cluster:
         a, b, c = cluster.nodes
-        try:
-            await cluster.up()
-            cluster.client(b)
-            body = await until_children(
-                "a to serve b's client over TLS", lambda: served(a, "/tls"), *cluster.running()
-            )
-            assert body == b"origin: /tls"
-            links = json.loads(await admin_get(a, "/api/cluster"))["links"]
-            assert [(link["peer"], link["address"]) for link in links] == [
-                ("b", f"localhost:{b.cluster}")
-            ]
-            cluster.check_logs()
-        finally:
-            await cluster.close()
+        cluster.client(b)
+        body = await until_children(
+            "a to serve b's client over TLS", lambda: served(a, "/tls"), *cluster.running()
+        )
+        assert body == b"origin: /tls"
+        links = json.loads(await admin_get(a, "/api/cluster"))["links"]
+        assert [(link["peer"], link["address"]) for link in links] == [
+            ("b", f"localhost:{b.cluster}")
+        ]
+        cluster.check_logs()
