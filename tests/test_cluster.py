@@ -132,6 +132,21 @@ def node() -> tuple[TunnelServer, Cluster, FakePresence, FakeLinks]:
     return server, Cluster(server, presence, links), presence, links
 
 
+class LinkStream(StringTransport):
+    """A stream on a cluster link that is not draining (all ``keep`` asks of it)."""
+
+    def __init__(self, draining: bool = False) -> None:
+        super().__init__()
+        self.session = type("Link", (), {"remote_go_away": 0 if draining else None})()
+
+
+def link_leg(draining: bool = False) -> OriginLeg:
+    """An OriginLeg on a stream to another node, as a forwarder leaves it."""
+    leg = OriginLeg()
+    leg.transport = LinkStream(draining)
+    return leg
+
+
 def result(d: Deferred):
     out: list = []
     d.addBoth(out.append)
@@ -275,8 +290,7 @@ def test_holders_take_turns_over_kept_streams_too():
         leg = tunnel.reuse(80)
         if leg is None:
             result(tunnel.open_tunnel(1, 80, 1.0))
-            leg = OriginLeg()
-            leg.transport = StringTransport()
+            leg = link_leg()
         served.append(tunnel.member.node)
         assert tunnel.keep(80, leg)  # the response was complete: kept for its holder
     assert served == ["b", "c"] * 3
@@ -362,8 +376,7 @@ def test_stats_count_what_is_sent_to_other_nodes():
         tunnel = server.route(KEY)
         assert tunnel.reuse(80) is None
         result(tunnel.open_tunnel(1, 80, 1.0))
-    leg = OriginLeg()
-    leg.transport = StringTransport()
+    leg = link_leg()
     assert tunnel.keep(80, leg)
     tunnel = server.route(KEY)
     assert tunnel.reuse(80) is leg  # a kept stream: sent too
@@ -386,8 +399,7 @@ def test_streams_are_kept_only_while_serving(stopping):
     server, cluster, presence, links = node()
     if stopping:
         result(server.stop())  # no client: done at once, and nothing is kept from now on
-    leg = OriginLeg()
-    leg.transport = StringTransport()
+    leg = link_leg()
     assert cluster.keep(KEY, 80, "b", leg) is not stopping
     assert cluster.reuse(KEY, 80, "b") is (None if stopping else leg)
     assert cluster.reuse(KEY, 81, "b") is None
@@ -507,15 +519,19 @@ def test_an_unreachable_holder_stays_known_while_redis_cannot_be_asked():
     assert result(open_remote(cluster, KEY)) == "stream"  # b still served, from memory
 
 
+def test_no_stream_is_kept_on_a_link_that_drains():
+    server, cluster, presence, links = node()
+    assert not cluster.keep(KEY, 80, "b", link_leg(draining=True))
+    assert cluster.reuse(KEY, 80, "b") is None
+
+
 def test_empty_kept_stream_pools_do_not_pile_up():
     server, cluster, presence, links = node()
     for n in range(50):
-        leg = OriginLeg()
-        leg.transport = StringTransport()
+        leg = link_leg()
         assert cluster.keep(KEY, 80, f"node{n}", leg)
         assert cluster.reuse(KEY, 80, f"node{n}") is leg  # used: that pool is empty
-    leg = OriginLeg()
-    leg.transport = StringTransport()
+    leg = link_leg()
     cluster.keep(KEY, 80, "last", leg)
     assert cluster.reuse(KEY, 80, "node0") is None
     assert len([n for n in range(50) if cluster.reuse(KEY, 80, f"node{n}")]) == 0

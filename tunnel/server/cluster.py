@@ -237,8 +237,11 @@ class Cluster:
         return pool.take() if pool is not None else None
 
     def keep(self, key: TunnelKey, port: int, node: str, leg: OriginLeg) -> bool:
-        server = self.server
-        if self._stopping or not server.accepting or server.max_idle_streams <= 0:
+        if (
+            self._stopping
+            or not self.server.keeping_streams()
+            or leg.transport.session.remote_go_away is not None  # the link drains
+        ):
             return False
         pool = self._pools.get((key, port, node))
         if pool is None:
@@ -246,11 +249,7 @@ class Cluster:
             # the map holds no more than the pools that keep streams
             for empty in [where for where, p in self._pools.items() if not len(p)]:
                 del self._pools[empty]
-            pool = self._pools[key, port, node] = StreamPool(
-                self.clock,
-                max_idle=server.max_idle_streams,
-                idle_timeout=server.stream_idle_timeout,
-            )
+            pool = self._pools[key, port, node] = self.server.stream_pool()
         return pool.keep(leg)
 
     # -- life ---------------------------------------------------------------------------

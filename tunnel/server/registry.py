@@ -247,12 +247,10 @@ class ClientConnection:
     def keep(self, port: int, leg: OriginLeg) -> bool:
         """Keep ``leg`` for the next request to ``port``; False if it may not be kept
         (the server or the client is stopping, or keeping is off)."""
-        server = self.server
         if (
             self.closed
             or leg.transport.session is not self.session
-            or not server.accepting
-            or server.max_idle_streams <= 0
+            or not self.server.keeping_streams()
             or self.session.remote_go_away is not None
         ):
             return False
@@ -261,11 +259,7 @@ class ClientConnection:
             if not self._pools:
                 # a client that says GoAway is draining: what waits must not hold it up
                 self.session.when_go_away().addCallback(self._peer_going_away)
-            pool = self._pools[port] = StreamPool(
-                server.clock,
-                max_idle=server.max_idle_streams,
-                idle_timeout=server.stream_idle_timeout,
-            )
+            pool = self._pools[port] = self.server.stream_pool()
         return pool.keep(leg)
 
     def retire_idle(self) -> None:
@@ -581,6 +575,17 @@ class TunnelServer:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    def keeping_streams(self) -> bool:
+        """Whether a stream may be kept for the next request now (serving,
+        and keeping is on: ``max_idle_streams``)."""
+        return self._accepting and self.max_idle_streams > 0
+
+    def stream_pool(self) -> StreamPool:
+        """A new pool of kept streams with this server's bounds."""
+        return StreamPool(
+            self.clock, max_idle=self.max_idle_streams, idle_timeout=self.stream_idle_timeout
+        )
 
     def pooled(self, tunnel: str | TunnelKey) -> bool:
         """Whether several clients may hold ``tunnel`` (a host naming it has
