@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
@@ -10,7 +12,13 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from tunnel.client.local import LocalForwarder
+from tunnel.koding.wire import ControlMessage, TransportProtocol
 from tunnel.yamux import YamuxConfig, YamuxSession
+from tunnel.yamux.frame import FLAG_SYN, TYPE_WINDOW_UPDATE
+
+from .helpers import Wire, frame
+from .live import until
 
 
 class SessionPair:
@@ -142,3 +150,37 @@ class Sender(Protocol):
     def connectionLost(self, reason) -> None:
         if not self.finished.called:
             self.finished.callback((self.received, self.sha.hexdigest(), reason))
+
+
+@asynccontextmanager
+async def forwarded_local(config: YamuxConfig | None = None) -> AsyncIterator:
+    """The client's real local path: a server opens a stream (a SYN on a
+    client session), ``LocalForwarder`` connects it to a local server on
+    127.0.0.1; yields the transport of that local connection (the splice's
+    other side), and closes everything after."""
+    accepted: defer.Deferred = defer.Deferred()
+
+    class Local(Protocol):
+        def connectionMade(self):
+            accepted.callback(self)
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Local)
+    )
+    wire = Wire(True) if config is None else Wire(True, config=config)
+    streams: list = []
+    wire.session.set_stream_handler(streams.append)
+    wire.feed(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 2, 0))
+    (stream,) = streams
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    try:
+        LocalForwarder(lambda message: endpoint)(
+            stream, ControlMessage(1, TransportProtocol.HTTP, 80)
+        )
+        await accepted
+        await until(lambda: stream.protocol is not None)
+        yield stream.protocol.peer.transport
+    finally:
+        stream.abortConnection()
+        wire.lose()
+        await port.stopListening()

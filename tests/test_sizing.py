@@ -17,27 +17,21 @@ import sys
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from tunnel.client.local import LOCAL_READ_SIZE, LOCAL_SEND_SIZE, LocalForwarder
-from tunnel.koding.wire import ControlMessage, TransportProtocol
+from tunnel.client.local import LOCAL_READ_SIZE, LOCAL_SEND_SIZE
 from tunnel.server import TunnelResource, TunnelServer, TunnelSite
 from tunnel.server.site import PUBLIC_READ_SIZE, PUBLIC_SEND_SIZE
 from tunnel.yamux import LARGE_WINDOWS, YamuxConfig
-from tunnel.yamux.frame import FLAG_SYN, TYPE_WINDOW_UPDATE
 from tunnel.yamux.sizing import keep_freed_memory, size_transport
 
-from .helpers import Wire, frame
-from .live import until
-from .loopback import SessionPair
+from .loopback import SessionPair, forwarded_local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIB = 1024
@@ -99,32 +93,8 @@ async def test_a_session_sizes_its_tcp_transport_from_its_config():
 
 @pytest_twisted.ensureDeferred
 async def test_the_client_reads_its_local_connections_in_large_pieces():
-    accepted: defer.Deferred = defer.Deferred()
-
-    class Local(Protocol):
-        def connectionMade(self):
-            accepted.callback(self)
-
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Factory.forProtocol(Local)
-    )
-    wire = Wire(True, config=LARGE_WINDOWS)
-    streams = []
-    wire.session.set_stream_handler(streams.append)
-    wire.feed(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 2, 0))
-    (stream,) = streams
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-    forwarder = LocalForwarder(lambda message: endpoint)
-    try:
-        forwarder(stream, ControlMessage(1, TransportProtocol.HTTP, 80))
-        await accepted
-        await until(lambda: stream.protocol is not None)
-        local = stream.protocol.peer.transport  # the splice's other side
+    async with forwarded_local(LARGE_WINDOWS) as local:
         assert (local.bufferSize, local.SEND_LIMIT) == (LOCAL_READ_SIZE, LOCAL_SEND_SIZE)
-    finally:
-        stream.abortConnection()
-        wire.lose()
-        await port.stopListening()
 
 
 def test_public_connections_move_bodies_in_large_pieces():

@@ -25,15 +25,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from tunnel.client.local import LocalForwarder
-from tunnel.koding.wire import ControlMessage, TransportProtocol
 from tunnel.server import TunnelResource, TunnelServer, TunnelSite
 from tunnel.writethrough import WriteThroughMixin, write_through
-from tunnel.yamux.frame import FLAG_SYN, TYPE_WINDOW_UPDATE
 
-from .helpers import Wire, frame
 from .live import until
-from .loopback import SessionPair
+from .loopback import SessionPair, forwarded_local
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -332,30 +328,5 @@ async def test_the_tunnel_s_connections_write_through():
 
 @pytest_twisted.ensureDeferred
 async def test_the_client_s_local_connections_write_through():
-    accepted: defer.Deferred = defer.Deferred()
-
-    class Local(Protocol):
-        def connectionMade(self):
-            accepted.callback(self)
-
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Factory.forProtocol(Local)
-    )
-    wire = Wire(True)
-    streams = []
-    wire.session.set_stream_handler(streams.append)
-    wire.feed(frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 2, 0))
-    (stream,) = streams
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-    try:
-        LocalForwarder(lambda message: endpoint)(
-            stream, ControlMessage(1, TransportProtocol.HTTP, 80)
-        )
-        await accepted
-        await until(lambda: stream.protocol is not None)
-        local = stream.protocol.peer.transport  # the splice's other side
+    async with forwarded_local() as local:
         assert isinstance(local, WriteThroughMixin) and local.getTcpNoDelay()
-    finally:
-        stream.abortConnection()
-        wire.lose()
-        await port.stopListening()
