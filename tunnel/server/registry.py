@@ -17,7 +17,7 @@ stream that arrives for it is reset; an unsolicited stream is reset too.
 
 The server never opens streams (a Go client would never accept them).
 Streams that carried an HTTP request may be kept for the next one to the
-same local port (``reuse_stream`` / ``keep_stream``, see ``pool``); a
+same local port (a ``Tunnel``'s ``reuse`` / ``keep``, see ``pool``); a
 graceful stop closes them first.
 
 The front ends reach a tunnel through ``TunnelServer.route``, a ``Tunnel``:
@@ -839,24 +839,6 @@ class TunnelServer:
         return local.open_tunnel(
             protocol, port, self.tunnel_timeout if timeout is None else timeout
         )
-
-    def reuse_stream(self, tunnel: str | TunnelKey, port: int) -> OriginLeg | None:
-        """A stream to ``tunnel``'s local ``port`` kept from an earlier HTTP
-        request (see ``pool``), or None: then ask for one with ``open_tunnel``."""
-        for connection in self._clients.get(TunnelKey.coerce(tunnel), ()):
-            leg = connection.reuse(port)
-            if leg is not None:
-                return leg
-        return None
-
-    def keep_stream(self, tunnel: str | TunnelKey, port: int, leg: OriginLeg) -> bool:
-        """Keep ``leg`` (its response complete, its framing exact) for the next
-        request, with the client whose stream it is; False if it may not be
-        kept: then close it."""
-        for connection in self._clients.get(TunnelKey.coerce(tunnel), ()):
-            if leg.transport is not None and leg.transport.session is connection.session:
-                return connection.keep(port, leg)
-        return False
 
     # -- shutdown ----------------------------------------------------------------
 
