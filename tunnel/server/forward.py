@@ -33,7 +33,6 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import fail
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -43,7 +42,6 @@ from ..koding.wire import TransportProtocol
 from ..logs import RateLimitedLog
 from ..splice import SpliceProtocol
 from .bodies import TOO_LARGE, body_of
-from .errors import NoClientSession
 from .events import ErrorKind, report, tunnel_error_kind
 from .headers import connection_tokens, forwarded_headers
 from .http1 import (
@@ -106,12 +104,12 @@ class Forward:
         request,
         key: TunnelKey,
         port: int,
+        tunnel: Tunnel,
         *,
-        tunnel: Tunnel | None = None,
         public_log: RateLimitedLog | None = None,
     ) -> None:
         """:param key: the tunnel (``route.key``) that serves the request.
-        :param tunnel: how to reach it (``server.route(key)``, looked up if None).
+        :param tunnel: how to reach its client (``server.route(key)``).
         :param public_log: where what a peer causes is logged, rate limited
         (the resource's, shared by its requests); one of the forwarder's own if None."""
         self.server = server
@@ -121,7 +119,7 @@ class Forward:
         self.request = request
         self.key = key
         self.port = port
-        self.tunnel = tunnel if tunnel is not None else server.route(key)
+        self.tunnel = tunnel
         connection = request.requestHeaders.getRawHeaders(b"connection")
         #: the public request's Connection tokens: they name its hop-by-hop fields
         self.hop = connection_tokens(connection) if connection else set()
@@ -145,7 +143,7 @@ class Forward:
         self.request.notifyFinish().addErrback(self._public_gone)
         self.upload.claim(self)
         if not self.upgrade:
-            leg = self.tunnel.reuse(self.port) if self.tunnel is not None else None
+            leg = self.tunnel.reuse(self.port)
             if leg is not None:
                 self._send(leg)
                 return
@@ -153,10 +151,7 @@ class Forward:
 
     def _open(self) -> None:
         kind = TransportProtocol.WS if self.upgrade else TransportProtocol.HTTP
-        if self.tunnel is None:
-            d = self._pending = fail(NoClientSession())
-        else:
-            d = self._pending = self.tunnel.open_tunnel(kind, self.port, self.server.tunnel_timeout)
+        d = self._pending = self.tunnel.open_tunnel(kind, self.port, self.server.tunnel_timeout)
         d.addCallbacks(self._opened, self._open_failed)
 
     # -- the request ----------------------------------------------------------------
@@ -404,7 +399,7 @@ class Forward:
     def _settle(self, *, keep: bool) -> None:
         """The exchange is over: leave the stream for the next request, or close it."""
         leg = self.leg
-        if keep and self.tunnel is not None and self.tunnel.keep(self.port, leg):
+        if keep and self.tunnel.keep(self.port, leg):
             self.upload.drop()
             self.leg = self.stream = None
             return

@@ -289,9 +289,7 @@ class TunnelResource(Resource):
             report(self.server.events, ErrorKind.NO_CLIENT)
             return error_page(request, 502, NO_CLIENT_SESSION)
         tunnel.dispatched()
-        Forward(
-            self.server, request, route.key, port, tunnel=tunnel, public_log=self.public_log
-        ).start()
+        Forward(self.server, request, route.key, port, tunnel, public_log=self.public_log).start()
         return NOT_DONE_YET
 
 
