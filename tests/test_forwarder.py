@@ -296,6 +296,85 @@ def test_a_chunked_upgrade_request_reaches_the_origin_as_one_request():
         peer.close()
 
 
+# -- what the public connection is given ------------------------------------------------------
+
+
+class CountedWrites:
+    """Counts the calls that hand bytes to a transport (each one is a send, or
+    more, on a real socket that writes through)."""
+
+    def __init__(self, transport) -> None:
+        self.calls: list[bytes] = []
+        write, write_sequence = transport.write, transport.writeSequence
+
+        def counted_write(data: bytes) -> None:
+            self.calls.append(data)
+            write(data)
+
+        def counted_sequence(iovec) -> None:
+            iovec = list(iovec)
+            self.calls.append(b"".join(iovec))
+            write_sequence(iovec)
+
+        transport.write, transport.writeSequence = counted_write, counted_sequence
+
+
+def counted_public(env: MemoryTunnel):
+    """A public connection whose server end counts its writes."""
+    peer = env.connect()
+    env.flush()
+    return peer, CountedWrites(peer.transport.other)
+
+
+CHUNKED_OK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("answer", [OK, CHUNKED_OK], ids=["length", "chunked"])
+def test_a_response_read_in_one_piece_leaves_in_one_write(answer):
+    """Head, body and the end of a chunked body go out together: one send
+    rather than three on a real socket."""
+    with raw_env(Script(answer, close=False)) as env:
+        peer, counted = counted_public(env)
+        peer.send(GET % b"/x")
+        env.flush()
+        assert status_of(peer.received) == 200 and peer.received.endswith(
+            b"ok" if answer is OK else b"0\r\n\r\n"
+        )
+        assert counted.calls == [peer.received]
+        peer.close()
+
+
+def test_a_response_in_pieces_leaves_as_each_piece_is_read():
+    """Holding lasts one piece of the stream: a head is not kept back until
+    its body comes (a server-sent event stream must see its head at once)."""
+    script = Script(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", close=False)
+    with raw_env(script) as env:
+        peer, counted = counted_public(env)
+        peer.send(GET % b"/events")
+        env.flush()
+        assert status_of(peer.received) == 200 and peer.received.endswith(b"\r\n\r\n")
+        assert len(counted.calls) == 1
+        script.origin.transport.write(b"5\r\nhello\r\n")
+        env.flush()
+        assert peer.received.endswith(b"5\r\nhello\r\n") and len(counted.calls) == 2
+        peer.close()
+
+
+def test_a_refusal_of_a_pipelined_request_follows_the_held_response():
+    """The next request, pipelined, is parsed (and refused) while the first
+    one's response is held: the refusal must still come second."""
+    bad = b"GET /y HTTP/1.1\r\nHost: app.localhost\r\nX-Bad: a\x01b\r\n\r\n"
+    with raw_env(Script(OK, close=False)) as env:
+        peer, counted = counted_public(env)
+        peer.send(GET % b"/x" + bad)
+        env.flush()
+        first, second = peer.received.split(b"HTTP/1.1 ", 2)[1:]
+        assert first.startswith(b"200 ") and first.endswith(b"\r\n\r\nok")
+        assert second.startswith(b"400 ") and b"Connection: close" in second
+        assert counted.calls[0].endswith(b"\r\n\r\nok")  # the response, whole, then the refusal
+        peer.close()
+
+
 # -- the request we write -------------------------------------------------------------------------
 
 

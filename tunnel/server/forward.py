@@ -213,6 +213,20 @@ class Forward:
         if self.phase not in (Phase.HEAD, Phase.BODY):
             return
         self._answered = True
+        # what this piece makes of the response (head, body, end) leaves in one
+        # send, where the channel can hold writes (TunnelSite's can)
+        channel = self.request.channel
+        hold = getattr(channel, "hold_writes", None)
+        if hold is None:
+            self._read(data)
+            return
+        hold()
+        try:
+            self._read(data)
+        finally:
+            channel.release_writes()
+
+    def _read(self, data: bytes) -> None:
         try:
             self.reader.feed(data)
         except OriginResponseError as e:
@@ -225,9 +239,15 @@ class Forward:
             self._keep = False
             self._settle(keep=not self.reader.overrun)
             self.request.finish()
-        elif self._relaying and self.phase is Phase.BODY:
-            self._relaying = False
-            self.request.registerProducer(self.stream, True)
+        elif self.phase is Phase.BODY:
+            request = self.request
+            if not request.startedWriting:
+                # a head whose body has not begun: it leaves now, not with the
+                # first body byte (an event stream's client waits for it)
+                request.write(b"")
+            if self._relaying:
+                self._relaying = False
+                request.registerProducer(self.stream, True)
 
     def origin_eof(self) -> None:
         if self.phase not in (Phase.HEAD, Phase.BODY):

@@ -78,6 +78,8 @@ class HeadDeadlineChannel(HTTPChannel):
     _host = None
     _peer = None
     _secure: bool | None = None
+    #: writes gathered while a forwarder holds them (``hold_writes``), or None
+    _held: list[bytes] | None = None
     #: who hears of refusals and slow heads (TunnelSite gives its own), or None
     events: ServerEvents | None = None
     #: what the end of each head is timed on, or None not to time it
@@ -226,20 +228,69 @@ class HeadDeadlineChannel(HTTPChannel):
     def writeHeaders(self, version, code, reason, headers) -> None:
         if self._refused:
             return
-        if not self.persistent and version == b"HTTP/1.1" and isinstance(headers, Headers):
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)  # sanitised there
+            return
+        if not self.persistent and version == b"HTTP/1.1":
             # say so, even when a forwarder replaced the response's headers
             values = headers.getRawHeaders(b"connection", [])
             if b"close" not in connection_tokens(values):
                 headers.setRawHeaders(b"Connection", [b"close"])
-        super().writeHeaders(version, code, reason, headers)
+        # HTTPChannel's serialisation, through this channel's own write path
+        # (so that a held response head leaves with its body)
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        extend = head.extend
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self.writeSequence(head)
 
     def write(self, data: bytes) -> None:
-        if not self._refused:
-            super().write(data)
+        if self._refused:
+            return
+        held = self._held
+        if held is None:
+            self.transport.write(data)
+        elif data:
+            held.append(data)
 
     def writeSequence(self, iovec) -> None:
-        if not self._refused:
-            super().writeSequence(iovec)
+        if self._refused:
+            return
+        held = self._held
+        if held is None:
+            self.transport.writeSequence(iovec)
+        else:
+            held.extend(iovec)
+
+    # -- holding writes ---------------------------------------------------------------
+
+    def hold_writes(self) -> None:
+        """Gather what is written to this connection until ``release_writes``.
+
+        A forwarder holds while it reads one piece of its tunnel stream, so
+        that a small response's head, body and end leave in one send rather
+        than three (each a system call, and a packet of its own without
+        Nagle).  Everything this channel writes directly releases first,
+        so the order on the wire is the order of writing.
+        """
+        if self._held is None:
+            self._held = []
+
+    def release_writes(self) -> None:
+        """Send what was held, in one piece (nothing if nothing was held)."""
+        held, self._held = self._held, None
+        if held and self.transport is not None:
+            self.transport.writeSequence(held)
+
+    def loseConnection(self) -> None:
+        self.release_writes()  # what was written before the close goes first
+        super().loseConnection()
+
+    def _send100Continue(self) -> None:
+        self.release_writes()
+        super()._send100Continue()
 
     # -- refusing ---------------------------------------------------------------------
 
@@ -264,8 +315,10 @@ class HeadDeadlineChannel(HTTPChannel):
                 why=message,
             )
         if any(getattr(r, "startedWriting", False) for r in self.requests):
+            self._held = None
             self.transport.abortConnection()  # a response is under way: no second one
             return
+        self.release_writes()  # earlier responses (pipelined) before the refusal
         self.transport.write(refusal_bytes(code, message))
         self._linger_timer = self.callLater(self.linger, self._linger_over)
 
@@ -279,6 +332,7 @@ class HeadDeadlineChannel(HTTPChannel):
         """
         if self._linger_timer is not None or self.transport is None:
             return
+        self.release_writes()  # the answer goes before the close
         self._refused = True  # read and dropped from now on
         self.persistent = False
         self._disarm()
@@ -304,8 +358,10 @@ class HeadDeadlineChannel(HTTPChannel):
         super().requestDone(request)
 
     def handed_over(self) -> None:
-        """The connection left twisted.web (``takeover``): stop our timers,
-        since connectionLost will not reach this channel any more."""
+        """The connection left twisted.web (``takeover``): send what was held,
+        and stop our timers, since connectionLost will not reach this channel
+        any more."""
+        self.release_writes()
         self._stop_timers()
 
     def connectionLost(self, reason) -> None:
