@@ -82,3 +82,40 @@ def test_slowloris_leaves_other_clients_alone():
         assert slow.reason.check(ConnectionLost) and control.reason.check(ConnectionLost)
         assert fast is not None and len(env.origin.seen) == 1
         assert env.client.state.name == "CONNECTED"  # the tunnel itself is untouched
+
+
+def test_the_idle_timeout_counts_from_the_last_byte_and_not_during_a_response():
+    """twisted.web's idle rule, kept by one timer per connection: it is off
+    while a request is handled and starts again after the response."""
+    with MemoryTunnel(**site(head_timeout=None, idle_timeout=10)) as env:
+        client = env.connect()
+        env.advance_to(3)
+        client.send(b"GET /delay?n=12 HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        env.advance_to(14.999)  # past 3 + 10: off while the answer is awaited
+        assert client.open and client.received == b""
+        env.advance_to(15)
+        assert parse_response(client.take()).code == 200
+        for second in (17, 19):  # a byte resets it
+            env.advance_to(second)
+            client.send(b"G")
+        env.advance_to(28.999)
+        assert client.open
+        env.advance_to(29)
+        assert client.closed_at == 29.0
+
+
+def test_keep_alive_requests_move_one_idle_timer():
+    with MemoryTunnel(**site(head_timeout=None, idle_timeout=10)) as env:
+        client = env.connect()
+        env.flush()
+
+        def idle_timers():
+            return [c for c in env.clock.getDelayedCalls() if "_idle_over" in repr(c)]
+
+        (first,) = idle_timers()
+        for _ in range(5):
+            client.send(b"GET /echo?echo=x HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+            env.flush()
+            assert parse_response(client.take()).code == 200
+        assert idle_timers() == [first] and first.active()
+        client.close()

@@ -13,7 +13,10 @@ origin-form, our own framing, no hop-by-hop header, X-Forwarded-* from
   over (``takeover``) and splices it to the stream; on any other request it
   is a 502;
 * any other final response is relayed through twisted.web with backpressure
-  (the stream is the request's producer).
+  (the stream is the request's producer).  What one piece of the stream
+  makes of it (head, body, the end of a chunked body) leaves in one send
+  where the channel can hold writes (``TunnelSite``'s can); a head whose body
+  has not begun leaves when its piece is read, not with the first body byte.
 
 The stream comes from the client's pool of kept streams when one waits
 (``pool``: keep-alive over the tunnel), else from a control message; after a

@@ -20,6 +20,10 @@ lost to a TCP reset.  ``Connection`` is read as a token list
 (``keep-alive,close`` closes).  What an outsider can make it log is rate
 limited (``tunnel.logs``).
 
+The channel keeps one idle timer and one head timer per connection, moved
+rather than replaced for each request, and can hold what is written to it
+(``hold_writes``) so that a forwarder's response leaves in one send.
+
 An observer given as ``events`` (a ``tunnel.server.events.ServerEvents``,
 e.g. ``tunnel.server.metrics.Metrics``) hears of every request answered in
 full (``request_done``, from ``Site.log``, with the seconds since its head
@@ -74,6 +78,7 @@ class HeadDeadlineChannel(HTTPChannel):
     _head_timer = None
     _head_due = False
     _linger_timer = None
+    _idle_timer = None
     _refused = False
     _host = None
     _peer = None
@@ -353,6 +358,31 @@ class HeadDeadlineChannel(HTTPChannel):
 
     # -- timers -----------------------------------------------------------------------
 
+    def setTimeout(self, period: float | None) -> float | None:
+        """TimeoutMixin's idle timeout, with one timer per connection that is
+        moved rather than replaced: twisted.web turns the timeout off for
+        each request and on again after it, which would otherwise cost a new
+        DelayedCall and a cancelled one per request.  While the timeout is off
+        the timer may still fire, and then does nothing."""
+        previous, self.timeOut = self.timeOut, period
+        if period is not None:
+            timer = self._idle_timer
+            if timer is not None and timer.active():
+                timer.reset(period)
+            else:
+                self._idle_timer = self.callLater(period, self._idle_over)
+        return previous
+
+    def resetTimeout(self) -> None:
+        timer = self._idle_timer
+        if timer is not None and self.timeOut is not None and timer.active():
+            timer.reset(self.timeOut)
+
+    def _idle_over(self) -> None:
+        self._idle_timer = None
+        if self.timeOut is not None:
+            self.timeoutConnection()
+
     def requestDone(self, request) -> None:
         self._arm()  # the next head (maybe pipelined, parsed just below) is due
         super().requestDone(request)
@@ -374,6 +404,8 @@ class HeadDeadlineChannel(HTTPChannel):
         self._head_timer = None
         cancel(self._linger_timer)
         self._linger_timer = None
+        cancel(self._idle_timer)
+        self._idle_timer = None
 
     def _too_slow(self) -> None:
         if self.transport is None:
