@@ -935,6 +935,46 @@ def test_the_page_escapes_what_it_shows():
     assert "&lt;i&gt;, tcp:7000" in page
 
 
+def test_a_node_s_page_shows_its_cluster_and_another_server_s_does_not():
+    snapshot = {
+        "now": "2025-01-01T00:00:00Z",
+        "hosts": [],
+        "ports": [],
+        "tunnels": [],
+        "totals": dict.fromkeys(
+            ("clients", "hosts", "ports", "requests", "bytes_in", "bytes_out", "streams_open"), 0
+        ),
+    }
+    alone = status.page(snapshot).decode()
+    assert 'id="cluster"' not in alone and 'id="links"' not in alone
+    snapshot["cluster"] = {
+        "node": "<a>",
+        "tunnels_held": 3,
+        "forwarded": 21,
+        "links": [
+            {"peer": "b", "state": "open", "streams": 2, "dialed_by": "<a>", "address": None},
+            {
+                "peer": "<script>",
+                "state": "draining",
+                "streams": 0,
+                "dialed_by": "c",
+                "address": "tcp:10.0.0.3:7001",
+            },
+        ],
+    }
+    node = status.page(snapshot).decode()
+    assert "<a>" not in node and "<script>" not in node
+    assert '<dd id="cluster-node">&lt;a&gt;</dd>' in node
+    assert '<dd id="cluster-tunnels-held">3</dd>' in node
+    assert '<dd id="cluster-forwarded">21</dd>' in node
+    links = node.split('<table id="links">', 1)[1].split("</table>", 1)[0]
+    assert links.count("<tr>") == 3  # headings and two links
+    assert '<td class="peer">b</td><td class="state open">open</td>' in links
+    assert '<td class="address">-</td>' in links and "tcp:10.0.0.3:7001" in links
+    snapshot["cluster"]["links"] = []
+    assert "no link to another node" in status.page(snapshot).decode()
+
+
 def test_human_bytes_and_rules_summary():
     assert [status.human_bytes(n) for n in (0, 1023, 1024, 1536, 5 * 1024**3)] == [
         "0 B",

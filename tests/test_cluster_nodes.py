@@ -306,6 +306,10 @@ async def test_any_node_serves_a_tunnel_held_by_another_http_websocket_tcp(tmp_p
         assert [(link["peer"], link["state"]) for link in seen_a["links"]] == [("b", "open")]
         seen_b = json.loads(await admin_get(b, "/api/cluster"))
         assert seen_b["tunnels_held"] == 1 and seen_b["forwarded"] == 0
+        page_a = (await admin_get(a, "/")).decode()  # the status page says the same
+        assert '<dd id="cluster-node">a</dd>' in page_a
+        assert f'<dd id="cluster-forwarded">{seen_a["forwarded"]}</dd>' in page_a
+        assert '<td class="peer">b</td><td class="state open">open</td>' in page_a
         metrics_a = await admin_get(a, "/metrics")
         assert metric(metrics_a, "tunnel_cluster_forwarded_total") == seen_a["forwarded"]
         assert metric(metrics_a, 'tunnel_cluster_links{state="open"}') == 1

@@ -244,6 +244,7 @@ class AdminAPI:
             "ports": ports,
             "tunnels": tunnels,
             "totals": totals,
+            "cluster": self.cluster_json(),
         }
 
     def _hash_in_threads(self, data: Any) -> Deferred[HostRules]:
@@ -417,9 +418,17 @@ class AdminAPI:
 
     @app.route("/api/cluster", methods=["GET"])
     def cluster(self, request: IRequest) -> bytes:
+        view = self.cluster_json()
+        if view is None:
+            raise ApiError(404, "this server is not a node of a cluster (--cluster-listen)")
+        return json_answer(request, 200, view)
+
+    def cluster_json(self) -> dict[str, Any] | None:
+        """This node's view of its cluster (None if it is not a node of one):
+        its name, the tunnels it holds, what it forwarded, its links."""
         cluster = self.server.cluster
         if cluster is None:
-            raise ApiError(404, "this server is not a node of a cluster (--cluster-listen)")
+            return None
         stats = cluster.stats()
         links = [
             {
@@ -431,16 +440,12 @@ class AdminAPI:
             }
             for link in sorted(stats.links, key=lambda link: (link.peer, link.dialed_by))
         ]
-        return json_answer(
-            request,
-            200,
-            {
-                "node": stats.node,
-                "tunnels_held": stats.tunnels_held,
-                "forwarded": stats.forwarded,
-                "links": links,
-            },
-        )
+        return {
+            "node": stats.node,
+            "tunnels_held": stats.tunnels_held,
+            "forwarded": stats.forwarded,
+            "links": links,
+        }
 
     # -- the status page -------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The status page, and how a person reads the server's state.
 
 ``page(snapshot)`` renders ``AdminAPI.snapshot()`` (the same data the JSON
-routes give) as one HTML document: counters, hosts, tunnels and TCP ports.
+routes give) as one HTML document: counters, hosts, tunnels and TCP ports,
+and on a node of a cluster its name, what it forwarded and its links.
 The request, byte and stream counters are sums over the clients connected
 now (the tunnels table's columns), and say so: they fall when a client
 leaves.  Lifetime totals are Prometheus' business (``/metrics``, next to
@@ -161,6 +162,12 @@ CLIENTS_NOTE = (
 )
 
 
+CLUSTER_NOTE = (
+    "Requests and TCP connections this node sent to the node holding their"
+    " client, since it started.  Tunnels held elsewhere are on their own node's page."
+)
+
+
 def _items(totals: Mapping[str, Any], counters: Sequence[tuple[str, str, Any]]) -> str:
     return "".join(
         f'<div><dt>{escape(label)}</dt><dd id="total-{escape(name.replace("_", "-"))}">'
@@ -176,6 +183,44 @@ def _counters(totals: Mapping[str, Any]) -> str:
         '<h3 id="of-clients">Connected clients</h3>'
         f'<dl aria-describedby="of-clients-note">{_items(totals, _OF_CLIENTS)}</dl>'
         f'<p class="note" id="of-clients-note">{escape(CLIENTS_NOTE)}</p></section>'
+    )
+
+
+def _link_row(link: Mapping[str, Any]) -> str:
+    return (
+        "<tr>"
+        + _cell(link["peer"], "peer")
+        + _cell(link["state"], f"state {link['state']}")
+        + _cell(link["streams"], "streams num")
+        + _cell(link["dialed_by"], "dialed-by")
+        + _cell(link["address"] or "-", "address")
+        + "</tr>"
+    )
+
+
+def _cluster(cluster: Mapping[str, Any] | None) -> str:
+    """This node's part in its cluster (nothing on a server that is not a node)."""
+    if cluster is None:
+        return ""
+    facts = (
+        ("node", "node", cluster["node"]),
+        ("tunnels-held", "tunnels held here", cluster["tunnels_held"]),
+        ("forwarded", "sent to other nodes", cluster["forwarded"]),
+    )
+    items = "".join(
+        f'<div><dt>{escape(label)}</dt><dd id="cluster-{name}">{escape(str(value))}</dd></div>'
+        for name, label, value in facts
+    )
+    return (
+        f'<section id="cluster"><h2>Cluster</h2><dl>{items}</dl>'
+        f'<p class="note">{escape(CLUSTER_NOTE)}</p></section>'
+        + _table(
+            "links",
+            "Links to other nodes",
+            ("node", "state", "streams", "dialed by", "address"),
+            map(_link_row, cluster["links"]),
+            "no link to another node",
+        )
     )
 
 
@@ -206,6 +251,7 @@ def page(snapshot: Mapping[str, Any]) -> bytes:
             map(_port_row, snapshot["ports"]),
             "no TCP port is configured",
         )
+        + _cluster(snapshot.get("cluster"))
         + "</main>"
     )
     document = (
@@ -287,4 +333,10 @@ tr.empty td { color: #888; font-style: italic; }
 #counters div { min-width: 7em; }
 #counters dt { color: #666; font-size: .85em; }
 #counters dd { margin: 0; font-size: 1.3em; font-variant-numeric: tabular-nums; }
+#cluster dl { display: flex; flex-wrap: wrap; gap: .6em 2em; margin: 0; }
+#cluster dt { color: #666; font-size: .85em; }
+#cluster dd { margin: 0; font-size: 1.3em; font-variant-numeric: tabular-nums; }
+#cluster .note { color: #666; font-size: .85em; margin: .3em 0 0; }
+td.state.open { color: #070; }
+td.peer, td.address { font-family: ui-monospace, monospace; }
 """
