@@ -53,7 +53,8 @@ class Parsed:
                 self.error = e
 
     def on_message_begin(self) -> None:
-        self.messages.append({"url": b"", "headers": [], "body": b"", "complete": False})
+        # bodies of many MiB grow in place (bytes would be copied whole per piece)
+        self.messages.append({"url": b"", "headers": [], "body": bytearray(), "complete": False})
 
     def on_url(self, url: bytes) -> None:
         self.messages[-1]["url"] += url
@@ -77,7 +78,7 @@ class RawOrigin(Protocol):
 
     def __init__(self, script: Script) -> None:
         self.script = script
-        self.received = b""
+        self.received = bytearray()  # grows in place: uploads of many MiB
         self.parsed = Parsed()
         self.answered = False
         self.reason = None

@@ -314,9 +314,10 @@ async def test_interim_then_404_is_an_ordinary_404(interim):
         assert whole.endswith(b"\r\n\r\nnot found")
         assert b" 103 " not in whole and b" 100 " not in whole
         proto.transport.loseConnection()
-        await until(lambda: not live)
     finally:
         await env.stop()
+    # the stream was kept for the next request: its local connection ends with the client
+    await until(lambda: not live)
 
 
 @pytest_twisted.ensureDeferred
@@ -335,9 +336,9 @@ async def test_refused_upgrade_carries_the_origins_fields_only():
         assert names == [b"content-length", b"date"], whole
         assert b"date: mon, 30 nov 2026 08:00:00 gmt" in head
         proto.transport.loseConnection()
-        await until(lambda: not live)
     finally:
         await env.stop()
+    await until(lambda: not live)  # the kept stream's local connection, with the client
 
 
 @implementer(IHalfCloseableProtocol)
