@@ -327,16 +327,12 @@ td.fingerprint, td.remote, td.since { font-family: ui-monospace, monospace; }
 td.connected.yes { color: #070; }
 td.connected.no { color: #a00; }
 tr.empty td { color: #888; font-style: italic; }
-#counters dl { display: flex; flex-wrap: wrap; gap: .6em 2em; margin: 0; }
+#counters dl, #cluster dl { display: flex; flex-wrap: wrap; gap: .6em 2em; margin: 0; }
 #counters h3 { font-size: .95em; font-weight: 600; color: #444; margin: .9em 0 .3em; }
-#counters .note { color: #666; font-size: .85em; margin: .3em 0 0; }
-#counters div { min-width: 7em; }
-#counters dt { color: #666; font-size: .85em; }
-#counters dd { margin: 0; font-size: 1.3em; font-variant-numeric: tabular-nums; }
-#cluster dl { display: flex; flex-wrap: wrap; gap: .6em 2em; margin: 0; }
-#cluster dt { color: #666; font-size: .85em; }
-#cluster dd { margin: 0; font-size: 1.3em; font-variant-numeric: tabular-nums; }
-#cluster .note { color: #666; font-size: .85em; margin: .3em 0 0; }
+#counters .note, #cluster .note { color: #666; font-size: .85em; margin: .3em 0 0; }
+#counters div, #cluster div { min-width: 7em; }
+#counters dt, #cluster dt { color: #666; font-size: .85em; }
+#counters dd, #cluster dd { margin: 0; font-size: 1.3em; font-variant-numeric: tabular-nums; }
 td.state.open { color: #070; }
 td.peer, td.address { font-family: ui-monospace, monospace; }
 """
