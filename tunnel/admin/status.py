@@ -162,16 +162,26 @@ CLIENTS_NOTE = (
 )
 
 
+#: a node's part in its cluster
+_CLUSTER = (
+    ("node", "node", str),
+    ("tunnels_held", "tunnels held here", str),
+    ("forwarded", "sent to other nodes", str),
+)
 CLUSTER_NOTE = (
     "Requests and TCP connections this node sent to the node holding their"
     " client, since it started.  Tunnels held elsewhere are on their own node's page."
 )
 
 
-def _items(totals: Mapping[str, Any], counters: Sequence[tuple[str, str, Any]]) -> str:
+def _items(
+    values: Mapping[str, Any], counters: Sequence[tuple[str, str, Any]], prefix: str = "total"
+) -> str:
+    """``<dt>``/``<dd>`` pairs for ``counters`` (name, label, how to show the
+    value), each ``<dd>`` with the id ``PREFIX-NAME``."""
     return "".join(
-        f'<div><dt>{escape(label)}</dt><dd id="total-{escape(name.replace("_", "-"))}">'
-        f"{escape(show(totals[name]))}</dd></div>"
+        f'<div><dt>{escape(label)}</dt><dd id="{prefix}-{escape(name.replace("_", "-"))}">'
+        f"{escape(show(values[name]))}</dd></div>"
         for name, label, show in counters
     )
 
@@ -202,15 +212,7 @@ def _cluster(cluster: Mapping[str, Any] | None) -> str:
     """This node's part in its cluster (nothing on a server that is not a node)."""
     if cluster is None:
         return ""
-    facts = (
-        ("node", "node", cluster["node"]),
-        ("tunnels-held", "tunnels held here", cluster["tunnels_held"]),
-        ("forwarded", "sent to other nodes", cluster["forwarded"]),
-    )
-    items = "".join(
-        f'<div><dt>{escape(label)}</dt><dd id="cluster-{name}">{escape(str(value))}</dd></div>'
-        for name, label, value in facts
-    )
+    items = _items(cluster, _CLUSTER, "cluster")
     return (
         f'<section id="cluster"><h2>Cluster</h2><dl>{items}</dl>'
         f'<p class="note">{escape(CLUSTER_NOTE)}</p></section>'
